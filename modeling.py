@@ -1,0 +1,256 @@
+"""Models: loading text LMs and VLMs alike, chat formatting with images, encoding a prompt and its
+responses with a loss mask, batched generation, and response log-probs without full logits.
+
+Text models go through AutoModelForCausalLM + AutoTokenizer, VLMs (Qwen2.5-VL …) through
+AutoModelForImageTextToText + AutoProcessor; every stage calls the same few functions, so a stage
+never asks which kind it has.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from apo_loss import sequence_logps
+from records import resolve_image
+
+IGNORE_INDEX = -100
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def is_vision_model(path):
+    """A folder whose config has a vision tower is loaded as a VLM with its processor."""
+    config_file = Path(path) / "config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+    else:  # a hub id: let transformers fetch the config
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path).to_dict()
+    return "vision_config" in config
+
+
+def load_processor(path):
+    """The processor of a VLM or the tokenizer of a text model, padded on the left for generation."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    processor = AutoProcessor.from_pretrained(path) if is_vision_model(path) else AutoTokenizer.from_pretrained(path)
+    tok = tokenizer_of(processor)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return processor
+
+
+def load_model(path, dtype=None):
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    auto = AutoModelForImageTextToText if is_vision_model(path) else AutoModelForCausalLM
+    return auto.from_pretrained(path, dtype=dtype or torch.float32)
+
+
+def tokenizer_of(processor):
+    return getattr(processor, "tokenizer", processor)
+
+
+def default_dtype(accelerator):
+    """bf16 on GPU (as the paper trains), fp32 on CPU where bf16 matmuls are slow and lossy."""
+    return torch.bfloat16 if accelerator.device.type == "cuda" else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat formatting
+
+
+def messages_for(record, response=None):
+    """The chat of one instance: optional system, the user turn with its images, the answer."""
+    messages = []
+    if record.get("system"):
+        messages.append({"role": "system", "content": record["system"]})
+    if record.get("images"):
+        content = [{"type": "image"} for _ in record["images"]] + [{"type": "text", "text": record["prompt"]}]
+    else:
+        content = record["prompt"]
+    messages.append({"role": "user", "content": content})
+    if response is not None:
+        messages.append({"role": "assistant", "content": response})
+    return messages
+
+
+def prompt_text(processor, record):
+    return processor.apply_chat_template(messages_for(record), tokenize=False, add_generation_prompt=True)
+
+
+def turn_end(processor):
+    """What the template appends after an assistant message ("<|im_end|>" for Qwen, SmolLM …).
+
+    The response is trained up to and including this marker so the model learns to stop.
+    """
+    cached = getattr(processor, "_apo_turn_end", None)
+    if cached is None:
+        probe = {"prompt": "q"}
+        head = prompt_text(processor, probe)
+        full = processor.apply_chat_template(messages_for(probe, "\x00"), tokenize=False)
+        cached = full[len(head):].split("\x00", 1)[1].rstrip() if full.startswith(head) else ""
+        if not cached:
+            cached = tokenizer_of(processor).eos_token or ""
+        processor._apo_turn_end = cached
+    return cached
+
+
+def load_images(record, data_path):
+    from PIL import Image
+
+    return [Image.open(resolve_image(data_path, p)).convert("RGB") for p in record.get("images") or []]
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding for training: one prompt, one or more responses
+
+
+@dataclass
+class Encoded:
+    """One prompt (with its images' tensors) and the token ids of its responses."""
+
+    prompt_ids: list
+    responses: list  # list of lists of token ids
+    vision: dict = field(default_factory=dict)  # pixel_values, image_grid_thw for VLMs
+    truncated: int = 0  # responses cut at max_length
+
+
+class PromptTooLong(ValueError):
+    pass
+
+
+def encode(processor, record, responses, max_length, data_path=None):
+    """Token ids of the prompt and of each response (with the turn-end marker).
+
+    Truncation cuts the end of a response, never the prompt: a prompt that leaves no room raises
+    PromptTooLong, so image tokens are never cut.
+    """
+    text = prompt_text(processor, record)
+    if record.get("images"):
+        inputs = processor(text=[text], images=load_images(record, data_path), return_tensors="pt")
+        prompt_ids = inputs["input_ids"][0].tolist()
+        vision = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
+    else:
+        prompt_ids = tokenizer_of(processor)(text, add_special_tokens=False)["input_ids"]
+        vision = {}
+    room = max_length - len(prompt_ids)
+    if room < 2:
+        raise PromptTooLong(f"prompt is {len(prompt_ids)} tokens, max length {max_length}")
+    tok = tokenizer_of(processor)
+    end = turn_end(processor)
+    out, truncated = [], 0
+    for response in responses:
+        ids = tok(response + end, add_special_tokens=False)["input_ids"]
+        if len(ids) > room:
+            ids, truncated = ids[:room], truncated + 1
+        out.append(ids)
+    return Encoded(prompt_ids, out, vision, truncated)
+
+
+def pad_batch(sequences, pad_id, mask_lengths):
+    """Right-pad [prompt + response] rows; labels are IGNORE_INDEX on the first mask_lengths tokens."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, (seq, masked) in enumerate(zip(sequences, mask_lengths)):
+        input_ids[i, : len(seq)] = torch.tensor(seq)
+        attention[i, : len(seq)] = 1
+        labels[i, masked : len(seq)] = torch.tensor(seq[masked:])
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def collate(encoded_items, pad_id):
+    """Every (prompt, response) of the items as one right-padded batch, rows in item order.
+
+    Vision tensors are concatenated in the same order, repeated once per response, because the
+    model expects one block of pixels per image placeholder in input_ids.
+    """
+    sequences, masks, pixel_values, grids = [], [], [], []
+    for item in encoded_items:
+        for ids in item.responses:
+            sequences.append(item.prompt_ids + ids)
+            masks.append(len(item.prompt_ids))
+            if item.vision:
+                pixel_values.append(item.vision["pixel_values"])
+                grids.append(item.vision["image_grid_thw"])
+    batch = pad_batch(sequences, pad_id, masks)
+    if pixel_values:
+        batch["pixel_values"] = torch.cat(pixel_values)
+        batch["image_grid_thw"] = torch.cat(grids)
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probs of responses
+
+
+class ResponseLogps(nn.Module):
+    """Summed log-probs of the labelled tokens of each row, from hidden states in chunks.
+
+    A module of its own so that accelerate's DDP/FSDP wrapper sees the whole computation: the
+    output projection is used inside this forward, never the [rows, tokens, vocab] logits.
+    """
+
+    def __init__(self, model, chunk_size=1024):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids, attention_mask, labels, **vision):
+        base = getattr(self.model, self.model.base_model_prefix)
+        hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **vision).last_hidden_state
+        head = self.model.get_output_embeddings()
+        targets = labels[:, 1:]
+        logps = sequence_logps(hidden[:, :-1], head.weight, targets, chunk_size=self.chunk_size,
+                               lm_head_bias=head.bias)
+        return logps, (targets != IGNORE_INDEX).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+
+
+@torch.no_grad()
+def generate(model, processor, records, data_path=None, batch_size=8, max_new_tokens=256, temperature=0.0,
+             top_p=1.0, prompt_fn=None, progress=None):
+    """Answers for records, batched with left padding; greedy when temperature is 0.
+
+    Prompts are sorted by length so each batch pads little; results come back in input order.
+    prompt_fn(record) may replace the record used for the chat (consensus.py's long prompt).
+    """
+    tok = tokenizer_of(processor)
+    chats = [prompt_fn(r) if prompt_fn else r for r in records]
+    texts = [prompt_text(processor, c) for c in chats]
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    out = [None] * len(texts)
+    device = next(model.parameters()).device
+    sampling = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
+    if temperature > 0:
+        sampling.update(temperature=temperature, top_p=top_p)
+    else:  # silence generation_config's sampling defaults, which greedy decoding ignores
+        sampling.update(temperature=None, top_p=None, top_k=None)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch_texts = [texts[i] for i in idx]
+        images = [img for i in idx for img in load_images(chats[i], data_path)]
+        if images:
+            inputs = processor(text=batch_texts, images=images, padding=True, return_tensors="pt")
+        else:
+            inputs = tok(batch_texts, padding=True, add_special_tokens=False, return_tensors="pt")
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        generated = model.generate(**inputs, **sampling)
+        new_tokens = generated[:, inputs["input_ids"].shape[1] :]
+        for i, text in zip(idx, tok.batch_decode(new_tokens, skip_special_tokens=True)):
+            out[i] = text.strip()
+        if progress is not None:
+            progress.update(len(idx))
+    return out

@@ -1,0 +1,270 @@
+"""The files between the stages: reading and validating them, and writing them without loss.
+
+Record formats (DESIGN "Files between stages"):
+
+instances / trajectories.jsonl, one object a line:
+    id, split ("train" | "test"), prompt, system (optional), images (paths relative to the
+    file's folder), labels (optional, {finding: class}), trajectories ([{source, text}], the
+    instance files given to collect.py may omit it)
+preferences.jsonl, one object a train instance:
+    id, prompt, system, images, chosen, rejected (list, >= 1), rejected_sources, drift, labels
+
+Every problem is reported as `file:line: field 'x': message` through RecordError, before any model
+is loaded, so a bad line never surfaces as a traceback from deep inside torch.
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+SPLITS = ("train", "test")
+
+
+class RecordError(ValueError):
+    """Bad input, with the place it came from."""
+
+    def __init__(self, path, line, field, message):
+        where = f"{path}:{line}" if line else str(path)
+        super().__init__(f"{where}: field '{field}': {message}" if field else f"{where}: {message}")
+
+
+def read_jsonl(path):
+    """Yield (line number, object) for each non-blank line; bad JSON or bytes name their line."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecordError(path, None, None, "no such file")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise RecordError(path, lineno, None, f"not UTF-8 ({e.reason} at byte {e.start})") from None
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise RecordError(path, lineno, None, f"malformed JSON ({e.msg}, column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise RecordError(path, lineno, None, f"expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def _require_str(obj, field, path, lineno, allow_empty=False):
+    value = obj.get(field)
+    if value is None:
+        raise RecordError(path, lineno, field, "missing")
+    if not isinstance(value, str):
+        raise RecordError(path, lineno, field, f"must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise RecordError(path, lineno, field, "empty")
+    return value
+
+
+def _check_images(obj, path, lineno, check_files):
+    images = obj.get("images", [])
+    if images is None:
+        images = []
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise RecordError(path, lineno, "images", "must be a list of paths")
+    if check_files:
+        for image in images:
+            resolved = resolve_image(path, image)
+            if not resolved.is_file():
+                raise RecordError(path, lineno, "images", f"no such image file: {resolved}")
+            if not _looks_like_image(resolved):
+                raise RecordError(path, lineno, "images", f"not an image file: {resolved}")
+    return images
+
+
+def _looks_like_image(path):
+    """Cheap header check, so a wrong file is caught at load time, not inside a processor."""
+    try:
+        from PIL import Image
+    except ImportError:  # without pillow there is no image stage to protect
+        return True
+    try:
+        with Image.open(path) as img:
+            img.verify()
+        return True
+    except Exception:
+        return False
+
+
+def resolve_image(jsonl_path, image):
+    """Image paths are relative to the folder of the JSONL file that names them."""
+    p = Path(image)
+    return p if p.is_absolute() else Path(jsonl_path).resolve().parent / p
+
+
+def _validate_common(obj, path, lineno, check_images):
+    rec_id = obj.get("id")
+    if rec_id is None:
+        raise RecordError(path, lineno, "id", "missing")
+    if isinstance(rec_id, int) and not isinstance(rec_id, bool):
+        obj["id"] = rec_id = str(rec_id)  # numeric ids from other tools are harmless
+    if not isinstance(rec_id, str) or not rec_id:
+        raise RecordError(path, lineno, "id", "must be a non-empty string")
+    _require_str(obj, "prompt", path, lineno)
+    system = obj.get("system")
+    if system is not None and not isinstance(system, str):
+        raise RecordError(path, lineno, "system", "must be a string")
+    obj["images"] = _check_images(obj, path, lineno, check_images)
+    labels = obj.get("labels")
+    if labels is not None and not isinstance(labels, dict):
+        raise RecordError(path, lineno, "labels", "must be an object {finding: class}")
+
+
+def _check_unique(seen, obj, path, lineno):
+    if obj["id"] in seen:
+        raise RecordError(path, lineno, "id", f"duplicate id {obj['id']!r} (first on line {seen[obj['id']]})")
+    seen[obj["id"]] = lineno
+
+
+def load_instances(path, require_trajectories=False, check_images=True):
+    """Instances or trajectories.jsonl, validated whole before anything else runs."""
+    records, seen = [], {}
+    for lineno, obj in read_jsonl(path):
+        _validate_common(obj, path, lineno, check_images)
+        split = obj.setdefault("split", "train")
+        if split not in SPLITS:
+            raise RecordError(path, lineno, "split", f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
+        trajectories = obj.get("trajectories")
+        if trajectories is None and require_trajectories:
+            raise RecordError(path, lineno, "trajectories", "missing")
+        if trajectories is not None:
+            if not isinstance(trajectories, list):
+                raise RecordError(path, lineno, "trajectories", "must be a list of {source, text}")
+            for i, t in enumerate(trajectories):
+                if not isinstance(t, dict) or not isinstance(t.get("source"), str) or not isinstance(t.get("text"), str):
+                    raise RecordError(path, lineno, f"trajectories[{i}]", "must be {\"source\": str, \"text\": str}")
+        _check_unique(seen, obj, path, lineno)
+        obj["_line"] = lineno
+        records.append(obj)
+    if not records:
+        raise RecordError(path, None, None, "no records")
+    return records
+
+
+def load_preferences(path, check_images=True):
+    """preferences.jsonl for apo.py: every record has a chosen and at least one rejected."""
+    records, seen = [], {}
+    for lineno, obj in read_jsonl(path):
+        _validate_common(obj, path, lineno, check_images)
+        _require_str(obj, "chosen", path, lineno)
+        rejected = obj.get("rejected")
+        if rejected is None:
+            raise RecordError(path, lineno, "rejected", "missing")
+        if not isinstance(rejected, list) or not all(isinstance(r, str) for r in rejected):
+            raise RecordError(path, lineno, "rejected", "must be a list of strings")
+        if not rejected:
+            raise RecordError(path, lineno, "rejected", "no negatives (a preference needs at least one)")
+        for field in ("rejected_sources", "drift"):
+            value = obj.get(field)
+            if value is not None and (not isinstance(value, list) or len(value) != len(rejected)):
+                raise RecordError(path, lineno, field, f"must be a list as long as 'rejected' ({len(rejected)})")
+        _check_unique(seen, obj, path, lineno)
+        obj["_line"] = lineno
+        records.append(obj)
+    if not records:
+        raise RecordError(path, None, None, "no records")
+    return records
+
+
+def public(record):
+    """The record as written to disk: bookkeeping keys (leading underscore) stripped."""
+    return {k: v for k, v in record.items() if not k.startswith("_")}
+
+
+class JsonlAppender:
+    """Append one JSON line at a time so that a crash loses at most the line being written.
+
+    On open, a torn last line (a kill mid-write) is cut off, so the next stage never reads half a
+    record and a resumed run simply writes that record again.
+    """
+
+    def __init__(self, path, fsync=False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fsync = fsync
+        repair_torn_tail(self.path)
+        self.file = open(self.path, "a", encoding="utf-8")
+
+    def write(self, obj):
+        self.file.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        self.file.flush()
+        if self.fsync:
+            os.fsync(self.file.fileno())
+
+    def close(self):
+        self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def repair_torn_tail(path):
+    """Truncate a file after its last complete line; return the complete records it holds."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    out = []
+    for raw in data[:end].splitlines():
+        if raw.strip():
+            try:
+                out.append(json.loads(raw))
+            except json.JSONDecodeError:
+                raise RecordError(path, None, None, "output file is corrupt; move it away to start over") from None
+    return out
+
+
+def write_json_atomic(path, obj):
+    """Write, fsync, then rename: a reader sees the old file or the new one, never a half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_jsonl_atomic(path, rows):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def file_hash(*paths):
+    """sha256 over files' bytes: the key that tells a cache whether its inputs changed."""
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def fail(message):
+    """End a script on bad input: the message, no traceback, exit status 2."""
+    import sys
+
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
