@@ -1,0 +1,258 @@
+"""What bootstrap.py and apo.py share: flags, batch order, schedule, checkpoints and exact resume,
+metrics, and the final Hugging Face folder.
+
+The loop itself stays in each script (it is the method); this module holds the plumbing, written
+once. Multi-GPU and multi-node come from `accelerate launch` (DDP, FSDP, DeepSpeed configs); nothing
+here is home-made distribution.
+"""
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from records import write_json_atomic
+
+CHECKPOINTS = "checkpoints"
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def add_training_args(parser, lr, max_length, batch_size=2, grad_accum=16, warmup=0.05):
+    """The loop flags both training stages take; defaults come from each stage's official recipe."""
+    g = parser.add_argument_group("training")
+    g.add_argument("--lr", type=float, default=lr, help="peak learning rate (default: %(default)s)")
+    g.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default: %(default)s)")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (overrides --epochs)")
+    g.add_argument("--batch-size", type=int, default=batch_size, help="examples per device per micro-batch (default: %(default)s)")
+    g.add_argument("--grad-accum", type=int, default=grad_accum,
+                   help="micro-batches per optimizer step; global batch = batch-size x processes x grad-accum (default: %(default)s)")
+    g.add_argument("--warmup", type=float, default=warmup, help="share of steps with linear warmup (default: %(default)s)")
+    g.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine",
+                   help="decay after warmup (default: %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: %(default)s)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm, 0 to disable (default: %(default)s)")
+    g.add_argument("--max-length", type=int, default=max_length, help="tokens per prompt+response; responses are cut, prompts never (default: %(default)s)")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    g.add_argument("--freeze-vision", action="store_true", help="VLMs: keep the vision tower frozen")
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N optimizer steps (0: only at the end)")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept on disk (default: %(default)s)")
+    g.add_argument("--log-every", type=int, default=1, help="write metrics every N optimizer steps (default: %(default)s)")
+    g.add_argument("--report-to", default=None,
+                   help="accelerate trackers, e.g. tensorboard,wandb (metrics.jsonl is always written)")
+    g.add_argument("--seed", type=int, default=0, help="seed for data order and initialisation (default: %(default)s)")
+    return g
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch order: deterministic from (seed, epoch), so a resumed run sees the same batches
+
+
+def batch_order(lengths, global_batch, seed, epoch, group=64):
+    """Lists of example indices, one per global micro-batch.
+
+    Length-grouped: shuffle, then sort inside windows of `group` global batches by length, so a
+    batch holds similar lengths and pads little while the order stays random across windows.
+    The last partial batch is dropped so every process always gets the same number of rows.
+    """
+    rng = random.Random(seed * 1000003 + epoch)
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    window = global_batch * group
+    ordered = []
+    for start in range(0, len(idx), window):
+        ordered += sorted(idx[start : start + window], key=lambda i: -lengths[i])
+    batches = [ordered[i : i + global_batch] for i in range(0, len(ordered) - global_batch + 1, global_batch)]
+    rng.shuffle(batches)
+    return batches
+
+
+def shard(batch, accelerator):
+    """This process's share of a global micro-batch (interleaved so lengths stay balanced)."""
+    return batch[accelerator.process_index :: accelerator.num_processes]
+
+
+def global_count(accelerator, count):
+    """Sum of a per-process count over all processes (e.g. response tokens in a step).
+
+    Losses are divided by the global count and multiplied by the number of processes, because
+    DDP averages gradients: then 2 processes give exactly the loss and update of 1 process with
+    the same global batch, whatever each process's share of tokens.
+    """
+    t = torch.tensor(float(count), device=accelerator.device)
+    return accelerator.reduce(t, reduction="sum").item()
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def build_optimizer(model, lr, weight_decay):
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]  # biases and norms are not decayed
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def lr_lambda(schedule, warmup_steps, total_steps):
+    """Linear warmup, then cosine / linear decay to zero, or constant."""
+
+    def f(step):
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        progress = min(1.0, progress)
+        return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+
+    return f
+
+
+def build_scheduler(optimizer, args, total_steps):
+    warmup_steps = int(round(args.warmup * total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.schedule, warmup_steps, total_steps))
+
+
+def total_steps(num_examples, global_batch, args):
+    """Optimizer steps of the run: --max-steps if given (the data repeats as needed), else epochs."""
+    if args.max_steps is not None:
+        return args.max_steps
+    micro_per_epoch = num_examples // global_batch
+    if micro_per_epoch == 0:
+        raise SystemExit(f"error: {num_examples} examples are fewer than one global batch ({global_batch})")
+    return max(1, int(micro_per_epoch * args.epochs) // args.grad_accum)
+
+
+def prepare_model_for_training(model, args):
+    if args.freeze_vision:
+        tower = getattr(getattr(model, "model", model), "visual", None) or getattr(model, "visual", None)
+        if tower is None:
+            raise SystemExit("error: --freeze-vision given but the model has no vision tower")
+        tower.requires_grad_(False)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: accelerate's save_state (model, optimizer, scheduler, RNG) plus our data position
+
+
+def checkpoint_dirs(out_dir):
+    root = Path(out_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith("step-") and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(accelerator, out_dir, step, state, keep=2):
+    """Write to a temporary folder, then rename: a kill mid-write never spoils the last checkpoint.
+
+    trainer_state.json is written last, so a folder without it is never taken for a checkpoint.
+    """
+    root = Path(out_dir) / CHECKPOINTS
+    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        write_json_atomic(tmp / "trainer_state.json", dict(state, step=step, saved_at=time.time()))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(out_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resume_from_checkpoint(accelerator, out_dir):
+    """Restore the latest checkpoint in out_dir; returns its trainer state, or None to start fresh."""
+    found = checkpoint_dirs(out_dir)
+    if not found:
+        return None
+    accelerator.load_state(str(found[-1]))
+    return json.loads((found[-1] / "trainer_state.json").read_text())
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics and outputs
+
+
+class Metrics:
+    """metrics.jsonl on the main process (appended, so a resumed run continues the curve), plus
+    accelerate's trackers when --report-to names any."""
+
+    def __init__(self, accelerator, out_dir, resumed_step=0):
+        self.accelerator = accelerator
+        self.path = Path(out_dir) / "metrics.jsonl"
+        if accelerator.is_main_process and self.path.exists():
+            # Lines after the checkpoint we resume from belong to steps that will be redone.
+            kept = [l for l in self.path.read_text().splitlines() if l.strip() and _step_of(l) <= resumed_step]
+            self.path.write_text("".join(l + "\n" for l in kept))
+
+    def log(self, step, values):
+        values = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in values.items()}
+        if self.accelerator.is_main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+        self.accelerator.log(values, step=step)
+
+
+def _step_of(line):
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return math.inf  # a torn line is dropped
+
+
+def check_finite(loss, step, out_dir):
+    if not torch.isfinite(loss).all():
+        raise NonFiniteLoss(
+            f"loss is {loss.item()} at step {step}; stopping. The last good checkpoint in "
+            f"{Path(out_dir) / CHECKPOINTS} is intact: lower --lr or check the data, then rerun to resume.")
+
+
+def save_hf_folder(accelerator, model, processor, out_dir):
+    """The final model as a folder from_pretrained loads: safetensors, config, tokenizer/processor.
+
+    get_state_dict gathers FSDP / DeepSpeed shards; weights are written into a temporary folder
+    and renamed, so an interrupted save never leaves a half model where a good one was.
+    """
+    out_dir = Path(out_dir)
+    tmp = out_dir / ".tmp-model"
+    state = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        unwrapped = accelerator.unwrap_model(model)
+        if not hasattr(unwrapped, "save_pretrained"):  # a wrapper such as modeling.ResponseLogps
+            unwrapped = unwrapped.model
+            state = {k.removeprefix("model."): v for k, v in state.items()}
+        unwrapped.config.use_cache = True
+        unwrapped.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        for item in tmp.iterdir():
+            os.replace(item, out_dir / item.name)
+        tmp.rmdir()
+    accelerator.wait_for_everyone()
