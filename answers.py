@@ -32,7 +32,7 @@ CHANGE_CLASSES = ("improving", "stable", "worsening")
 
 __all__ = [
     "FINDINGS", "NO_FINDING", "POSITIVE_FINDINGS", "CHANGE_FINDINGS", "CHANGE_CLASSES",
-    "parse_answer", "format_answer", "task_of", "normalize", "presence", "answer_distance",
+    "parse_answer", "answer_line_start", "format_answer", "task_of", "normalize", "presence", "answer_distance",
     "majority_vote", "score",
 ]
 
@@ -139,11 +139,9 @@ def _answer_block(text: str) -> list[str] | None:
     """The content of the LAST answer line, as a list of item lines (following lines included
     when the answer line itself is only a heading), or None when there is no answer line."""
     lines = text.splitlines()
-    for i in range(len(lines) - 1, -1, -1):
-        head = _LEAD_RE.sub("", lines[i].strip())
-        m = _ANSWER_LINE_RE.match(head)
-        if not m:
-            continue
+    found = _last_answer_line(lines)
+    if found is not None:
+        i, m = found
         rest = _cut(_clean(m.group(1)).strip())
         if _has_content(rest):
             return [rest]
@@ -162,6 +160,25 @@ def _answer_block(text: str) -> list[str] | None:
             block.append(_cut(_clean(_LEAD_RE.sub("", line.strip()))))
         return block if block else [rest]
     return None
+
+
+def _last_answer_line(lines: list[str]):
+    """(index, match) of the last line that is an answer line, or None."""
+    for i in range(len(lines) - 1, -1, -1):
+        m = _ANSWER_LINE_RE.match(_LEAD_RE.sub("", lines[i].strip()))
+        if m:
+            return i, m
+    return None
+
+
+def answer_line_start(text: str) -> int | None:
+    """Character offset where the last answer line (the one parse_answer reads) begins, or None.
+    text[offset:] is the answer part, text[:offset] the reasoning."""
+    if not text:
+        return None
+    lines = text.splitlines(keepends=True)
+    found = _last_answer_line([l.rstrip("\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029") for l in lines])
+    return None if found is None else sum(len(l) for l in lines[:found[0]])
 
 
 def _has_content(text: str) -> bool:

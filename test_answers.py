@@ -6,7 +6,7 @@ import random
 import pytest
 
 from answers import (CHANGE_CLASSES, CHANGE_FINDINGS, FINDINGS, POSITIVE_FINDINGS, answer_distance,
-                     format_answer, majority_vote, normalize, parse_answer, presence, score, task_of)
+                     answer_line_start, format_answer, majority_vote, normalize, parse_answer, presence, score, task_of)
 
 
 def present(text):
@@ -147,6 +147,17 @@ def test_round_trip_inside_text():
         a = presence(rng.sample(POSITIVE_FINDINGS, rng.randint(0, 4)))
         text = "Reasoning: the heart is enlarged, no effusion.\n\n" + format_answer(a) + "\n"
         assert parse_answer(text) == a
+
+
+def test_answer_line_start():
+    text = "Reasoning: no effusion.\r\nAnswer: Edema\nmore\n**Final answer:** Normal\nThanks."
+    start = answer_line_start(text)
+    assert text[start:].startswith("**Final answer:**")
+    assert parse_answer(text[start:]) == parse_answer(text) == presence([])
+    assert answer_line_start("Answer: Edema") == 0
+    assert answer_line_start("no answer line") is None and answer_line_start("") is None
+    bullets = "Thinking.\n### Answer\n- Edema\n- Effusion"
+    assert bullets[answer_line_start(bullets):] == "### Answer\n- Edema\n- Effusion"
 
 
 def test_format_answer():
