@@ -1,0 +1,400 @@
+"""Stage 5: the paper's table. Every source and every model, scored per finding on the same
+held-out instances.
+
+    accelerate launch evaluate.py --models runs/bootstrap apo=runs/apo --data trajectories.jsonl --out runs/eval
+    python evaluate.py --sources-only --data trajectories.jsonl --out runs/eval_sources
+
+Sources are scored from the trajectories already in the file; each model answers every instance of
+the split (greedy, batched, the chat format of training) and is scored the same way. Presence
+tasks (14 findings) get accuracy, precision, recall and F1 per finding; change tasks (MS-CXR-T)
+get accuracy per finding; both get the macro average. An answer the parser cannot read counts in
+the "unparsed" column and is wrong on every finding.
+
+Outputs in --out:
+    predictions.jsonl  one line per (model, instance): id, model, text, answer (parsed or null)
+    models.json        what produced the predictions of each model (weights hash, settings)
+    metrics.json       per row (sources, then models) and task: per-finding metrics, macro, unparsed, n
+    table.md           the Markdown table, also printed
+    accuracy.png       per-finding accuracy bars (skipped with a note without matplotlib)
+
+Predictions are appended as they are generated; the same command after an interruption skips the
+(model, id) pairs already in predictions.jsonl and recomputes the metrics from the file.
+"""
+
+import argparse
+import gc
+import json
+import math
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from tqdm.auto import tqdm
+
+import modeling
+from answers import CHANGE_FINDINGS, FINDINGS, normalize, parse_answer, score, task_of
+from records import (JsonlAppender, RecordError, fail, file_hash, load_instances, read_jsonl,
+                     repair_torn_tail, write_json_atomic, write_jsonl_atomic)
+
+TASK_FINDINGS = {"presence": FINDINGS, "change": CHANGE_FINDINGS}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=[], metavar="DIR|NAME=DIR",
+                   help="model folders to evaluate (or hub ids); the table names a row after the folder, "
+                        "or NAME when given as NAME=DIR")
+    p.add_argument("--data", required=True, help="trajectories.jsonl with `labels` on the instances to score")
+    p.add_argument("--out", required=True, help="output folder (predictions.jsonl, metrics.json, table.md, accuracy.png)")
+    p.add_argument("--split", default="test", choices=("train", "test"), help="split to score (default test)")
+    p.add_argument("--sources-only", action="store_true",
+                   help="score the sources in --data only; load no model (useful right after collect.py)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call on each process")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="generation budget per answer (reasoning included)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (decoding is greedy; set for completeness)")
+    args = p.parse_args(argv)
+    if not args.models and not args.sources_only:
+        p.error("give --models DIR [DIR ...], or --sources-only to score the sources alone")
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        p.error("--batch-size and --max-new-tokens must be at least 1")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def load_eval_instances(path, split, check_images):
+    """The labelled instances of the split, with their task; unlabelled ones are only counted."""
+    records = load_instances(path, check_images=check_images)
+    in_split = [r for r in records if r["split"] == split]
+    if not in_split:
+        raise RecordError(path, None, "split", f"no instances of split {split!r} (choose another with --split)")
+    labelled = [r for r in in_split if r.get("labels") is not None]
+    if not labelled:
+        raise RecordError(path, None, "labels", f"none of the {len(in_split)} {split} instances has labels; "
+                                                "evaluation needs the ground truth")
+    for r in labelled:
+        try:
+            r["labels"] = normalize(r["labels"])
+        except ValueError as e:
+            raise RecordError(path, r["_line"], "labels", str(e)) from None
+        r["_task"] = task_of(r["labels"])
+    return labelled, len(in_split) - len(labelled)
+
+
+def source_names(instances):
+    """Every source that answered an instance, in order of first appearance."""
+    names = {}
+    for r in instances:
+        for t in r.get("trajectories") or []:
+            names.setdefault(t["source"], None)
+    return list(names)
+
+
+def source_texts(instances, source):
+    """{id: text} of one source; the first trajectory counts when a source answered twice."""
+    texts = {}
+    for r in instances:
+        for t in r.get("trajectories") or []:
+            if t["source"] == source:
+                texts.setdefault(r["id"], t["text"])
+    return texts
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def parse_models(specs):
+    """[(name, path)] from "DIR" or "NAME=DIR"; a folder must hold a Hugging Face model."""
+    models = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or "/" in name:  # a path that merely contains "="
+            name, path = Path(spec.rstrip("/")).name, spec
+        if not name or not path:
+            raise RecordError("--models", None, None, f"{spec!r}: expected DIR or NAME=DIR")
+        folder = Path(path)
+        if folder.exists():
+            if not (folder / "config.json").is_file():
+                raise RecordError("--models", None, None, f"{path}: no config.json (not a Hugging Face model folder)")
+        elif path.startswith((".", "/", "~")) or path.count("/") != 1:
+            raise RecordError("--models", None, None, f"{path}: no such model folder")
+        else:  # "org/name": a hub id, which must resolve now rather than after hours of generation
+            try:
+                modeling.is_vision_model(path)
+            except OSError as e:
+                raise RecordError("--models", None, None,
+                                  f"{path}: no such model folder, and not loadable as a hub id ({e})") from None
+        if any(name == n for n, _ in models):
+            raise RecordError("--models", None, None, f"two models named {name!r}; name them with NAME=DIR")
+        models.append((name, path))
+    return models
+
+
+def model_fingerprint(path):
+    """A hash of the config and weights, so predictions of retrained weights are never reused."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return f"hub:{path}"
+    files = sorted(f for f in folder.iterdir()
+                   if f.is_file() and (f.name == "config.json" or f.suffix in (".safetensors", ".bin")))
+    return file_hash(*files)
+
+
+def check_text_models(models, instances, data_path):
+    with_images = sum(bool(r.get("images")) for r in instances)
+    for name, path in models:
+        if with_images and not modeling.is_vision_model(path):
+            raise RecordError(data_path, None, "images",
+                              f"{with_images} instances have images but model {name!r} ({path}) is a text model")
+
+
+# ---------------------------------------------------------------------------------------------
+# Predictions file
+
+
+def read_predictions(path):
+    """{(model, id): row} from predictions.jsonl after cutting a torn last line; first row wins."""
+    repair_torn_tail(path)
+    if not path.exists():
+        return {}
+    rows = {}
+    for lineno, row in read_jsonl(path):
+        for field in ("id", "model", "text"):
+            if not isinstance(row.get(field), str):
+                raise RecordError(path, lineno, field, "missing or not a string")
+        rows.setdefault((row["model"], row["id"]), row)
+    return rows
+
+
+def check_manifest(out, models, existing, args):
+    """Refuse to mix predictions of other weights or settings into a model's rows; record ours."""
+    manifest_path = out / "models.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    for name, path in models:
+        entry = {"path": path, "fingerprint": model_fingerprint(path), "max_new_tokens": args.max_new_tokens}
+        old = manifest.get(name)
+        has_rows = any(m == name for m, _ in existing)
+        if old and has_rows:
+            for key, what in (("fingerprint", "other weights"), ("max_new_tokens", "another --max-new-tokens")):
+                if old.get(key) != entry[key]:
+                    raise RecordError(out / "predictions.jsonl", None, None,
+                                      f"holds predictions of model {name!r} from {what} ({old.get('path')}); "
+                                      f"use another --out, rename the model (NAME=DIR), or delete its lines")
+        manifest[name] = entry
+    write_json_atomic(manifest_path, manifest)
+
+
+def prediction_row(model, record_id, text):
+    return {"id": record_id, "model": model, "text": text, "answer": parse_answer(text)}
+
+
+def rewrite_in_order(path, rows, model_order, id_order):
+    """Rewrite predictions.jsonl in (model, instance) order, so a resumed or multi-process run
+    leaves the very file an uninterrupted single-process run leaves. Rows of other models or
+    instances are kept, at the end."""
+    def key(row):
+        m, i = row["model"], row["id"]
+        return (model_order.get(m, len(model_order)), m if m not in model_order else "",
+                id_order.get(i, len(id_order)), i)
+
+    write_jsonl_atomic(path, [prediction_row(r["model"], r["id"], r["text"]) for r in sorted(rows, key=key)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+
+
+def generate_missing(accelerator, name, path, instances, done, appender, args):
+    """Answers of one model for the instances it has not answered yet, shared out across
+    processes; every batch is gathered on the main process and appended at once."""
+    todo = [r for r in instances if (name, r["id"]) not in done]
+    if not todo:
+        return 0
+    processor = modeling.load_processor(path)
+    model = modeling.load_model(path, dtype=modeling.default_dtype(accelerator)).to(accelerator.device).eval()
+    mine = todo[accelerator.process_index :: accelerator.num_processes]
+    # Every process runs the same number of steps (some with an empty batch) because each step
+    # ends in a collective gather.
+    steps = math.ceil(math.ceil(len(todo) / accelerator.num_processes) / args.batch_size)
+    bar = tqdm(total=len(todo), desc=name, disable=not accelerator.is_main_process)
+    for step in range(steps):
+        batch = mine[step * args.batch_size : (step + 1) * args.batch_size]
+        texts = modeling.generate(model, processor, batch, data_path=args.data, batch_size=args.batch_size,
+                                  max_new_tokens=args.max_new_tokens) if batch else []
+        rows = gather_object([prediction_row(name, r["id"], t) for r, t in zip(batch, texts)])
+        if accelerator.is_main_process:
+            for row in rows:
+                appender.write(row)
+                done[(name, row["id"])] = row
+        bar.update(len(rows))
+    bar.close()
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return len(todo)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring and outputs
+
+
+def score_row(instances, texts):
+    """{task: score} of one row; `texts` maps id -> output text, an absent id counts as missing."""
+    out = {}
+    for task in ("presence", "change"):
+        group = [r for r in instances if r["_task"] == task]
+        if not group:
+            continue
+        result = score([parse_answer(texts.get(r["id"])) for r in group], [r["labels"] for r in group])
+        result["missing"] = sum(r["id"] not in texts for r in group)
+        out[task] = result
+    return out
+
+
+def markdown_tables(rows):
+    """One Markdown table per task: rows in order, columns the findings, average, unparsed."""
+    parts = []
+    for task in ("presence", "change"):
+        scored = [r for r in rows if task in r]
+        if not scored:
+            continue
+        columns = [f for f in TASK_FINDINGS[task] if any(f in r[task]["per_finding"] for r in scored)]
+        extra = ["average", "macro F1", "unparsed"] if task == "presence" else ["average", "unparsed"]
+        n = scored[0][task]["n"]
+        lines = [f"### {task}: accuracy per finding, {n} instances", "",
+                 "| | kind | " + " | ".join(columns + extra) + " |",
+                 "|---|---|" + "---:|" * (len(columns) + len(extra))]
+        for r in scored:
+            s = r[task]
+            cells = [f"{s['per_finding'][f]['accuracy']:.3f}" if f in s["per_finding"] else "–" for f in columns]
+            cells.append(f"{s['macro']['accuracy']:.3f}")
+            if task == "presence":
+                cells.append(f"{s['macro']['f1']:.3f}")
+            cells.append(f"{s['unparsed']}/{s['n']}")
+            lines.append(f"| {r['name']} | {r['kind']} | " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def plot_accuracy(rows, path):
+    """Grouped bars of per-finding accuracy, one panel per task; False when matplotlib is absent."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    tasks = [t for t in ("presence", "change") if any(t in r for r in rows)]
+    fig, axes = plt.subplots(len(tasks), 1, figsize=(max(8, 1.1 * len(FINDINGS)), 4 * len(tasks)), squeeze=False)
+    for ax, task in zip(axes[:, 0], tasks):
+        scored = [r for r in rows if task in r]
+        findings = [f for f in TASK_FINDINGS[task] if any(f in r[task]["per_finding"] for r in scored)]
+        width = 0.8 / len(scored)
+        for k, r in enumerate(scored):
+            values = [r[task]["per_finding"].get(f, {}).get("accuracy", 0.0) for f in findings]
+            ax.bar([i + k * width for i in range(len(findings))], values, width, label=r["name"],
+                   hatch="//" if r["kind"] == "model" else None)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(findings))], findings, rotation=30, ha="right")
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("accuracy")
+        ax.set_title(task)
+        ax.legend(fontsize="small", ncol=min(4, len(scored)))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def summary(rows, tasks, unlabelled, n_sources, n_models, generated, reused, args):
+    counts = ", ".join(f"{n} {t}" for t, n in tasks.items() if n)
+    if unlabelled:
+        counts += f", {unlabelled} unlabelled skipped"
+    line = (f"evaluate: {sum(tasks.values())} {args.split} instances ({counts}), {n_sources} sources, "
+            f"{n_models} models; {generated} answers generated, {reused} reused")
+    if rows:
+        def average(r):
+            values = [r[t]["macro"]["accuracy"] for t in ("presence", "change") if t in r]
+            return sum(values) / len(values)
+
+        best = max(rows, key=average)
+        line += f"; best average accuracy {average(best):.3f} ({best['name']})"
+    return line + f"; outputs in {args.out}"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    accelerator = Accelerator()
+    set_seed(args.seed)
+    out = Path(args.out)
+    predictions_path = out / "predictions.jsonl"
+    models = []
+    try:
+        instances, unlabelled = load_eval_instances(args.data, args.split, check_images=not args.sources_only)
+        sources = source_names(instances)
+        if not args.sources_only:
+            models = parse_models(args.models)
+            check_text_models(models, instances, args.data)
+            clash = sorted({n for n, _ in models} & set(sources))
+            if clash:
+                raise RecordError("--models", None, None, f"model name(s) {clash} are also source names in "
+                                                          f"{args.data}; name the models with NAME=DIR")
+    except RecordError as e:
+        fail(str(e))
+
+    # The main process alone touches the output files; the others learn from it what is done.
+    shared = [None, {}]
+    if accelerator.is_main_process and models:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            existing = read_predictions(predictions_path)
+            check_manifest(out, models, existing, args)
+            shared = [None, existing]
+        except RecordError as e:
+            shared = [str(e), {}]
+    broadcast_object_list(shared)
+    if shared[0]:
+        fail(shared[0])
+    done = shared[1]
+    reused = sum((n, r["id"]) in done for n, _ in models for r in instances)
+
+    generated = 0
+    appender = JsonlAppender(predictions_path) if accelerator.is_main_process and models else None
+    for name, path in models:
+        generated += generate_missing(accelerator, name, path, instances, done, appender, args)
+    if appender:
+        appender.close()
+    accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        rows = [{"name": s, "kind": "source", **score_row(instances, source_texts(instances, s))} for s in sources]
+        if models:
+            predictions = read_predictions(predictions_path)
+            for name, path in models:
+                texts = {i: row["text"] for (m, i), row in predictions.items() if m == name}
+                rows.append({"name": name, "kind": "model", "path": path, **score_row(instances, texts)})
+            rewrite_in_order(predictions_path, predictions.values(),
+                             {n: k for k, (n, _) in enumerate(models)}, {r["id"]: k for k, r in enumerate(instances)})
+        tasks = {t: sum(r["_task"] == t for r in instances) for t in ("presence", "change")}
+        write_json_atomic(out / "metrics.json", {
+            "data": str(args.data), "split": args.split, "instances": len(instances),
+            "unlabelled_skipped": unlabelled, "tasks": {t: n for t, n in tasks.items() if n}, "rows": rows})
+        table = markdown_tables(rows)
+        (out / "table.md").write_text(table)
+        print("\n" + table)
+        if not plot_accuracy(rows, out / "accuracy.png"):
+            print("note: matplotlib is not installed; accuracy.png skipped (pip install matplotlib)")
+        print(summary(rows, tasks, unlabelled, len(sources), len(models), generated, reused, args))
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
