@@ -109,6 +109,7 @@ _CHANGE_WORDS: list[tuple[str, str]] = [
                   r"deteriorat(?:ing|ed|ion|es)|enlarging"),
 ]
 _CHANGE_RE = [(c, re.compile(_W + r"(?:" + p + r")" + _E)) for c, p in _CHANGE_WORDS]
+_ANY_CHANGE_RE = re.compile(_W + r"(?:" + "|".join(p for _, p in _CHANGE_WORDS) + r")" + _E)
 
 _ANSWER_LINE_RE = re.compile(
     r"^(?:(?:my|the|our)\s+)?(?:final\s+)?answer(?:\s+is)?\s*[*_]*\s*(?:\([^)]*\)\s*)?[*_]*\s*"
@@ -192,14 +193,13 @@ def _mark(text: str) -> tuple[str, list[str]]:
     """Replace every finding mention by a marker \\x00<k>\\x00; returns the text and the findings."""
     found: list[str] = []
 
-    def sub(finding):
-        def repl(_m):
-            found.append(finding)
-            return f" \x00{len(found) - 1}\x00 "
-        return repl
+    def repl(m):
+        found.append(current)
+        return f" \x00{len(found) - 1}\x00 "
 
-    for finding, rx in _SYN_RE:
-        text = rx.sub(sub(finding), text)
+    for current, rx in _SYN_RE:
+        if rx.search(text):          # most findings are absent from a given item: search is cheap
+            text = rx.sub(repl, text)
     return text, found
 
 
@@ -281,7 +281,7 @@ def parse_answer(text: str | None) -> dict | None:
         return None
     # A change answer needs a change finding and a class word in the same item; anything else
     # is read as presence (so "Answer: increased opacity" stays a presence answer).
-    change = _parse_change(items)
+    change = _parse_change(items) if any(_ANY_CHANGE_RE.search(i.lower()) for i in items) else None
     if change:
         return normalize(change)
     return _parse_presence(items)
