@@ -58,14 +58,14 @@ def child(args):
         base = torch.cuda.memory_allocated()
     else:
         base = reset_peak_rss()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
     out.sum().backward()
     if device == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     peak = (torch.cuda.max_memory_allocated() if device == "cuda" else proc_status_bytes("VmHWM")) - base
-    print(json.dumps({"variant": args.variant, "device": device, "seconds": seconds, "peak_bytes": peak,
+    print(json.dumps({"variant": args.variant, "device": device, "seconds": seconds, "cpu_seconds": cpu_seconds, "peak_bytes": peak,
                       "logps": out.detach().double().cpu().tolist()}))
 
 
@@ -105,7 +105,7 @@ def main():
             print(f"{variant}: failed (exit {r.returncode}): {r.stderr.strip().splitlines()[-1:]}")
             continue
         res = results[variant] = json.loads(r.stdout.strip().splitlines()[-1])
-        print(f"{variant:8s} {res['device']}: fwd+bwd {res['seconds']:.2f} s, "
+        print(f"{variant:8s} {res['device']}: fwd+bwd {res['seconds']:.2f} s wall ({res['cpu_seconds']:.2f} s CPU), "
               f"peak +{res['peak_bytes'] / gib:.2f} GiB")
     if len(results) == 2:
         diff = max(abs(a - b) for a, b in zip(results["full"]["logps"], results["chunked"]["logps"]))
