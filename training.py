@@ -26,15 +26,28 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def add_training_args(parser, lr, max_length, batch_size=2, grad_accum=16, warmup=0.05):
-    """The loop flags both training stages take; defaults come from each stage's official recipe."""
+def add_training_args(parser, lr, max_length, batch_size=2, grad_accum=16, warmup=0.05, global_batch=None):
+    """The loop flags both training stages take; defaults come from each stage's official recipe.
+
+    With global_batch set, the parser takes --global-batch (examples per optimizer step over all
+    processes, so the recipe's effective batch holds on any number of GPUs) and --grad-accum
+    defaults to what it implies (resolve_grad_accum); without it, --grad-accum defaults to grad_accum.
+    """
     g = parser.add_argument_group("training")
     g.add_argument("--lr", type=float, default=lr, help="peak learning rate (default: %(default)s)")
     g.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default: %(default)s)")
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (overrides --epochs)")
     g.add_argument("--batch-size", type=int, default=batch_size, help="examples per device per micro-batch (default: %(default)s)")
-    g.add_argument("--grad-accum", type=int, default=grad_accum,
-                   help="micro-batches per optimizer step; global batch = batch-size x processes x grad-accum (default: %(default)s)")
+    if global_batch is None:
+        g.add_argument("--grad-accum", type=int, default=grad_accum,
+                       help="micro-batches per optimizer step; global batch = batch-size x processes x grad-accum (default: %(default)s)")
+    else:
+        g.add_argument("--global-batch", type=int, default=global_batch,
+                       help="examples per optimizer step over all processes; sets --grad-accum to "
+                            "global-batch / (batch-size x processes) (default: %(default)s)")
+        g.add_argument("--grad-accum", type=int, default=None,
+                       help="micro-batches per optimizer step; overrides --global-batch "
+                            "(global batch = batch-size x processes x grad-accum)")
     g.add_argument("--warmup", type=float, default=warmup, help="share of steps with linear warmup (default: %(default)s)")
     g.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine",
                    help="decay after warmup (default: %(default)s)")
@@ -50,6 +63,66 @@ def add_training_args(parser, lr, max_length, batch_size=2, grad_accum=16, warmu
                    help="accelerate trackers, e.g. tensorboard,wandb (metrics.jsonl is always written)")
     g.add_argument("--seed", type=int, default=0, help="seed for data order and initialisation (default: %(default)s)")
     return g
+
+
+# ---------------------------------------------------------------------------------------------
+# Accelerator
+
+
+def resolve_grad_accum(args, num_processes):
+    """Fill in args.grad_accum from args.global_batch when --grad-accum was not given."""
+    if getattr(args, "grad_accum", None) is not None:
+        return args.grad_accum
+    per_micro = args.batch_size * num_processes
+    args.grad_accum = max(1, round(args.global_batch / per_micro))
+    if args.grad_accum * per_micro != args.global_batch:
+        print(f"warning: --global-batch {args.global_batch} is not a multiple of batch-size {args.batch_size} x "
+              f"{num_processes} processes; using {args.grad_accum * per_micro} (grad-accum {args.grad_accum})")
+    return args.grad_accum
+
+
+def mixed_precision_for(device, requested="auto"):
+    """'auto': what `accelerate launch`'s config asks for, else bf16 on a GPU that has it, else fp32.
+
+    Mixed precision (fp32 master weights and optimizer state, bf16 compute) rather than a bf16
+    model: with full fine-tuning at lr 1e-5, an update is below bf16's resolution for most
+    weights and would be lost.
+    """
+    if requested != "auto":
+        return requested
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launched != "no":
+        return launched
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def build_accelerator(args, out_dir, find_unused_parameters=False):
+    """The Accelerator of a training stage: gradient accumulation, mixed precision, trackers.
+
+    The scheduler is stepped by hand once per optimizer step (step_scheduler_with_optimizer=False):
+    accelerate would otherwise step it once per process, and our schedules count optimizer steps
+    of the global batch. find_unused_parameters is for DDP when some parameters get no gradient
+    in a step (a VLM's vision tower on a text-only batch).
+    """
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, parse_flag_from_env
+
+    # The process count decides --grad-accum, which the Accelerator needs at construction. cpu=
+    # as AcceleratorState would read it, or a CPU launch would be taken for a single process.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    resolve_grad_accum(args, state.num_processes)
+    report_to = [t.strip() for t in args.report_to.split(",") if t.strip()] if args.report_to else None
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
+    return Accelerator(
+        gradient_accumulation_steps=args.grad_accum,
+        mixed_precision=mixed_precision_for(state.device, getattr(args, "mixed_precision", "auto")),
+        log_with=report_to,
+        project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(Path(out_dir) / "logs")),
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=handlers,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,13 +253,34 @@ def save_checkpoint(accelerator, out_dir, step, state, keep=2):
     return final
 
 
-def resume_from_checkpoint(accelerator, out_dir):
-    """Restore the latest checkpoint in out_dir; returns its trainer state, or None to start fresh."""
+class ResumeMismatch(ValueError):
+    """The output folder holds a run with other settings; resuming it would mix two runs."""
+
+
+def config_mismatch(saved, config):
+    """'key: saved -> now' for each setting that differs, or '' when they agree."""
+    keys = sorted(set(saved) | set(config))
+    return "; ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in keys if saved.get(k) != config.get(k))
+
+
+def resume_from_checkpoint(accelerator, out_dir, config=None):
+    """Restore the latest checkpoint in out_dir; returns its trainer state, or None to start fresh.
+
+    With config (the settings that decide the result: data hash, model, batch, schedule …), a
+    checkpoint saved under other settings raises ResumeMismatch before anything is loaded. The
+    checkpoint must then carry the config in its state (save_checkpoint(..., dict(config=config))).
+    """
     found = checkpoint_dirs(out_dir)
     if not found:
         return None
+    state = json.loads((found[-1] / "trainer_state.json").read_text())
+    if config is not None:
+        diff = config_mismatch(state.get("config") or {}, config)
+        if diff:
+            raise ResumeMismatch(f"{found[-1]} was saved by a run with other settings ({diff}); "
+                                 f"rerun with the same settings to resume, or use another output folder")
     accelerator.load_state(str(found[-1]))
-    return json.loads((found[-1] / "trainer_state.json").read_text())
+    return state
 
 
 def seed_everything(seed):
@@ -206,6 +300,8 @@ class Metrics:
     def __init__(self, accelerator, out_dir, resumed_step=0):
         self.accelerator = accelerator
         self.path = Path(out_dir) / "metrics.jsonl"
+        if accelerator.is_main_process:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         if accelerator.is_main_process and self.path.exists():
             # Lines after the checkpoint we resume from belong to steps that will be redone.
             kept = [l for l in self.path.read_text().splitlines() if l.strip() and _step_of(l) <= resumed_step]
