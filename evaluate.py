@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 import modeling
 from answers import CHANGE_FINDINGS, FINDINGS, normalize, parse_answer, score, task_of
-from records import (JsonlAppender, RecordError, fail, file_hash, load_instances, read_jsonl,
+from records import (SPLITS, JsonlAppender, RecordError, fail, file_hash, load_instances, read_jsonl,
                      repair_torn_tail, write_json_atomic, write_jsonl_atomic)
 
 TASK_FINDINGS = {"presence": FINDINGS, "change": CHANGE_FINDINGS}
@@ -47,7 +47,7 @@ def parse_args(argv=None):
                         "or NAME when given as NAME=DIR")
     p.add_argument("--data", required=True, help="trajectories.jsonl with `labels` on the instances to score")
     p.add_argument("--out", required=True, help="output folder (predictions.jsonl, metrics.json, table.md, accuracy.png)")
-    p.add_argument("--split", default="test", choices=("train", "test"), help="split to score (default test)")
+    p.add_argument("--split", default="test", choices=SPLITS, help="split to score (default test)")
     p.add_argument("--sources-only", action="store_true",
                    help="score the sources in --data only; load no model (useful right after collect.py)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call on each process")
@@ -173,17 +173,24 @@ def read_predictions(path):
 def check_manifest(out, models, existing, args):
     """Refuse to mix predictions of other weights or settings into a model's rows; record ours."""
     manifest_path = out / "models.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    try:
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    except json.JSONDecodeError:
+        raise RecordError(manifest_path, None, None, "corrupt; move the output folder away to start over") from None
     for name, path in models:
         entry = {"path": path, "fingerprint": model_fingerprint(path), "max_new_tokens": args.max_new_tokens}
         old = manifest.get(name)
-        has_rows = any(m == name for m, _ in existing)
-        if old and has_rows:
-            for key, what in (("fingerprint", "other weights"), ("max_new_tokens", "another --max-new-tokens")):
-                if old.get(key) != entry[key]:
-                    raise RecordError(out / "predictions.jsonl", None, None,
-                                      f"holds predictions of model {name!r} from {what} ({old.get('path')}); "
-                                      f"use another --out, rename the model (NAME=DIR), or delete its lines")
+        if old and any(m == name for m, _ in existing):
+            if old.get("fingerprint") != entry["fingerprint"]:
+                made_with = f"other weights ({old.get('path')} when it ran)"
+            elif old.get("max_new_tokens") != entry["max_new_tokens"]:
+                made_with = f"--max-new-tokens {old.get('max_new_tokens')}"
+            else:
+                made_with = None
+            if made_with:
+                raise RecordError(out / "predictions.jsonl", None, None,
+                                  f"holds predictions of model {name!r} made with {made_with}; use another "
+                                  f"--out, rename the model (NAME=DIR), or delete its lines")
         manifest[name] = entry
     write_json_atomic(manifest_path, manifest)
 
@@ -311,6 +318,13 @@ def plot_accuracy(rows, path):
     return True
 
 
+def stop(accelerator, message):
+    """Exit 2 on bad input; every process exits, the main one says why (once, not once per process)."""
+    if accelerator.is_main_process:
+        fail(message)
+    raise SystemExit(2)
+
+
 def summary(rows, tasks, unlabelled, n_sources, n_models, generated, reused, args):
     counts = ", ".join(f"{n} {t}" for t, n in tasks.items() if n)
     if unlabelled:
@@ -348,7 +362,7 @@ def main(argv=None):
                 raise RecordError("--models", None, None, f"model name(s) {clash} are also source names in "
                                                           f"{args.data}; name the models with NAME=DIR")
     except RecordError as e:
-        fail(str(e))
+        stop(accelerator, str(e))
 
     # The main process alone touches the output files; the others learn from it what is done.
     shared = [None, {}]
@@ -362,7 +376,7 @@ def main(argv=None):
             shared = [str(e), {}]
     broadcast_object_list(shared)
     if shared[0]:
-        fail(shared[0])
+        stop(accelerator, shared[0])
     done = shared[1]
     reused = sum((n, r["id"]) in done for n, _ in models for r in instances)
 

@@ -227,7 +227,7 @@ def test_two_processes_gather_each_prediction_once(text_run, tmp_path):
     preds = lines(tmp_path / "out" / "predictions.jsonl")
     assert sorted((p["model"], p["id"]) for p in preds) == sorted({(p["model"], p["id"]) for p in preds})
     assert len(preds) == 14
-    for name in ("predictions.jsonl", "metrics.json", "table.md"):
+    for name in ("predictions.jsonl", "metrics.json", "table.md", "models.json"):
         assert (tmp_path / "out" / name).read_bytes() == (text_run["out"] / name).read_bytes(), name
     assert result.stdout.count("evaluate: 7 test instances") == 1  # one summary: the main process's
 
@@ -320,11 +320,28 @@ def test_predictions_of_other_weights_are_never_reused(text_run, tmp_path, capsy
         (out / name).write_bytes((text_run["out"] / name).read_bytes())
     data = text_run["command"][text_run["command"].index("--data") + 1]
     message = fails(capsys, "--models", f"a={tiny_text_model}", "--data", data, "--out", out, *GEN)
-    assert message == (f"error: {out / 'predictions.jsonl'}: holds predictions of model 'a' from other weights "
-                       f"({text_run['command'][1][2:]}); use another --out, rename the model (NAME=DIR), "
-                       "or delete its lines")
+    assert message == (f"error: {out / 'predictions.jsonl'}: holds predictions of model 'a' made with other "
+                       f"weights ({text_run['command'][1][2:]} when it ran); use another --out, rename the model "
+                       "(NAME=DIR), or delete its lines")
     message = fails(capsys, "--models", text_run["command"][1], "--data", data, "--out", out, "--max-new-tokens", "9")
-    assert "from another --max-new-tokens" in message
+    assert "holds predictions of model 'a' made with --max-new-tokens 24;" in message
+    (out / "models.json").write_text("{")
+    assert "models.json: corrupt" in fails(capsys, "--models", text_run["command"][1], "--data", data, "--out", out)
+
+
+def test_rerun_reuses_answers_and_keeps_other_models_lines(text_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("predictions.jsonl", "models.json"):
+        (out / name).write_bytes((text_run["out"] / name).read_bytes())
+    command = text_run["command"]
+    # only model a this time: all its answers are there, so no model is even loaded
+    evaluate.main([str(c) for c in command[:2] + command[3:]] + ["--out", str(out)])
+    assert "0 answers generated, 7 reused" in capsys.readouterr().out.strip().splitlines()[-1]
+    assert (out / "predictions.jsonl").read_bytes() == (text_run["out"] / "predictions.jsonl").read_bytes()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["name"] for r in metrics["rows"]] == ["A", "B", "a"]
+    assert row(metrics, "a") == row(json.loads((text_run["out"] / "metrics.json").read_text()), "a")
 
 
 def test_bad_input_through_the_cli_has_no_traceback(tmp_path):
