@@ -72,7 +72,9 @@ class Example:
 
 def collect_examples(records, drop_unanswered):
     """The (instance, trajectory) pairs of split train, and what was left out, counted."""
-    examples, counts = [], Counter()
+    examples = []
+    counts = Counter(dict.fromkeys(["train_instances", "test_instances", "instances_without_trajectories",
+                                    "empty_trajectories", "unanswered"], 0))
     for r, record in enumerate(records):
         if record["split"] != "train":
             counts["test_instances"] += 1
@@ -268,7 +270,12 @@ def train(args):
                 nll_sum += -logps.detach().sum()
                 if accelerator.sync_gradients:
                     loss = accelerator.reduce(nll_sum, reduction="sum") / step_tokens
-                    training.check_finite(loss, step + 1, out)
+                    try:
+                        training.check_finite(loss, step + 1, out)
+                    except training.NonFiniteLoss as e:
+                        ids = sorted({records[examples[i].record]["id"] for b in micro for i in b})
+                        raise training.NonFiniteLoss(f"{e} Instances in this step: {', '.join(ids[:10])}"
+                                                     + (" …" if len(ids) > 10 else "")) from None
                     grad_norm = accelerator.clip_grad_norm_(module.parameters(), args.max_grad_norm or float("inf"))
                     lr = scheduler.get_last_lr()[0]
                     optimizer.step()

@@ -323,10 +323,17 @@ def _step_of(line):
 
 
 def check_finite(loss, step, out_dir):
+    """Stop before a non-finite loss reaches the weights; nothing is saved after it.
+
+    Call it with the loss reduced over all processes, so every process stops at the same step.
+    """
     if not torch.isfinite(loss).all():
+        found = checkpoint_dirs(out_dir)
+        where = (f"The last checkpoint ({found[-1]}) is intact and the same command resumes from it"
+                 if found else "No checkpoint was written yet")
         raise NonFiniteLoss(
-            f"loss is {loss.item()} at step {step}; stopping. The last good checkpoint in "
-            f"{Path(out_dir) / CHECKPOINTS} is intact: lower --lr or check the data, then rerun to resume.")
+            f"loss is {loss.item()} at step {step}; stopping. {where}, but the same data and settings give "
+            f"the same loss: check the data, or lower --lr in a new output folder.")
 
 
 def save_hf_folder(accelerator, model, processor, out_dir):

@@ -1,0 +1,323 @@
+"""Tests of bootstrap.py (stage 2) on tiny real models: what the loss sees, exact resume after
+SIGKILL, 2 processes = 1 process, NaN guard, VLM image masking, and bad input."""
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import bootstrap
+import tiny_models
+from modeling import IGNORE_INDEX, ResponseLogps, load_model, load_processor, tokenizer_of
+from records import load_instances
+
+REPO = Path(__file__).resolve().parent
+
+SHORT = [
+    "The costophrenic angle is blunted, which suggests an effusion.\nAnswer: Pleural Effusion",
+    "The cardiac silhouette is enlarged.\nAnswer: Cardiomegaly",
+    "No acute process is seen.\nAnswer: No Finding",
+]
+REFUSAL = "I am not able to give a medical diagnosis. Please consult a radiologist."
+
+
+def write_data(folder, n_train=8, image=None, long_prompt=False, long_response=False):
+    """n_train train instances with 3 short trajectories each, one refusal, one test instance."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n_train):
+        prompt = f"Study {i}. The chest radiograph shows blunting of the costophrenic angle. Which findings are present?"
+        rows.append({"id": f"t{i}", "split": "train", "prompt": prompt,
+                     "images": [image] if image else [],
+                     "labels": {"Pleural Effusion": 1},
+                     "trajectories": [{"source": f"s{k}", "text": SHORT[(i + k) % 3]} for k in range(3)]})
+    rows[0]["trajectories"].append({"source": "refuser", "text": REFUSAL})
+    if long_response:
+        rows[1]["trajectories"][0]["text"] = "The cardiac silhouette is enlarged. " * 40 + "\nAnswer: Cardiomegaly"
+    if long_prompt:
+        rows.append({"id": "too-long", "split": "train", "prompt": "The cardiac silhouette is enlarged. " * 60,
+                     "trajectories": [{"source": "s0", "text": SHORT[0]}, {"source": "s1", "text": SHORT[1]}]})
+    rows.append({"id": "test0", "split": "test", "prompt": "Held out.", "trajectories": [{"source": "s0", "text": SHORT[0]}]})
+    path = folder / "trajectories.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def env():
+    e = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    e.pop("ACCELERATE_USE_CPU", None)
+    return e
+
+
+def run(args, check=True, **kw):
+    result = subprocess.run([sys.executable, "bootstrap.py", *args], cwd=REPO, env=env(), capture_output=True,
+                            text=True, **kw)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr[-3000:]}")
+    return result
+
+
+def train_args(model, data, out, *extra):
+    return ["--model", str(model), "--data", str(data), "--out", str(out), "--batch-size", "2", "--grad-accum", "2",
+            "--lr", "1e-3", "--max-length", "160", "--warmup", "0.34", *extra]
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(folder):
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# What the loss sees
+
+
+def test_examples_are_train_pairs_with_refusals_counted(tmp_path):
+    data = write_data(tmp_path, n_train=3)
+    records = load_instances(data)
+    records[1]["trajectories"].append({"source": "blank", "text": "  \n"})
+    records.append({"id": "bare", "split": "train", "prompt": "p", "trajectories": []})
+
+    kept, counts = bootstrap.collect_examples(records, drop_unanswered=False)
+    assert len(kept) == 3 * 3 + 1  # every (train instance, trajectory) pair, the refusal included
+    assert REFUSAL in [e.text for e in kept]
+    assert all(records[e.record]["split"] == "train" for e in kept)
+    assert (counts["train_instances"], counts["test_instances"], counts["unanswered"],
+            counts["empty_trajectories"], counts["instances_without_trajectories"]) == (4, 1, 1, 1, 1)
+
+    dropped, counts = bootstrap.collect_examples(records, drop_unanswered=True)
+    assert len(dropped) == 3 * 3 and REFUSAL not in [e.text for e in dropped]
+    assert counts["unanswered"] == 1
+
+
+def test_loss_is_cross_entropy_on_response_tokens_only(tmp_path, tiny_text_model):
+    data = write_data(tmp_path, n_train=2)
+    records = load_instances(data)
+    examples, _ = bootstrap.collect_examples(records, drop_unanswered=False)
+    processor = load_processor(tiny_text_model)
+    tok = tokenizer_of(processor)
+    rows = [0, 3]  # different lengths, so the shorter row is padded
+    batch = bootstrap.build_batch(processor, records, examples, rows, 512, data, tok.pad_token_id)
+
+    for r, i in enumerate(rows):
+        labelled = batch["labels"][r] != IGNORE_INDEX
+        expected = tok(examples[i].text + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        assert batch["labels"][r][labelled].tolist() == expected
+        # the labelled tokens are the last real tokens of the row: nothing of the prompt, no padding
+        n_real = int(batch["attention_mask"][r].sum())
+        assert labelled.nonzero().flatten().tolist() == list(range(n_real - len(expected), n_real))
+        assert batch["input_ids"][r][:n_real][labelled[:n_real]].tolist() == expected
+
+    model = load_model(tiny_text_model)
+    with torch.no_grad():
+        logps, counted = ResponseLogps(model)(**batch)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    reference = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+    assert counted.tolist() == [(batch["labels"][r] != IGNORE_INDEX).sum().item() for r in range(2)]
+    assert (-logps.sum() / counted.sum()).item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_vl_image_tokens_are_masked_and_freeze_vision_keeps_the_tower(tmp_path, tiny_vl_model):
+    tiny_models.write_test_image(tmp_path / "xray.png")
+    data = write_data(tmp_path, n_train=2, image="xray.png")
+    records = load_instances(data)
+    examples, _ = bootstrap.collect_examples(records, drop_unanswered=False)
+    processor = load_processor(tiny_vl_model)
+    batch = bootstrap.build_batch(processor, records, examples, [0, 1], 512, data, tokenizer_of(processor).pad_token_id)
+    image_token = json.loads((Path(tiny_vl_model) / "config.json").read_text())["image_token_id"]
+    is_image = batch["input_ids"] == image_token
+    # 64x64 px -> 4x4 patches of 14 px (resized to 56x56) -> 2x2 = 4 tokens after merging, per row
+    assert is_image.sum(1).tolist() == [4, 4]
+    assert (batch["labels"][is_image] == IGNORE_INDEX).all()
+    assert batch["pixel_values"].shape[0] == 2 * 16 and batch["image_grid_thw"].tolist() == [[1, 4, 4]] * 2
+
+    out = tmp_path / "out"
+    result = run(train_args(tiny_vl_model, data, out, "--max-steps", "2", "--freeze-vision", "--max-length", "512"))
+    assert "2 steps on" in result.stdout
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    trained = AutoModelForImageTextToText.from_pretrained(out)
+    assert AutoProcessor.from_pretrained(out).chat_template
+    before = AutoModelForImageTextToText.from_pretrained(tiny_vl_model).state_dict()
+    after = trained.state_dict()
+    vision = [k for k in before if "visual." in k]
+    language = [k for k in before if "layers." in k and "visual." not in k]
+    assert vision and language
+    assert all(torch.equal(before[k], after[k]) for k in vision)
+    assert any(not torch.equal(before[k], after[k]) for k in language)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact resume, finished runs, metrics
+
+
+RESUME_ARGS = ["--max-steps", "6", "--save-every", "3"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, tiny_text_model):
+    """One uninterrupted 6-step run (2 rows x 2 accumulation), the reference of the tests below."""
+    folder = tmp_path_factory.mktemp("straight")
+    data = write_data(folder, long_prompt=True, long_response=True)
+    out = folder / "out"
+    result = run(train_args(tiny_text_model, data, out, *RESUME_ARGS))
+    return data, out, result
+
+
+def test_straight_run_outputs_counts_schedule_and_a_loadable_model(straight):
+    data, out, result = straight
+    summary = json.loads((out / "training_summary.json").read_text())
+    # 8 x 3 trajectories + 1 refusal (kept) + 2 of the instance whose prompt leaves no room (skipped)
+    assert (summary["examples"], summary["unanswered"], summary["prompt_too_long"], summary["truncated"]) == (25, 1, 2, 1)
+    assert "1 unanswered kept, 1 truncated, 2 skipped (prompt too long)" in result.stdout
+
+    steps = metrics(out)
+    assert [m["step"] for m in steps] == [1, 2, 3, 4, 5, 6]
+    assert [m["examples_seen"] for m in steps] == [4, 8, 12, 16, 20, 24]
+    # warmup round(0.34 * 6) = 2 steps, then cosine to zero over the 4 others
+    lrs = [1e-3 * (s + 1) / 3 for s in range(2)] + [1e-3 * 0.5 * (1 + math.cos(math.pi * p / 4)) for p in range(4)]
+    assert [m["lr"] for m in steps] == pytest.approx(lrs, abs=1e-6)
+    assert all(m["loss"] > 0 and m["grad_norm"] > 0 and m["tokens_per_s"] > 0 for m in steps)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-3", "step-6"]
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    AutoModelForCausalLM.from_pretrained(out)
+    assert AutoTokenizer.from_pretrained(out).chat_template
+
+
+def test_sigkill_then_rerun_gives_the_weights_of_a_straight_run(tmp_path, capsys, straight, tiny_text_model):
+    data, reference, _ = straight
+    out = tmp_path / "interrupted"
+    cmd = [sys.executable, "bootstrap.py", *train_args(tiny_text_model, data, out, *RESUME_ARGS)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if line.startswith("checkpoint: step 3"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "model.safetensors").exists()
+    # A checkpoint write killed half-way leaves only its temporary folder, which is never resumed from.
+    torn = out / "checkpoints" / ".tmp-step-6"
+    torn.mkdir(exist_ok=True)
+    (torn / "model.safetensors").write_bytes(b"\x00" * 10)
+
+    resumed = run(train_args(tiny_text_model, data, out, *RESUME_ARGS))
+    assert "resuming from step 3" in resumed.stdout
+    a, b = weights(reference), weights(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    assert [m["loss"] for m in metrics(out)] == pytest.approx([m["loss"] for m in metrics(reference)], rel=1e-6)
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4, 5, 6]
+
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    bootstrap.main(train_args(tiny_text_model, data, out, *RESUME_ARGS))
+    assert "nothing to do" in capsys.readouterr().out
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+
+    with pytest.raises(SystemExit) as exit_:
+        bootstrap.main(train_args(tiny_text_model, data, out, "--max-steps", "7", "--save-every", "3"))
+    assert exit_.value.code == 2 and "max_steps: 6 -> 7" in capsys.readouterr().err
+
+
+def test_two_processes_give_the_losses_of_one(tmp_path, straight, tiny_text_model):
+    data, one, _ = straight
+    two = tmp_path / "two"
+    # `--cpu` alone makes accelerate run one process; ACCELERATE_USE_CPU + --multi_gpu gives gloo on CPU.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port()), "bootstrap.py",
+              *train_args(tiny_text_model, data, two, *RESUME_ARGS, "--batch-size", "1")]
+    result = subprocess.run(launch, cwd=REPO, env=dict(env(), ACCELERATE_USE_CPU="1"), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(1 x 2 processes x 2 accumulation)" in result.stdout
+
+    m1, m2 = metrics(one), metrics(two)
+    assert [m["examples_seen"] for m in m2] == [m["examples_seen"] for m in m1]
+    assert [m["loss"] for m in m2] == pytest.approx([m["loss"] for m in m1], rel=1e-5)
+    a, b = weights(one), weights(two)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys, tiny_text_model):
+    data = write_data(tmp_path)
+    out = tmp_path / "out"
+    # A huge unclipped step sends the weights to ~1e30: the next forward overflows.
+    args = train_args(tiny_text_model, data, out, "--max-steps", "6", "--save-every", "1", "--lr", "1e30",
+                      "--max-grad-norm", "0", "--warmup", "0", "--schedule", "constant")
+    with pytest.raises(SystemExit) as exit_:
+        bootstrap.main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1
+    assert "error: loss is nan at step 2" in err or "error: loss is inf at step 2" in err
+    assert "checkpoints/step-1) is intact" in err and "Instances in this step: t" in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1"]
+    state = json.loads((out / "checkpoints" / "step-1" / "trainer_state.json").read_text())
+    assert state["step"] == 1
+    assert all(torch.isfinite(t).all() for t in load_file(str(out / "checkpoints" / "step-1" / "model.safetensors")).values())
+    assert not (out / "model.safetensors").exists() and not (out / "training_summary.json").exists()
+    assert [m["step"] for m in metrics(out)] == [1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: file:line: field: message and exit 2, before any model is loaded
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+GOOD = json.dumps({"id": "a", "split": "train", "prompt": "p", "trajectories": [{"source": "s", "text": "Answer: Edema"}]})
+
+
+@pytest.mark.parametrize("content, message", [
+    (GOOD + "\n{not json\n", "bad.jsonl:2: malformed JSON"),
+    (GOOD + "\n" + json.dumps({"id": "b", "split": "dev", "prompt": "p", "trajectories": []}), "bad.jsonl:2: field 'split'"),
+    (json.dumps({"id": "a", "split": "train", "prompt": "p"}), "bad.jsonl:1: field 'trajectories': missing"),
+    (json.dumps({"id": "a", "split": "train", "prompt": "p", "images": ["gone.png"], "trajectories": []}),
+     "bad.jsonl:1: field 'images': no such image file"),
+    (GOOD + "\n" + GOOD, "bad.jsonl:2: field 'id': duplicate id"),
+    (GOOD.encode() + b"\n\xff\xfe\n", "bad.jsonl:2: not UTF-8"),
+    (json.dumps({"id": "a", "split": "test", "prompt": "p", "trajectories": [{"source": "s", "text": "x"}]}),
+     "no training examples"),
+])
+def test_bad_input_names_file_line_and_field(tmp_path, capsys, content, message):
+    data = _write(tmp_path, content)
+    with pytest.raises(SystemExit) as exit_:
+        bootstrap.main(["--model", str(tmp_path / "no-model"), "--data", str(data), "--out", str(tmp_path / "o")])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_model_and_prompts_that_never_fit_exit_2(tmp_path, capsys, tiny_text_model):
+    data = write_data(tmp_path, n_train=2)
+    with pytest.raises(SystemExit) as exit_:
+        bootstrap.main(["--model", str(tmp_path / "no-model"), "--data", str(data), "--out", str(tmp_path / "o")])
+    assert exit_.value.code == 2 and "no-model" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit) as exit_:
+        bootstrap.main(["--model", tiny_text_model, "--data", str(data), "--out", str(tmp_path / "o"),
+                        "--max-length", "16"])
+    assert exit_.value.code == 2
+    assert "0 usable training examples" in capsys.readouterr().err
