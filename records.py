@@ -98,6 +98,13 @@ def resolve_image(jsonl_path, image):
     return p if p.is_absolute() else Path(jsonl_path).resolve().parent / p
 
 
+def rebase_images(images, from_jsonl, to_jsonl):
+    """Image paths of a record read from one JSONL file, made relative to another file's folder
+    (a stage that writes its output elsewhere keeps the images reachable); absolute paths stay."""
+    to_dir = Path(to_jsonl).resolve().parent
+    return [p if Path(p).is_absolute() else os.path.relpath(resolve_image(from_jsonl, p), to_dir) for p in images]
+
+
 def _validate_common(obj, path, lineno, check_images):
     rec_id = obj.get("id")
     if rec_id is None:

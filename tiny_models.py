@@ -74,6 +74,42 @@ def build_text_model(out, hidden=32, layers=2, seed=0):
     return out
 
 
+def build_scripted_model(out, text, seed=0):
+    """A tiny Qwen2 that answers every chat prompt with `text` under greedy decoding.
+
+    For tests that need a model's answer known in advance. Its layers are switched off (zero output
+    projections), so the next token depends on the current one alone, and the output head maps the
+    last token of the generation prompt to the first of `text`, each token of `text` to the next,
+    and the last to the end-of-turn token: a bigram chain, so `text` must tokenize to distinct
+    tokens (ValueError otherwise; a bare answer line such as "Answer: Edema" does).
+    """
+    import torch
+    from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+    out = build_text_model(out, seed=seed)
+    tok = AutoTokenizer.from_pretrained(out)
+    model = Qwen2ForCausalLM.from_pretrained(out)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=False)
+    chain = tok(prompt, add_special_tokens=False)["input_ids"][-1:] + tok(text, add_special_tokens=False)["input_ids"]
+    if len(set(chain)) != len(chain) or len(chain) > model.config.hidden_size:
+        raise ValueError(f"{text!r}: its tokens must be distinct (and fewer than the hidden size)")
+    chain.append(model.config.eos_token_id)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embed = model.model.embed_tokens.weight
+        head = torch.zeros_like(embed)
+        for i, (token, following) in enumerate(zip(chain, chain[1:])):
+            embed[token] = 0.0
+            embed[token, i] = 1.0  # one axis per link, so links never interfere
+            head[following, i] = 10.0
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(head)
+    model.save_pretrained(out)
+    return out
+
+
 def build_vl_model(out, hidden=32, layers=2, seed=0):
     """A random Qwen2.5-VL with a real processor (image processor + tokenizer + template)."""
     import torch

@@ -1,0 +1,556 @@
+"""Stage 3 of APO: consensus synthesis, and the source trajectories as negative constraints.
+
+    accelerate launch consensus.py --model runs/bootstrap --data trajectories.jsonl --out preferences.jsonl
+    python consensus.py --consensus vote --data trajectories.jsonl --out preferences.jsonl   # no model
+
+For every train instance the bootstrapped model reads the question (and its images) and all source
+trajectories, labelled "Response A", "Response B" ... in a seeded shuffled order, and writes one
+consensus trajectory (DESIGN, step 3). The consensus becomes `chosen`, the source trajectories
+become `rejected`, each with its `drift`: answers.answer_distance(its answer, the consensus'
+answer), the share of findings on which it departs (1.0 when it has no Answer line).
+
+--consensus
+    model       the paper: the model's consensus is the chosen trajectory.
+    vote        no model: per-finding majority vote over the sources' parsed answers; chosen is the
+                source trajectory whose answer is closest to the vote (ties: first in the
+                instance's shuffled order, so no source is favoured); it is never also a negative.
+    model+vote  the model's consensus is kept only where the sources back every one of its calls:
+                its support, the least share (over findings) of the parsed source answers that make
+                the same call on a finding as the consensus, must be >= --min-agreement. With the
+                default 0.5 the consensus may settle a tie but never overrule a strict majority.
+                Otherwise the vote's chosen is used (a fallback, counted).
+    In every mode a consensus without a parseable Answer line falls back to the vote (counted).
+
+--negatives
+    all         the paper: every source trajectory except the chosen one itself.
+    drifting    only the trajectories whose answer differs from the consensus' (drift > 0).
+    A trajectory identical to the chosen text is never a negative.
+
+Skipped train instances (counted in the summary, listed with the reason in <out>.skipped.jsonl):
+    no trajectories      the instance has none, or only blank ones
+    prompt too long      the prompt does not fit even with every trajectory cut to its Answer line
+    no answer to vote on the consensus needs the vote and no source answer parses
+    no negatives         nothing is left to reject (e.g. every source agrees, with --negatives drifting)
+
+Long prompts: when the prompt with all trajectories exceeds --max-prompt-tokens, every trajectory is
+cut by the same fraction from the middle of its reasoning, keeping its beginning, its end and its
+final Answer line.
+
+Output: preferences.jsonl (DESIGN) with one extra field, `consensus_by` ("model", "vote",
+"vote:no-answer" or "vote:disagreed": where the chosen came from). Lines are appended as instances
+are done; the same command resumes an interrupted run and the final file equals an uninterrupted
+run's (generation runs in fixed rounds, and an unfinished round is generated again whole). Labels
+are passed through and printed beside the sources' accuracies, never used.
+"""
+
+import argparse
+import random
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import answers
+import records
+from records import RecordError
+
+CONSENSUS_PROMPT = """Several assistants answered the question below independently. Their responses follow, in random order and under neutral labels.
+
+Question:
+{question}
+
+{responses}
+
+Now write your own response to the question, reconciling the responses above:
+- keep the reasoning and the findings that several responses agree on;
+- drop claims that only one response makes;
+- where the responses conflict, follow the side that more responses support.
+Write it as a direct answer to the question, without mentioning the responses or their labels.
+Reason step by step, then end with {answer_format}."""
+# {question}: the instance's prompt; {responses}: the trajectories as "Response A:\n<text>" blocks;
+# {answer_format}: how the task's Answer line reads (ANSWER_FORMATS; the task is the one most
+# parsed source answers have). No example names a finding, so the prompt suggests none.
+PLACEHOLDER_RE = re.compile(r"\{(question|responses|answer_format)\}")
+
+ANSWER_FORMATS = {
+    "presence": 'one final line: "Answer:" followed by the findings present, separated by commas '
+                '("No Finding" when there is none)',
+    "change": 'one final line: "Answer:" followed by each finding and its change as "<finding>: <improving, '
+              'stable or worsening>", separated by semicolons',
+}
+
+SKIP_REASONS = ("no trajectories", "prompt too long", "no answer to vote on", "no negatives")
+CUT_MARK = " [...] "
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="trajectories.jsonl (collect.py); only split train is used")
+    p.add_argument("--out", required=True, help="preferences.jsonl to write (resumed when it exists)")
+    p.add_argument("--model", help="the bootstrapped model folder (bootstrap.py); not needed with --consensus vote")
+    p.add_argument("--consensus", choices=("model", "vote", "model+vote"), default="model",
+                   help="where the chosen trajectory comes from (see above; default: model, the paper)")
+    p.add_argument("--negatives", choices=("all", "drifting"), default="all",
+                   help="which source trajectories become negatives (default: all, the paper)")
+    p.add_argument("--min-agreement", type=float, default=0.5,
+                   help="model+vote: least share of the parsed source answers that must make the consensus' "
+                        "call on every finding (default 0.5)")
+    p.add_argument("--prompt-file", help="text file replacing CONSENSUS_PROMPT; must hold {question} and "
+                                         "{responses}, may hold {answer_format}")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="length limit of a consensus (default 1024)")
+    p.add_argument("--max-prompt-tokens", type=int,
+                   help="prompt limit before trajectories are shortened (default: the model's max positions "
+                        "minus --max-new-tokens)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together per process (default 8)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when --temperature > 0")
+    p.add_argument("--seed", type=int, default=0, help="seed of the response order and of sampling (default 0)")
+    p.add_argument("--save-prompts", help="model modes: also write the consensus prompts, as the model sees "
+                                          "them, to this JSONL file ({id, prompt, tokens, shortened})")
+    p.add_argument("--summary", help="also write the summary as JSON to this file")
+    args = p.parse_args(argv)
+    if args.consensus != "vote" and not args.model:
+        p.error(f"--model is required with --consensus {args.consensus}")
+    if args.save_prompts and args.consensus == "vote":
+        p.error("--save-prompts needs a model mode (vote builds no prompt)")
+    if not 0.0 <= args.min_agreement <= 1.0:
+        p.error("--min-agreement must be in [0, 1]")
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        p.error("--batch-size and --max-new-tokens must be positive")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# The consensus prompt
+
+
+def load_template(path):
+    if path is None:
+        return CONSENSUS_PROMPT
+    try:
+        template = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecordError(path, None, None, f"cannot read the prompt file ({e})") from None
+    for name in ("question", "responses"):
+        if "{" + name + "}" not in template:
+            raise RecordError(path, None, None, f"the prompt must contain {{{name}}}")
+    return template
+
+
+def response_label(i):
+    """A, B, ... Z, AA, AB ...: neutral names that say nothing about the source."""
+    label = ""
+    i += 1
+    while i:
+        i, rem = divmod(i - 1, 26)
+        label = chr(ord("A") + rem) + label
+    return label
+
+
+def response_order(record_id, n, seed):
+    """The instance's own shuffle of its n trajectories, fixed by (seed, id) alone, so it is the same
+    on every process and after a resume, and differs from instance to instance."""
+    order = list(range(n))
+    random.Random(f"{seed}:{record_id}").shuffle(order)
+    return order
+
+
+def render_prompt(template, question, texts, task):
+    blocks = "\n\n".join(f"Response {response_label(i)}:\n{text.strip()}" for i, text in enumerate(texts))
+    values = {"question": question, "responses": blocks, "answer_format": ANSWER_FORMATS[task]}
+    # one pass, so braces inside the question or the responses are never read as placeholders
+    return PLACEHOLDER_RE.sub(lambda m: values[m.group(1)], template)
+
+
+def task_hint(parsed):
+    """The task the sources answered (most parsed answers); presence when none parses."""
+    vote = answers.majority_vote(parsed)
+    return answers.task_of(vote) if vote is not None else "presence"
+
+
+def consensus_chat(record, prompt):
+    """The record generate() formats: the consensus prompt, with the instance's system and images."""
+    return {"prompt": prompt, "system": record.get("system"), "images": record["images"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Shortening long prompts
+
+
+def split_answer(text):
+    """(reasoning, answer part): the answer part starts at the last Answer line."""
+    start = answers.answer_line_start(text)
+    return (text, "") if start is None else (text[:start], text[start:])
+
+
+def cut_middle(ids, keep, tok):
+    """The first and last halves of `keep` tokens of the reasoning, the middle replaced by a mark."""
+    if keep >= len(ids):
+        return tok.decode(ids)
+    head, tail = (keep + 1) // 2, keep // 2
+    return tok.decode(ids[:head]) + CUT_MARK + (tok.decode(ids[len(ids) - tail:]) if tail else "")
+
+
+def shorten(texts, keep_fraction, tok):
+    """Each text cut to the same fraction of its reasoning tokens; its Answer line is always kept."""
+    out = []
+    for text in texts:
+        reasoning, answer = split_answer(text)
+        ids = tok(reasoning, add_special_tokens=False)["input_ids"]
+        kept = cut_middle(ids, int(len(ids) * keep_fraction), tok)
+        out.append(kept + ("\n" if answer and not kept.endswith("\n") else "") + answer)
+    return out
+
+
+def fit_prompt(build, count, texts, budget, tok, tries=8):
+    """(prompt, shortened) with count(prompt) <= budget, or (None, True) when even the Answer lines
+    alone do not fit. build(texts) renders the prompt; count(prompt) is its length in tokens."""
+    prompt = build(texts)
+    n = count(prompt)
+    if n <= budget:
+        return prompt, False
+    reasoning = sum(len(tok(split_answer(t)[0], add_special_tokens=False)["input_ids"]) for t in texts)
+    keep = 1.0
+    for attempt in range(tries + 1):
+        # remove the overshoot in proportion; the cut marks and token boundaries make it a little
+        # short of exact, hence the few tries (the last one keeps no reasoning at all)
+        keep = 0.0 if attempt == tries or not reasoning else max(0.0, keep - (n - budget) / reasoning - 0.01)
+        prompt = build(shorten(texts, keep, tok))
+        n = count(prompt)
+        if n <= budget:
+            return prompt, True
+        if keep == 0.0:
+            break
+    return None, True
+
+
+def token_counter(processor, record, data_path):
+    """count(prompt): the length in tokens of the chat the model sees for a consensus prompt of this
+    record (template, system and image tokens included)."""
+    from modeling import load_images, prompt_text, tokenizer_of
+
+    tok = tokenizer_of(processor)
+    extra = 0
+    if record["images"]:  # each image placeholder expands to its patches inside the processor
+        probe = prompt_text(processor, consensus_chat(record, "x"))
+        expanded = processor(text=[probe], images=load_images(record, data_path), return_tensors="pt")
+        extra = expanded["input_ids"].shape[1] - len(tok(probe, add_special_tokens=False)["input_ids"])
+    def count(prompt):
+        chat = prompt_text(processor, consensus_chat(record, prompt))
+        return len(tok(chat, add_special_tokens=False)["input_ids"]) + extra
+
+    return count
+
+
+# ---------------------------------------------------------------------------------------------
+# Consensus and negatives
+
+
+def majority_support(answer, parsed):
+    """The weakest backing the sources give `answer`: over the findings, the least share of the
+    parsed source answers that make the same call on that finding (present/absent, or the change
+    class, or not naming it). Answers of the other task back nothing; 0.0 when none parses."""
+    votes = [answers.normalize(a) for a in parsed if a is not None]
+    if not votes:
+        return 0.0
+    answer = answers.normalize(answer)
+    task = answers.task_of(answer)
+    votes = [v if answers.task_of(v) == task else None for v in votes]
+    if task == "presence":
+        keys = answers.FINDINGS
+    else:
+        keys = set(answer).union(*(v for v in votes if v is not None))
+    return min(sum(v is not None and v.get(k) == answer.get(k) for v in votes) / len(votes) for k in keys)
+
+
+def vote_pick(parsed, order):
+    """Index of the trajectory whose answer is closest to the sources' majority vote, or None.
+    Ties go to a parsed answer, then to the first in the instance's shuffled order."""
+    vote = answers.majority_vote(parsed)
+    if vote is None:
+        return None
+    rank = {i: r for r, i in enumerate(order)}
+    return min(range(len(parsed)),
+               key=lambda i: (answers.answer_distance(parsed[i], vote), parsed[i] is None, rank[i]))
+
+
+def choose(record, consensus_text, mode, min_agreement):
+    """(chosen text, its answer, index of the source it is or None, consensus_by), or None when the
+    vote is needed and no source answer parses."""
+    parsed = record["_answers"]
+    by = "vote"
+    if mode != "vote":
+        answer = answers.parse_answer(consensus_text)
+        if answer is None:
+            by = "vote:no-answer"
+        elif mode == "model+vote" and majority_support(answer, parsed) < min_agreement:
+            by = "vote:disagreed"
+        else:
+            return consensus_text, answer, None, "model"
+    pick = vote_pick(parsed, record["_order"])
+    if pick is None:
+        return None
+    return record["trajectories"][pick]["text"], parsed[pick], pick, by
+
+
+def pick_negatives(record, chosen_text, chosen_answer, chosen_index, which):
+    """[(source, text, drift)] in the sources' order."""
+    out = []
+    for i, (traj, answer) in enumerate(zip(record["trajectories"], record["_answers"])):
+        if i == chosen_index or traj["text"].strip() == chosen_text.strip():
+            continue  # rejecting the chosen text itself would push the objective both ways
+        drift = answers.answer_distance(answer, chosen_answer)
+        if which == "all" or drift > 0:
+            out.append((traj["source"], traj["text"], drift))
+    return out
+
+
+def settle(record, consensus_text, args):
+    """The preference record of one instance, or the reason it is skipped (a string)."""
+    choice = choose(record, consensus_text, args.consensus, args.min_agreement)
+    if choice is None:
+        return "no answer to vote on"
+    chosen, chosen_answer, chosen_index, by = choice
+    negatives = pick_negatives(record, chosen, chosen_answer, chosen_index, args.negatives)
+    if not negatives:
+        return "no negatives"
+    return {
+        "id": record["id"],
+        "prompt": record["prompt"],
+        "system": record.get("system"),
+        "images": records.rebase_images(record["images"], args.data, args.out),
+        "chosen": chosen,
+        "rejected": [text for _, text, _ in negatives],
+        "rejected_sources": [source for source, _, _ in negatives],
+        "drift": [drift for _, _, drift in negatives],
+        "labels": record.get("labels"),
+        "consensus_by": by,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume and summary
+
+
+def skipped_path(out):
+    out = Path(out)
+    return out.with_name((out.stem if out.suffix == ".jsonl" else out.name) + ".skipped.jsonl")
+
+
+def read_done(path, known_ids):
+    """The complete lines of an earlier run's output, checked against the data."""
+    done = []
+    for lineno, obj in records.read_jsonl(path) if Path(path).exists() else []:
+        if obj.get("id") not in known_ids:
+            raise RecordError(path, lineno, "id", f"{obj.get('id')!r} is not a train instance of the data; "
+                                                  "this file is from another run: move it away")
+        done.append(obj)
+    return done
+
+
+def summarize(train, written, skipped, shortened):
+    """Counts, and per source its drift from the consensus, how often it was a negative and, where
+    labels exist, its accuracy beside the consensus' (macro accuracy, answers.score)."""
+    by_id = {r["id"]: r for r in train}
+    per_source = defaultdict(lambda: {"instances": 0, "negative": 0, "drift": 0.0})
+    preds = defaultdict(lambda: defaultdict(lambda: ([], [])))  # task -> who -> (predictions, labels)
+    for pref in written:
+        record = by_id[pref["id"]]
+        consensus = answers.parse_answer(pref["chosen"])
+        labels = record.get("labels")
+        task = answers.task_of(labels) if labels else None
+        if task:
+            preds[task]["consensus"][0].append(consensus)
+            preds[task]["consensus"][1].append(labels)
+        for traj, answer in zip(record["trajectories"], record["_answers"]):
+            stats = per_source[traj["source"]]
+            stats["instances"] += 1
+            stats["drift"] += answers.answer_distance(answer, consensus)
+            if task:
+                preds[task][traj["source"]][0].append(answer)
+                preds[task][traj["source"]][1].append(labels)
+        for source in pref["rejected_sources"]:
+            per_source[source]["negative"] += 1
+    accuracy = {task: {who: answers.score(p, l)["macro"]["accuracy"] for who, (p, l) in table.items()}
+                for task, table in preds.items()}
+    sources = {}
+    for name in sorted(per_source):
+        s = per_source[name]
+        sources[name] = {"instances": s["instances"], "negative": s["negative"],
+                         "mean_drift": s["drift"] / s["instances"],
+                         "accuracy": {t: a[name] for t, a in accuracy.items() if name in a}}
+    return {
+        "written": len(written),
+        "skipped": {reason: skipped.get(reason, 0) for reason in SKIP_REASONS},
+        "shortened": shortened,
+        "consensus_by": dict(sorted(Counter(p["consensus_by"] for p in written).items())),
+        "sources": sources,
+        "consensus_accuracy": {t: a["consensus"] for t, a in accuracy.items()},
+    }
+
+
+def print_summary(summary):
+    tasks = sorted(summary["consensus_accuracy"])
+    width = max([len("consensus")] + [len(s) for s in summary["sources"]])
+    head = f"{'source':<{width}}  {'negative':>9}  {'mean drift':>10}" + "".join(f"  {'acc ' + t:>13}" for t in tasks)
+    print(head)
+    for name, s in summary["sources"].items():
+        acc = "".join(f"  {s['accuracy'][t]:>13.3f}" if t in s["accuracy"] else f"  {'-':>13}" for t in tasks)
+        print(f"{name:<{width}}  {s['negative']:>4}/{s['instances']:<4}  {s['mean_drift']:>10.3f}{acc}")
+    if tasks:
+        acc = "".join(f"  {summary['consensus_accuracy'][t]:>13.3f}" for t in tasks)
+        print(f"{'consensus':<{width}}  {'':>9}  {'':>10}{acc}")
+    print("(labels are only reported here, never used)" if tasks else "(no labels: accuracy not reported)")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except RecordError as e:
+        records.fail(str(e))
+
+
+def run(args):
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object, set_seed
+    from tqdm.auto import tqdm
+
+    accelerator = Accelerator()
+    is_main = accelerator.is_main_process
+
+    # Data: every line is validated before a model is loaded; only train instances get preferences.
+    template = load_template(args.prompt_file)
+    data = records.load_instances(args.data, require_trajectories=True)
+    train = [r for r in data if r["split"] == "train"]
+    if not train:
+        raise RecordError(args.data, None, "split", "no instance of split train")
+    skips = {}  # id -> reason
+    for record in train:
+        record["trajectories"] = [t for t in record["trajectories"] if t["text"].strip()]
+        record["_answers"] = [answers.parse_answer(t["text"]) for t in record["trajectories"]]
+        record["_order"] = response_order(record["id"], len(record["trajectories"]), args.seed)
+        if not record["trajectories"]:
+            skips[record["id"]] = "no trajectories"
+
+    # Model and prompts (model modes): each process holds the whole model and generates its share.
+    prompts, shortened = {}, 0
+    if args.consensus != "vote":
+        import transformers
+
+        import modeling
+
+        transformers.utils.logging.disable_progress_bar()
+        try:
+            processor = modeling.load_processor(args.model)
+            model = modeling.load_model(args.model, dtype=modeling.default_dtype(accelerator))
+        except (OSError, ValueError) as e:
+            raise RecordError(args.model, None, None, f"cannot load the model ({e})") from None
+        model.to(accelerator.device).eval()
+        tok = modeling.tokenizer_of(processor)
+        budget = args.max_prompt_tokens or model.config.get_text_config().max_position_embeddings - args.max_new_tokens
+        saved = []
+        for record in tqdm(train, desc="prompts", disable=not is_main):
+            if record["id"] in skips:
+                continue
+            task = task_hint(record["_answers"])
+
+            def build(texts, record=record, task=task):
+                return render_prompt(template, record["prompt"], texts, task)
+
+            count = token_counter(processor, record, args.data)
+            texts = [record["trajectories"][i]["text"] for i in record["_order"]]
+            prompt, cut = fit_prompt(build, count, texts, budget, tok)
+            shortened += cut
+            if prompt is None:
+                skips[record["id"]] = "prompt too long"
+                continue
+            prompts[record["id"]] = prompt
+            chat = modeling.prompt_text(processor, consensus_chat(record, prompt))
+            saved.append({"id": record["id"], "prompt": chat, "tokens": count(prompt), "shortened": cut})
+        if args.save_prompts and is_main:
+            records.write_jsonl_atomic(args.save_prompts, saved)
+
+    # Resume: what an earlier run wrote or skipped is settled; the main process cuts torn tails first.
+    known = {r["id"] for r in train}
+    if is_main:
+        out_file = records.JsonlAppender(args.out)
+        skip_file = records.JsonlAppender(skipped_path(args.out))
+        listed = {r["id"] for r in read_done(skipped_path(args.out), known)}
+        for record in train:
+            if record["id"] in skips and record["id"] not in listed:
+                skip_file.write({"id": record["id"], "reason": skips[record["id"]]})
+    accelerator.wait_for_everyone()
+    settled = {r["id"] for r in read_done(args.out, known) + read_done(skipped_path(args.out), known)}
+    accelerator.wait_for_everyone()  # nobody appends while another process still reads
+
+    # Loop: fixed rounds of batch_size prompts per process, so a resumed run generates exactly the
+    # batches an uninterrupted one would; each consensus is made by one process and gathered once.
+    todo = [r for r in train if r["id"] not in skips]
+    round_size = args.batch_size * accelerator.num_processes
+    progress = tqdm(total=len(todo), initial=sum(r["id"] in settled for r in todo), desc="consensus",
+                    disable=not is_main)
+    for start in range(0, len(todo), round_size):
+        batch = todo[start:start + round_size]
+        if all(r["id"] in settled for r in batch):
+            continue
+        generated = {}
+        if prompts:
+            set_seed(args.seed + start, device_specific=True)
+            with accelerator.split_between_processes(batch) as share:
+                texts = modeling.generate(model, processor, share, data_path=args.data, batch_size=args.batch_size,
+                                          max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                          top_p=args.top_p, prompt_fn=lambda r: consensus_chat(r, prompts[r["id"]]))
+            pairs = gather_object([(r["id"], text) for r, text in zip(share, texts)])
+            generated = dict(pairs)
+            assert len(pairs) == len(generated) == len(batch), "each consensus must be gathered exactly once"
+        if is_main:
+            for record in batch:
+                if record["id"] in settled:
+                    continue
+                result = settle(record, generated.get(record["id"]), args)
+                if isinstance(result, str):
+                    skip_file.write({"id": record["id"], "reason": result})
+                else:
+                    out_file.write(result)
+            progress.update(sum(r["id"] not in settled for r in batch))
+    progress.close()
+    accelerator.wait_for_everyone()
+    if not is_main:
+        return
+
+    # Outputs: the final files in input order (a resumed run may have appended out of order).
+    out_file.close()
+    skip_file.close()
+    order = {r["id"]: i for i, r in enumerate(train)}
+    lines = read_done(args.out, known)
+    written = sorted({r["id"]: r for r in reversed(lines)}.values(), key=lambda r: order[r["id"]])
+    skipped = sorted({r["id"]: r for r in reversed(read_done(skipped_path(args.out), known))}.values(),
+                     key=lambda r: order[r["id"]])
+    if [r["id"] for r in lines] != [r["id"] for r in written]:
+        records.write_jsonl_atomic(args.out, written)
+    if skipped:
+        records.write_jsonl_atomic(skipped_path(args.out), skipped)
+    else:
+        skipped_path(args.out).unlink(missing_ok=True)
+
+    summary = summarize(train, written, Counter(r["reason"] for r in skipped), shortened)
+    summary["processes"] = accelerator.num_processes
+    print_summary(summary)
+    if args.summary:
+        records.write_json_atomic(args.summary, summary)
+    skipped_text = ", ".join(f"{n} {reason}" for reason, n in summary["skipped"].items() if n) or "none"
+    fallbacks = sum(n for by, n in summary["consensus_by"].items() if by.startswith("vote:"))
+    line = (f"consensus ({args.consensus}, negatives {args.negatives}): {len(written)} preferences written to "
+            f"{args.out}, {len(skipped)} instances skipped ({skipped_text})")
+    if args.consensus != "vote":
+        line += f", {shortened} shortened, {fallbacks} fell back to the vote"
+    print(line)
+    if not written:
+        records.fail(f"{args.data}: no preference written: every train instance was skipped ({skipped_text})")
+
+
+if __name__ == "__main__":
+    main()
