@@ -204,6 +204,9 @@ class ResponseLogps(nn.Module):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        # FSDP's auto-wrap policy reads the layer classes to shard from the module it wraps: without
+        # this, a wrapped ResponseLogps would be one unsharded unit.
+        self._no_split_modules = getattr(model, "_no_split_modules", None)
 
     def forward(self, input_ids, attention_mask, labels, **vision):
         base = getattr(self.model, self.model.base_model_prefix)
