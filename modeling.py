@@ -37,9 +37,14 @@ def is_vision_model(path):
 
 def load_processor(path):
     """The processor of a VLM or the tokenizer of a text model, padded on the left for generation."""
-    from transformers import AutoProcessor, AutoTokenizer
+    if is_vision_model(path):
+        from transformers import AutoProcessor  # imports the image stack (torchvision, ~5 s CPU): VLMs only
 
-    processor = AutoProcessor.from_pretrained(path) if is_vision_model(path) else AutoTokenizer.from_pretrained(path)
+        processor = AutoProcessor.from_pretrained(path)
+    else:
+        from transformers import AutoTokenizer
+
+        processor = AutoTokenizer.from_pretrained(path)
     tok = tokenizer_of(processor)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

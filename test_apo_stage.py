@@ -1,0 +1,302 @@
+"""Tests of apo.py, stage 4: training, the reference cache, exact resume, 2 processes, the VLM path,
+bad input, the NaN guard and the shared-prompt forward.
+
+Real runs of the script in subprocesses on tiny real models (conftest.py) and a hand-written
+preference file. The runs the tests compare share module-scoped fixtures, so each runs once.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import apo
+import modeling
+import tiny_models
+from records import file_hash, load_preferences
+
+ROOT = Path(__file__).resolve().parent
+
+# K = 1, 2, 3, 2 negatives; drift orders the negatives kept by --max-negatives.
+PREFERENCES = [
+    {"id": "a", "prompt": "The cardiac silhouette is enlarged. What do you see?",
+     "chosen": "The heart is enlarged.\nAnswer: Cardiomegaly",
+     "rejected": ["No acute findings.\nAnswer: No Finding"], "drift": [1.0]},
+    {"id": "b", "prompt": "There is blunting of the costophrenic angle.", "system": "You are a careful radiologist.",
+     "chosen": "Blunted angle means fluid.\nAnswer: Pleural Effusion",
+     "rejected": ["Answer: Pneumothorax", "The lungs are clear.\nAnswer: No Finding"],
+     "rejected_sources": ["s1", "s2"], "drift": [0.5, 1.0]},
+    {"id": "c", "prompt": "A retrocardiac opacity is seen.", "chosen": "Opacity behind the heart.\nAnswer: Atelectasis",
+     "rejected": ["Answer: Pneumonia", "Answer: Consolidation", "Answer: No Finding"], "drift": [0.3, 0.3, 1.0]},
+    {"id": "d", "prompt": "No pneumothorax is seen. The cardiac silhouette is normal.",
+     "chosen": "Normal study.\nAnswer: No Finding", "rejected": ["Answer: Pneumothorax", "Answer: Cardiomegaly"]},
+]
+# A prompt that leaves no room under --max-length 256: skipped and counted, never a crash.
+TOO_LONG = {"id": "long", "prompt": "The cardiac silhouette is enlarged. " * 200, "chosen": "Answer: Cardiomegaly",
+            "rejected": ["Answer: No Finding"]}
+START_LOSS = sum(math.log(1 + len(p["rejected"])) for p in PREFERENCES) / len(PREFERENCES)
+
+# One global micro-batch of 2 instances, 2 of them per step: every step sees all 4 instances.
+TRAIN = ["--max-length", "256", "--grad-accum", "2", "--max-steps", "6", "--lr", "1e-3", "--schedule", "constant",
+         "--warmup", "0", "--save-every", "3"]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def env(**extra):
+    # One thread per process: the CI box has 2 cores and the 2-process test runs two of us.
+    e = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    e.pop("ACCELERATE_USE_CPU", None)
+    return dict(e, **extra)
+
+
+def run_apo(*args, launcher=(), extra_env=None, check=True):
+    proc = subprocess.run([*launcher, *([] if launcher else [sys.executable]), "apo.py", *map(str, args)], cwd=ROOT,
+                          env=env(**(extra_env or {})), capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"apo.py exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_weights(a, b, atol):
+    wa, wb = load_file(str(Path(a) / "model.safetensors")), load_file(str(Path(b) / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=atol, rtol=1e-4, msg=name)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "preferences.jsonl", PREFERENCES + [TOO_LONG])
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_text_model, data, tmp_path_factory):
+    """6 uninterrupted steps in one process, 2 instances per micro-batch."""
+    out = tmp_path_factory.mktemp("straight")
+    proc = run_apo("--model", tiny_text_model, "--data", data, "--out", out, "--batch-size", 2, *TRAIN)
+    return out, proc
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def test_training_raises_margin_and_writes_a_loadable_model(tiny_text_model, data, straight):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, proc = straight
+    assert "apo: 6 steps on 4 preferences (1 skipped: prompt too long" in proc.stdout
+    assert "reference log-probs: computed" in proc.stdout
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert set(rows[0]) >= {"loss", "reward_accuracy", "margin", "chosen_reward", "rejected_reward", "chosen_logp",
+                            "lr", "tokens_per_s", "grad_norm"}
+    # Before the first update the policy IS the reference: every reward is 0, P = 1 / (1 + K).
+    assert rows[0]["loss"] == pytest.approx(START_LOSS, abs=1e-5)
+    assert rows[0]["margin"] == pytest.approx(0, abs=1e-5) and rows[0]["reward_accuracy"] == 0
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+    # Re-measure the training batch: the final folder (plain from_pretrained) against the cache.
+    final = AutoModelForCausalLM.from_pretrained(out)
+    AutoTokenizer.from_pretrained(out)
+    initial = AutoModelForCausalLM.from_pretrained(tiny_text_model)
+    processor = modeling.load_processor(tiny_text_model)
+    examples = apo.build_examples(load_preferences(data)[:4], None, data)
+    batch = apo.make_batch([modeling.encode(processor, ex.record, apo.responses_of(ex), 256) for ex in examples],
+                           modeling.tokenizer_of(processor).pad_token_id, share_prompt=False)
+    with torch.no_grad():
+        pc, pr, mask, _ = apo.response_logps(modeling.ResponseLogps(final), batch, "cpu")
+        rc, rr, _, _ = apo.response_logps(modeling.ResponseLogps(initial), batch, "cpu")
+    cache = load_file(str(out / apo.REFERENCE_FILE))
+    torch.testing.assert_close(cache["chosen"], rc, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(cache["rejected"][mask], rr[mask], atol=1e-4, rtol=1e-5)
+    assert cache["num_negatives"].tolist() == [1, 2, 3, 2] and cache["line"].tolist() == [1, 2, 3, 4]
+    _, chosen_r, rejected_r = apo.apo_loss(pc, pr, rc, rr, beta=0.1, rejected_mask=mask)
+    margin = chosen_r - rejected_r.masked_fill(~mask, float("-inf")).max(1).values
+    assert (margin > 0).all(), margin  # it was exactly 0 for every instance at the start
+    assert margin.mean() > 0.05
+
+
+def test_reference_cache_reused_and_recomputed(tiny_text_model, tmp_path):
+    data = write_jsonl(tmp_path / "preferences.jsonl", PREFERENCES)
+    out = tmp_path / "out"
+    cache = out / apo.REFERENCE_FILE
+    common = ("--model", tiny_text_model, "--data", data, "--out", out, "--reference-only")
+
+    assert "reference log-probs computed for 4 preferences" in run_apo(*common).stdout
+    first = cache.stat().st_mtime_ns
+    with safe_open(str(cache), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["data_sha256"] == file_hash(data) and meta["max_length"] == "4096"
+    assert meta["model"] == str(Path(tiny_text_model).resolve()) and meta["version"] == apo.REFERENCE_VERSION
+
+    assert "reference log-probs reused" in run_apo(*common).stdout
+    assert cache.stat().st_mtime_ns == first  # not rewritten
+
+    write_jsonl(data, PREFERENCES[:3] + [dict(PREFERENCES[3], chosen="Answer: No Finding")])
+    assert "reference log-probs computed" in run_apo(*common).stdout
+    with safe_open(str(cache), framework="pt") as f:
+        assert f.metadata()["data_sha256"] == file_hash(data)
+
+
+def test_sigkill_then_rerun_resumes_to_the_same_weights(tiny_text_model, data, straight, tmp_path):
+    out = tmp_path / "killed"
+    common = ("--model", tiny_text_model, "--data", data, "--out", out, "--batch-size", 2, *TRAIN)
+    # Killed right after the first micro-batch of step 4 (global micro-batch 6), a checkpoint at step 3.
+    killed = run_apo(*common, extra_env={apo.KILL_ENV: "6"}, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-3"]
+    assert not (out / "model.safetensors").exists()
+    cached = (out / apo.REFERENCE_FILE).stat().st_mtime_ns
+
+    resumed = run_apo(*common)
+    assert "reference log-probs: reused" in resumed.stdout and "resuming from step 3" in resumed.stdout
+    assert (out / apo.REFERENCE_FILE).stat().st_mtime_ns == cached
+    assert_same_weights(straight[0], out, atol=1e-6)
+    straight_rows, resumed_rows = metrics(straight[0]), metrics(out)
+    assert [r["step"] for r in resumed_rows] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(straight_rows, resumed_rows):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
+
+
+def test_two_processes_match_one(tiny_text_model, data, straight, tmp_path):
+    out = tmp_path / "ddp"
+    # `--cpu` alone makes accelerate launch run one process; --multi_gpu with ACCELERATE_USE_CPU
+    # starts 2 processes that talk over gloo on the CPU.
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no")
+    # 1 instance per process x 2 processes: the same global micro-batch as the straight run's 2.
+    proc = run_apo("--model", tiny_text_model, "--data", data, "--out", out, "--batch-size", 1, *TRAIN,
+                   launcher=launcher, extra_env={"ACCELERATE_USE_CPU": "1"})
+    assert "(1 x 2 processes x 2 accumulation)" in proc.stdout
+    for a, b in zip(metrics(straight[0]), metrics(out), strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+        assert b["margin"] == pytest.approx(a["margin"], abs=1e-5)
+    # The reference pass is sharded over the processes and summed: same cache as one process.
+    ref1, ref2 = load_file(str(straight[0] / apo.REFERENCE_FILE)), load_file(str(out / apo.REFERENCE_FILE))
+    for name in ref1:
+        torch.testing.assert_close(ref2[name], ref1[name], atol=1e-4, rtol=1e-5)
+    assert_same_weights(straight[0], out, atol=1e-5)
+
+
+def test_vlm_path_with_an_image(tiny_vl_model, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    tiny_models.write_test_image(tmp_path / "cxr.png", seed=1)
+    tiny_models.write_test_image(tmp_path / "prior.png", seed=2)
+    rows = [dict(PREFERENCES[0], images=["cxr.png"]), dict(PREFERENCES[1], images=["cxr.png", "prior.png"]),
+            PREFERENCES[2]]  # a text-only instance in a VLM run
+    data = write_jsonl(tmp_path / "preferences.jsonl", rows)
+    out = tmp_path / "out"
+    proc = run_apo("--model", tiny_vl_model, "--data", data, "--out", out, "--batch-size", 3, "--grad-accum", 1,
+                   "--max-steps", 2, "--lr", "1e-3")
+    assert "apo: 2 steps on 3 preferences" in proc.stdout
+    first = metrics(out)[0]
+    assert first["loss"] == pytest.approx((math.log(2) + math.log(3) + math.log(4)) / 3, abs=1e-5)
+    assert load_file(str(out / apo.REFERENCE_FILE))["num_negatives"].tolist() == [1, 2, 3]
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    assert "vision_config" in model.config.to_dict()
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input and faults
+
+
+@pytest.mark.parametrize("bad, field", [
+    (dict(PREFERENCES[1], rejected=[], drift=None, rejected_sources=None), "rejected"),
+    (dict(PREFERENCES[1], images=["cxr.png"]), "images"),  # a text model cannot read images
+])
+def test_bad_preference_names_file_line_field(tiny_text_model, tmp_path, bad, field):
+    tiny_models.write_test_image(tmp_path / "cxr.png")
+    data = write_jsonl(tmp_path / "preferences.jsonl", [PREFERENCES[0], bad, PREFERENCES[2]])
+    proc = run_apo("--model", tiny_text_model, "--data", data, "--out", tmp_path / "out", check=False)
+    assert proc.returncode == 2
+    assert f"error: {data}:2: field '{field}':" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_nan_loss_stops_with_the_last_checkpoint_intact(tiny_text_model, data, tmp_path):
+    out = tmp_path / "out"
+    # lr 1e30 blows the weights up in step 1, so step 2's loss is NaN.
+    proc = run_apo("--model", tiny_text_model, "--data", data, "--out", out, "--batch-size", 2, "--grad-accum", 2,
+                   "--max-length", 256, "--max-steps", 4, "--lr", "1e30", "--warmup", 0, "--save-every", 1,
+                   check=False)
+    assert proc.returncode == 1
+    assert "error: loss is nan at step 2; stopping" in proc.stderr and "Traceback" not in proc.stderr
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-1"]
+    assert json.loads((out / "checkpoints/step-1/trainer_state.json").read_text())["step"] == 1
+    assert all(torch.isfinite(t).all() for t in load_file(str(out / "checkpoints/step-1/model.safetensors")).values())
+    assert not (out / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces
+
+
+def test_max_negatives_keeps_the_most_drifted_first():
+    record = {"rejected": ["a", "b", "c", "d"], "drift": [0.2, 0.9, 0.2, 0.5], "_line": 7}
+    assert apo.select_negatives(record, 2, "p.jsonl") == [1, 3]
+    assert apo.select_negatives(record, None, "p.jsonl") == [1, 3, 0, 2]  # ties keep file order
+    assert apo.select_negatives({"rejected": ["a", "b", "c"], "_line": 1}, 2, "p.jsonl") == [0, 1]
+    with pytest.raises(apo.RecordError, match=r"p.jsonl:7: field 'drift'"):
+        apo.select_negatives(dict(record, drift=["x", 1, 1, 1]), 2, "p.jsonl")
+
+
+def test_split_rows_masks_missing_negatives():
+    values = torch.tensor([10.0, 11.0, 20.0, 21.0, 22.0, 23.0, 30.0, 31.0])  # K = 1, 3, 1
+    chosen, rejected, mask = apo.split_rows(values, torch.tensor([1, 3, 1]))
+    assert chosen.tolist() == [10.0, 20.0, 30.0]
+    assert mask.tolist() == [[True, False, False], [True, True, True], [True, False, False]]
+    assert rejected[mask].tolist() == [11.0, 21.0, 22.0, 23.0, 31.0]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_prompt_equals_separate_forwards(tiny_text_model, tmp_path, attention):
+    """Log-probs AND gradients of the packed shared-prompt forward equal one row per response."""
+    processor = modeling.load_processor(tiny_text_model)
+    data = write_jsonl(tmp_path / "p.jsonl", PREFERENCES)
+    examples = apo.build_examples(load_preferences(data), None, data)
+    encoded = [modeling.encode(processor, ex.record, apo.responses_of(ex), 4096) for ex in examples]
+    pad_id = modeling.tokenizer_of(processor).pad_token_id
+    model = modeling.load_model(tiny_text_model)
+    model.set_attn_implementation(attention)
+    results = []
+    for share_prompt, module in ((False, modeling.ResponseLogps(model, chunk_size=7)),
+                                 (True, apo.SharedPromptLogps(model, chunk_size=7))):
+        model.zero_grad()
+        batch = apo.make_batch(encoded, pad_id, share_prompt)
+        logps, counts = module(**batch["inputs"])
+        # Uneven weights per row, so a row mixed up with another would show.
+        (logps * torch.arange(1, len(logps) + 1)).sum().backward()
+        results.append((logps.detach(), counts, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (separate, n_separate, g_separate), (shared, n_shared, g_shared) = results
+    assert len(separate) == sum(1 + len(p["rejected"]) for p in PREFERENCES)
+    assert torch.equal(n_separate, n_shared)
+    torch.testing.assert_close(shared, separate, atol=1e-4, rtol=1e-6)
+    for name, grad in g_separate.items():
+        torch.testing.assert_close(g_shared[name], grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_share_prompt_run_starts_at_the_reference(tiny_text_model, data, tmp_path):
+    out = tmp_path / "out"
+    run_apo("--model", tiny_text_model, "--data", data, "--out", out, "--batch-size", 2, "--grad-accum", 2,
+            "--max-length", 256, "--max-steps", 2, "--lr", "1e-3", "--share-prompt")
+    assert metrics(out)[0]["loss"] == pytest.approx(START_LOSS, abs=1e-5)
+    with safe_open(str(out / apo.REFERENCE_FILE), framework="pt") as f:
+        assert f.metadata()["share_prompt"] == "True"
