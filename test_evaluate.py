@@ -14,7 +14,7 @@ import pytest
 import evaluate
 from answers import FINDINGS, parse_answer, task_of
 from records import file_hash
-from tiny_models import write_test_image
+from tiny_models import build_scripted_model, write_test_image
 
 REPO = Path(__file__).resolve().parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -301,6 +301,11 @@ def test_bad_input_exits_2_with_a_clear_message(tmp_path, capsys, tiny_text_mode
     assert "model name(s) ['A'] are also source names" in fails(capsys, "--models", f"A={tiny_text_model}",
                                                                 "--data", data, "--out", out)
 
+    not_utf8 = tmp_path / "latin1.jsonl"
+    not_utf8.write_bytes(b'{"id": "a", "split": "test", "prompt": "p", "labels": {}}\n{"id": "b", "prompt": "\xff"}\n')
+    assert fails(capsys, "--sources-only", "--data", not_utf8, "--out", out).startswith(
+        f"error: {not_utf8}:2: not UTF-8 (invalid start byte")
+
     write_test_image(tmp_path / "x.png")
     with_image = write_jsonl(tmp_path / "img.jsonl", [{"id": "t", "split": "test", "prompt": "p", "images": ["x.png"],
                                                        "labels": {}}])
@@ -329,6 +334,25 @@ def test_predictions_of_other_weights_are_never_reused(text_run, tmp_path, capsy
     assert "models.json: corrupt" in fails(capsys, "--models", text_run["command"][1], "--data", data, "--out", out)
 
 
+def test_model_scores_exact_with_a_scripted_model(tmp_path, capsys):
+    """A model that answers "Answer: Edema" to everything: its row has numbers fixed by hand."""
+    model = build_scripted_model(tmp_path / "scripted", "Answer: Edema")
+    data = hand_written(tmp_path / "data.jsonl")
+    evaluate.main(["--models", f"s={model}", "--data", str(data), "--out", str(tmp_path / "out"), *GEN])
+    assert all(p["text"] == "Answer: Edema" for p in lines(tmp_path / "out" / "predictions.jsonl"))
+    s = row(json.loads((tmp_path / "out" / "metrics.json").read_text()), "s")
+    expected = {f: 1.0 for f in FINDINGS} | {"Edema": 0.25, "Cardiomegaly": 0.5, "Pleural Effusion": 0.5,
+                                             "No Finding": 0.75}
+    assert {f: v["accuracy"] for f, v in s["presence"]["per_finding"].items()} == expected
+    edema = s["presence"]["per_finding"]["Edema"]
+    assert (edema["precision"], edema["recall"], edema["f1"]) == (0.25, 1.0, pytest.approx(0.4))
+    assert s["presence"]["macro"] == {"accuracy": pytest.approx(12 / 14), "f1": pytest.approx(0.1)}
+    assert (s["presence"]["unparsed"], s["presence"]["missing"]) == (0, 0)
+    # a presence answer to a change question is of the other task: unparsed, wrong everywhere
+    assert s["change"]["unparsed"] == 3 and s["change"]["macro"]["accuracy"] == 0.0
+    assert "| s | model | 1.000 | 0.500 | 1.000 | 0.250 |" in capsys.readouterr().out
+
+
 def test_rerun_reuses_answers_and_keeps_other_models_lines(text_run, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
@@ -342,11 +366,3 @@ def test_rerun_reuses_answers_and_keeps_other_models_lines(text_run, tmp_path, c
     metrics = json.loads((out / "metrics.json").read_text())
     assert [r["name"] for r in metrics["rows"]] == ["A", "B", "a"]
     assert row(metrics, "a") == row(json.loads((text_run["out"] / "metrics.json").read_text()), "a")
-
-
-def test_bad_input_through_the_cli_has_no_traceback(tmp_path):
-    data = tmp_path / "data.jsonl"
-    data.write_bytes(b'{"id": "a", "split": "test", "prompt": "p", "labels": {}}\n{"id": "b", "prompt": "\xff"}\n')
-    result = run_cli("--sources-only", "--data", data, "--out", tmp_path / "out")
-    assert result.returncode == 2
-    assert result.stderr.strip().startswith(f"error: {data}:2: not UTF-8 (invalid start byte")
