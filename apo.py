@@ -29,7 +29,6 @@ What happens, top to bottom:
 
 import argparse
 import hashlib
-import json
 import os
 import signal
 import sys
@@ -95,7 +94,7 @@ def parse_args(argv=None):
 class Example:
     record: dict
     negatives: list  # indices into record["rejected"], in training order
-    length: int  # tokens over all its (prompt, response) pairs: the cost used to group batches
+    length: int  # forward_length: the cost used to group batches
 
 
 def select_negatives(record, max_negatives, data_path):
@@ -134,7 +133,7 @@ def measure_examples(processor, examples, args, data_path, accelerator):
         except PromptTooLong as e:
             rows.append((i, None, f"{data_path}:{ex.record['_line']}: {e}"))
             continue
-        rows.append((i, sum(len(enc.prompt_ids) + len(r) for r in enc.responses), enc.truncated))
+        rows.append((i, forward_length(enc, args.share_prompt), enc.truncated))
     if accelerator.num_processes > 1:
         rows = gather_object(rows)
     kept, skipped, truncated = [], [], 0
@@ -148,6 +147,12 @@ def measure_examples(processor, examples, args, data_path, accelerator):
     return kept, skipped, truncated
 
 
+def forward_length(encoded, share_prompt):
+    """Tokens an instance puts through the model: the cost that groups batches of similar length."""
+    responses = sum(len(r) for r in encoded.responses)
+    return len(encoded.prompt_ids) * (1 if share_prompt else len(encoded.responses)) + responses
+
+
 def encode_examples(processor, examples, args, data_path):
     # Encoded again when used (cheap next to a forward), so the whole data set's ids and image
     # tensors never sit in memory at once.
@@ -158,7 +163,7 @@ def encode_examples(processor, examples, args, data_path):
 # One forward for all 1 + K responses of each instance
 
 
-class SharedPromptLogps(nn.Module):
+class SharedPromptLogps(ResponseLogps):
     """modeling.ResponseLogps's summed response log-probs, with each prompt encoded once.
 
     An instance is one packed row [prompt, response_0, ..., response_K]. Position ids restart at
@@ -168,11 +173,6 @@ class SharedPromptLogps(nn.Module):
     The first token of every response is predicted from the last prompt position, hence the
     explicit `sources` index instead of a shift.
     """
-
-    def __init__(self, model, chunk_size=1024):
-        super().__init__()
-        self.model = model
-        self.chunk_size = chunk_size
 
     def forward(self, input_ids, segments, position_ids, targets, sources):
         base = getattr(self.model, self.model.base_model_prefix)
@@ -324,12 +324,11 @@ def model_fingerprint(path):
     return h.hexdigest()
 
 
-def reference_key(args, data_sha256, precision):
+def reference_key(config, precision):
     """The metadata a cached reference must match: everything the log-probs depend on."""
-    return {"data_sha256": data_sha256, "model": str(Path(args.model).resolve()),
-            "model_fingerprint": model_fingerprint(args.model), "max_length": str(args.max_length),
-            "max_negatives": str(args.max_negatives), "precision": precision,
-            "share_prompt": str(bool(args.share_prompt)), "version": REFERENCE_VERSION}
+    key = {k: str(config[k]) for k in ("data_sha256", "model", "model_fingerprint", "max_length", "max_negatives",
+                                       "share_prompt")}
+    return dict(key, precision=precision, version=REFERENCE_VERSION)
 
 
 def load_reference(path, key, examples):
@@ -459,14 +458,16 @@ def run(args):
 
     accelerator = training.build_accelerator(
         args, out, find_unused_parameters=vision and not args.freeze_vision and text_only_rows)
-    main = accelerator.is_main_process
+    is_main = accelerator.is_main_process
     training.seed_everything(args.seed)
     data_sha256 = file_hash(data_path)
     config = run_config(args, accelerator, data_sha256)
 
+    training.checkpoint_state(out, config)  # a folder of another run is refused now, not after the reference pass
+
     processor = load_processor(args.model)
     examples, skipped, truncated = measure_examples(processor, examples, args, data_path, accelerator)
-    if main:
+    if is_main:
         for line in skipped:
             print(f"skipped {line}", file=sys.stderr)
     if not examples:
@@ -492,15 +493,15 @@ def run(args):
     module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
 
     # Reference log-probs: from the initial weights, so before a checkpoint's weights are loaded.
-    key = reference_key(args, data_sha256, accelerator.mixed_precision)
+    key = reference_key(config, accelerator.mixed_precision)
     reference_path = out / REFERENCE_FILE
     reference = load_reference(reference_path, key, examples)
     reference_state = "reused"
     if reference is None:
         reference_state = "computed"
-        with tqdm(total=len(examples), desc="reference log-probs", disable=not main) as bar:
+        with tqdm(total=len(examples), desc="reference log-probs", disable=not is_main) as bar:
             reference = compute_reference(accelerator, module, processor, examples, args, data_path, bar)
-        if main:
+        if is_main:
             out.mkdir(parents=True, exist_ok=True)
             save_reference(reference_path, reference, key)
         accelerator.wait_for_everyone()
@@ -559,9 +560,8 @@ def run(args):
                     grad_norm = accelerator.clip_grad_norm_(module.parameters(), args.max_grad_norm or float("inf"))
                     if not torch.isfinite(grad_norm):
                         raise training.NonFiniteLoss(
-                            f"gradient norm is {grad_norm.item()} at step {step + 1}; stopping. The last good "
-                            f"checkpoint in {out / training.CHECKPOINTS} is intact: lower --lr or check the "
-                            f"data, then rerun to resume.")
+                            f"gradient norm is {grad_norm.item()} at step {step + 1}; stopping before the update, "
+                            f"nothing is saved after it: check the data, or lower --lr in a new output folder.")
                     lr = scheduler.get_last_lr()[0]
                     optimizer.step()
                     scheduler.step()

@@ -174,6 +174,13 @@ def test_sigkill_then_rerun_resumes_to_the_same_weights(tiny_text_model, data, s
     for a, b in zip(straight_rows, resumed_rows):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
 
+    # Other data in the same folder is refused at once, before a reference pass could overwrite the cache.
+    other = write_jsonl(tmp_path / "other.jsonl", PREFERENCES[:3])
+    refused = run_apo("--model", tiny_text_model, "--data", other, "--out", out, "--batch-size", 2, *TRAIN,
+                      check=False)
+    assert refused.returncode == 2 and "saved by a run with other settings (data_sha256:" in refused.stderr
+    assert (out / apo.REFERENCE_FILE).stat().st_mtime_ns == cached
+
 
 def test_two_processes_match_one(tiny_text_model, data, straight, tmp_path):
     out = tmp_path / "ddp"

@@ -270,6 +270,16 @@ def resume_from_checkpoint(accelerator, out_dir, config=None):
     checkpoint saved under other settings raises ResumeMismatch before anything is loaded. The
     checkpoint must then carry the config in its state (save_checkpoint(..., dict(config=config))).
     """
+    state = checkpoint_state(out_dir, config)
+    if state is not None:
+        accelerator.load_state(str(checkpoint_dirs(out_dir)[-1]))
+    return state
+
+
+def checkpoint_state(out_dir, config=None):
+    """The latest checkpoint's trainer state (None if there is none), checked against config as
+    resume_from_checkpoint checks it, without loading anything: a stage can refuse a mismatched
+    folder before long work (apo.py's reference pass) rather than after."""
     found = checkpoint_dirs(out_dir)
     if not found:
         return None
@@ -279,7 +289,6 @@ def resume_from_checkpoint(accelerator, out_dir, config=None):
         if diff:
             raise ResumeMismatch(f"{found[-1]} was saved by a run with other settings ({diff}); "
                                  f"rerun with the same settings to resume, or use another output folder")
-    accelerator.load_state(str(found[-1]))
     return state
 
 
