@@ -5,7 +5,8 @@
 
 For every train instance the bootstrapped model reads the question (and its images) and all source
 trajectories, labelled "Response A", "Response B" ... in a seeded shuffled order, and writes one
-consensus trajectory (DESIGN, step 3). The consensus becomes `chosen`, the source trajectories
+consensus trajectory (DESIGN, step 3). The prompt is CONSENSUS_PROMPT in this file (copy it to
+start a --prompt-file); source names and labels never reach it. The consensus becomes `chosen`, the source trajectories
 become `rejected`, each with its `drift`: answers.answer_distance(its answer, the consensus'
 answer), the share of findings on which it departs (1.0 when it has no Answer line).
 
@@ -36,10 +37,16 @@ Long prompts: when the prompt with all trajectories exceeds --max-prompt-tokens,
 cut by the same fraction from the middle of its reasoning, keeping its beginning, its end and its
 final Answer line.
 
+Summary (printed; --summary writes it as JSON): preferences written, skips by reason, shortened
+prompts, where the chosen came from, and per source: how often it was a negative, its mean drift
+(the distance of its answers from the chosen answer, over the written instances) and, where the
+records have labels, its accuracy beside the consensus' (answers.score, macro over findings).
+
 Output: preferences.jsonl (DESIGN) with one extra field, `consensus_by` ("model", "vote",
 "vote:no-answer" or "vote:disagreed": where the chosen came from). Lines are appended as instances
 are done; the same command resumes an interrupted run and the final file equals an uninterrupted
-run's (generation runs in fixed rounds, and an unfinished round is generated again whole). Labels
+run's (generation runs in fixed rounds, and an unfinished round is generated again whole; keep
+--batch-size and the number of processes). Labels
 are passed through and printed beside the sources' accuracies, never used.
 """
 
@@ -450,7 +457,12 @@ def run(args):
             raise RecordError(args.model, None, None, f"cannot load the model ({e})") from None
         model.to(accelerator.device).eval()
         tok = modeling.tokenizer_of(processor)
-        budget = args.max_prompt_tokens or model.config.get_text_config().max_position_embeddings - args.max_new_tokens
+        budget = args.max_prompt_tokens
+        if budget is None:
+            positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+            if positions is None:
+                raise RecordError(args.model, None, None, "config has no max_position_embeddings: give --max-prompt-tokens")
+            budget = positions - args.max_new_tokens
         saved = []
         for record in tqdm(train, desc="prompts", disable=not is_main):
             if record["id"] in skips:
@@ -463,7 +475,7 @@ def run(args):
             count = token_counter(processor, record, args.data)
             texts = [record["trajectories"][i]["text"] for i in record["_order"]]
             prompt, cut = fit_prompt(build, count, texts, budget, tok)
-            shortened += cut
+            shortened += prompt is not None and cut
             if prompt is None:
                 skips[record["id"]] = "prompt too long"
                 continue
@@ -544,7 +556,7 @@ def run(args):
     skipped_text = ", ".join(f"{n} {reason}" for reason, n in summary["skipped"].items() if n) or "none"
     fallbacks = sum(n for by, n in summary["consensus_by"].items() if by.startswith("vote:"))
     line = (f"consensus ({args.consensus}, negatives {args.negatives}): {len(written)} preferences written to "
-            f"{args.out}, {len(skipped)} instances skipped ({skipped_text})")
+            f"{args.out}, " + (f"{len(skipped)} instances skipped ({skipped_text})" if skipped else "none skipped"))
     if args.consensus != "vote":
         line += f", {shortened} shortened, {fallbacks} fell back to the vote"
     print(line)

@@ -53,6 +53,17 @@ def first_in_order(rec_id, candidates, n=3, seed=0):
     return next(i for i in consensus.response_order(rec_id, n, seed) if i in candidates)
 
 
+@pytest.fixture
+def one_thread():
+    """Generation in this process on one thread: on two shared cores, faster than two."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def edema_model(tmp_path_factory):
     """A tiny Qwen2 whose greedy answer to every prompt is "Answer: Edema"."""
@@ -248,7 +259,7 @@ def model_data(tmp_path, long_reasoning=0):
     return write_jsonl(tmp_path / "data" / "traj.jsonl", rows), rows
 
 
-def test_model_mode_prompt_has_no_labels_no_sources_and_shortens(tmp_path, tiny_text_model):
+def test_model_mode_prompt_has_no_labels_no_sources_and_shortens(tmp_path, tiny_text_model, one_thread):
     data, rows = model_data(tmp_path, long_reasoning=40)
     out, prompts = tmp_path / "out" / "prefs.jsonl", tmp_path / "prompts.jsonl"
     budget = 1200
@@ -331,7 +342,7 @@ def test_model_and_model_vote_with_a_scripted_model(tmp_path, edema_model):
     assert not (tmp_path / "m.skipped.jsonl").exists()
 
 
-def test_vl_model_with_an_image_and_output_elsewhere(tmp_path, tiny_vl_model):
+def test_vl_model_with_an_image_and_output_elsewhere(tmp_path, tiny_vl_model, one_thread):
     (tmp_path / "data" / "img").mkdir(parents=True)
     tiny_models.write_test_image(tmp_path / "data" / "img" / "cxr.png")
     rows = [instance("x1", ["The film is hazy. " * 40 + "\nAnswer: Edema", "Clear.\nAnswer: No Finding",
@@ -418,9 +429,9 @@ def many_instances(n):
             for i in range(n)]
 
 
-def test_sigkill_then_the_same_command_resumes(tmp_path, tiny_text_model):
-    data = write_jsonl(tmp_path / "traj.jsonl", many_instances(16))
-    args = ["--model", tiny_text_model, "--data", data, "--max-new-tokens", 32, "--batch-size", 2]
+def test_sigkill_then_the_same_command_resumes(tmp_path, tiny_text_model, one_thread):
+    data = write_jsonl(tmp_path / "traj.jsonl", many_instances(8))
+    args = ["--model", tiny_text_model, "--data", data, "--max-new-tokens", 24, "--batch-size", 2]
     run(*args, "--out", tmp_path / "ref" / "prefs.jsonl")
     reference = (tmp_path / "ref" / "prefs.jsonl").read_bytes()
 
@@ -435,13 +446,13 @@ def test_sigkill_then_the_same_command_resumes(tmp_path, tiny_text_model):
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     partial = out.read_bytes()
-    assert 2 <= partial.count(b"\n") < 16
+    assert 2 <= partial.count(b"\n") < 8
     with open(out, "ab") as f:  # as if killed in the middle of a line
-        f.write(b'{"id": "r15", "prompt": "tor')
+        f.write(b'{"id": "r07", "prompt": "tor')
 
     done = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "16 preferences written" in done.stdout
+    assert "8 preferences written" in done.stdout
     assert out.read_bytes() == reference
 
 
