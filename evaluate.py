@@ -28,6 +28,7 @@ import math
 from pathlib import Path
 
 import torch
+import transformers
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
@@ -218,7 +219,7 @@ def rewrite_in_order(path, rows, model_order, id_order):
 def generate_missing(accelerator, name, path, instances, done, appender, args):
     """Answers of one model for the instances it has not answered yet, shared out across
     processes; every batch is gathered on the main process and appended at once."""
-    todo = [r for r in instances if (name, r["id"]) not in done]
+    todo = [r for r in instances if (name, r["id"]) not in done]  # done: {(model, id)}
     if not todo:
         return 0
     processor = modeling.load_processor(path)
@@ -236,7 +237,7 @@ def generate_missing(accelerator, name, path, instances, done, appender, args):
         if accelerator.is_main_process:
             for row in rows:
                 appender.write(row)
-                done[(name, row["id"])] = row
+                done.add((name, row["id"]))
         bar.update(len(rows))
     bar.close()
     del model
@@ -343,8 +344,6 @@ def summary(rows, tasks, unlabelled, n_sources, n_models, generated, reused, arg
 
 def main(argv=None):
     args = parse_args(argv)
-    import transformers
-
     transformers.utils.logging.disable_progress_bar()
     accelerator = Accelerator()
     set_seed(args.seed)
@@ -365,15 +364,15 @@ def main(argv=None):
         stop(accelerator, str(e))
 
     # The main process alone touches the output files; the others learn from it what is done.
-    shared = [None, {}]
+    shared = [None, set()]
     if accelerator.is_main_process and models:
         try:
             out.mkdir(parents=True, exist_ok=True)
             existing = read_predictions(predictions_path)
             check_manifest(out, models, existing, args)
-            shared = [None, existing]
+            shared = [None, set(existing)]  # the keys only: texts stay on disk
         except RecordError as e:
-            shared = [str(e), {}]
+            shared = [str(e), set()]
     broadcast_object_list(shared)
     if shared[0]:
         stop(accelerator, shared[0])
