@@ -52,11 +52,12 @@ def load_processor(path):
     return processor
 
 
-def load_model(path, dtype=None):
+def load_model(path, dtype=None, device_map=None):
+    """device_map="auto" spreads a model over all visible GPUs (generation with a 72B source)."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     auto = AutoModelForImageTextToText if is_vision_model(path) else AutoModelForCausalLM
-    return auto.from_pretrained(path, dtype=dtype or torch.float32)
+    return auto.from_pretrained(path, dtype=dtype or torch.float32, device_map=device_map)
 
 
 def tokenizer_of(processor):

@@ -129,14 +129,20 @@ def _check_unique(seen, obj, path, lineno):
     seen[obj["id"]] = lineno
 
 
+def check_instance(obj, path, lineno, check_images=True):
+    """One instance checked as load_instances checks each line (id, prompt, system, images, labels,
+    split; split defaults to train), for records built from other formats (collect.py's importers)."""
+    _validate_common(obj, path, lineno, check_images)
+    split = obj.setdefault("split", "train")
+    if split not in SPLITS:
+        raise RecordError(path, lineno, "split", f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
+
+
 def load_instances(path, require_trajectories=False, check_images=True):
     """Instances or trajectories.jsonl, validated whole before anything else runs."""
     records, seen = [], {}
     for lineno, obj in read_jsonl(path):
-        _validate_common(obj, path, lineno, check_images)
-        split = obj.setdefault("split", "train")
-        if split not in SPLITS:
-            raise RecordError(path, lineno, "split", f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
+        check_instance(obj, path, lineno, check_images)
         trajectories = obj.get("trajectories")
         if trajectories is None and require_trajectories:
             raise RecordError(path, lineno, "trajectories", "missing")

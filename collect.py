@@ -1,0 +1,431 @@
+"""Stage 1 of APO — collect: several source models answer the same instances with chain-of-thought
+trajectories, whose disagreements and drift the later stages turn into constraints.
+
+    python collect.py --sources sim:all --n-train 2000 --n-test 500 --out runs/trajectories.jsonl
+    python collect.py --data instances.jsonl --out runs/trajectories.jsonl \\
+        --sources qwen72b=hf:Qwen/Qwen2.5-VL-72B-Instruct gpt5=openai:gpt-5-nano \\
+                  glm=openai:glm-4.5v@https://open.bigmodel.cn/api/paas/v4 \\
+        --api-key-env OPENAI_API_KEY glm=ZHIPUAI_API_KEY
+    python collect.py --import-swift apo_dpo.jsonl --out runs/trajectories.jsonl
+
+Instances come from --data (a JSONL file of id, split, prompt, system, images, labels), from an
+importer, or without either from the drift simulator (simulator.make_instances). The output is
+trajectories.jsonl (DESIGN, "Files between stages"): train then test in input order, each
+instance with the trajectories it had plus one per source, in --sources order.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import answers
+import records
+import sources
+from records import RecordError
+from sources import SourceError
+
+EPILOG = """\
+sources (--sources, each [NAME=]KIND:TARGET; NAME is the trajectories' `source` field):
+  hf:PATH_OR_HUB_ID           local generation (text model or VLM), batched, one model loaded at a
+                              time; a big model is spread over all visible GPUs
+  openai:MODEL[@BASE_URL]     an OpenAI-compatible chat endpoint; the key comes from the variable
+                              named by --api-key-env (a local server may need none)
+  sim:PROFILE | sim:all       the drift simulator's simulated sources (needs labels); profiles:
+                              {profiles}
+
+resume:
+  every finished (instance, source) answer is appended at once to OUT.parts.jsonl; running the
+  same command again after a crash or Ctrl-C skips the pairs already there and asks only the
+  rest. Pairs that failed (API errors after all retries, empty answers) are asked again on the
+  next run. A finished command run again asks nothing and rewrites the same file. Delete
+  OUT.parts.jsonl to ask every source afresh.
+
+exit status: 0 all pairs answered; 2 bad input or options (nothing asked); 3 some pairs failed
+(the file is written without them; run the same command again to retry them); 130 interrupted.
+"""
+
+
+def build_parser():
+    try:
+        import simulator
+
+        profiles = ", ".join(simulator.PROFILES)
+    except ImportError:
+        profiles = "(simulator.py missing)"
+    p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG.format(profiles=profiles),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sources", nargs="+", default=[], metavar="[NAME=]KIND:TARGET",
+                   help="the sources to ask (see below); sim:all is one source per default profile")
+    p.add_argument("--out", required=True, help="trajectories.jsonl to write (and OUT.parts.jsonl, the resume journal)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the simulator's instances and sources and hf sampling (API endpoints are not seeded)")
+
+    data = p.add_argument_group("instances (one of; default: the drift simulator)")
+    origin = data.add_mutually_exclusive_group()
+    origin.add_argument("--data", help="instances JSONL (id, split, prompt, system, images, labels); "
+                                       "trajectories already in it are kept, and not asked again")
+    origin.add_argument("--import-swift", metavar="FILE",
+                        help="ms-swift JSON/JSONL (messages, images, response, rejected_response): the user "
+                             "turn is the prompt, the answers become trajectories")
+    origin.add_argument("--import-jsonl", metavar="FILE",
+                        help="any JSONL dump, one row per (instance, source) or per instance; needs --map")
+    data.add_argument("--map", metavar="FIELD=DUMP_FIELD,...",
+                      help="for --import-jsonl: which dump field holds each record field, e.g. "
+                           "prompt=question,text=response,source=model,id=study_id,images=image_path"
+                           "[,split=…,labels=…,system=…]; dotted names reach nested fields")
+    data.add_argument("--import-source", metavar="NAME",
+                      help="source name for imported answers whose row names none (default: swift-chosen "
+                           "for ms-swift, the file name for --import-jsonl)")
+    data.add_argument("--n-train", type=int, metavar="N", help="simulator: number of train instances (default 1000)")
+    data.add_argument("--n-test", type=int, metavar="N", help="simulator: number of test instances (default 200)")
+    data.add_argument("--sim-task", choices=("presence", "change"), default="presence",
+                      help="simulator: 14-finding presence (MIMIC-CXR) or change over time (MS-CXR-T)")
+    data.add_argument("--sim-profiles", metavar="FILE",
+                      help="JSON file of extra simulator profiles, usable as sim:NAME (and part of sim:all)")
+    data.add_argument("--sim-delay", type=float, default=0.0, metavar="SECONDS",
+                      help="sleep this long per simulated answer, to rehearse API latency and resume")
+
+    gen = p.add_argument_group("generation (hf: always; API sources only get the ones given explicitly, "
+                               "since reasoning models reject temperature and token limits)")
+    gen.add_argument("--max-new-tokens", type=int, metavar="N", help="answer length limit in tokens (hf default 1024; "
+                                                        "sent to APIs as max_completion_tokens)")
+    gen.add_argument("--temperature", type=float, metavar="T", help="sampling temperature; 0 is greedy (hf default 0)")
+    gen.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling threshold (hf default 1.0)")
+    gen.add_argument("--batch-size", type=int, default=8, metavar="N", help="hf: prompts generated together (left padded)")
+
+    api = p.add_argument_group("API sources (openai:)")
+    api.add_argument("--api-key-env", nargs="+", default=["OPENAI_API_KEY"], metavar="[NAME=]VAR",
+                     help="environment variable(s) holding API keys: VAR for every API source, NAME=VAR for "
+                          "the source named NAME (keys are never written anywhere)")
+    api.add_argument("--concurrency", type=int, default=8, metavar="N", help="requests in flight per API source")
+    api.add_argument("--max-retries", type=int, default=5, metavar="N",
+                     help="retries of a request after 429, 5xx, timeouts and refused connections")
+    api.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS", help="seconds before a request counts as timed out")
+    api.add_argument("--backoff", type=float, default=1.0, metavar="SECONDS",
+                     help="first retry delay in seconds, doubled each retry (capped at 60, or the server's "
+                          "Retry-After)")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.map and not args.import_jsonl:
+        p.error("--map goes with --import-jsonl")
+    if args.import_jsonl and not args.map:
+        p.error("--import-jsonl needs --map (e.g. --map prompt=question,text=response,source=model,id=study_id)")
+    if (args.n_train is not None or args.n_test is not None) and (args.data or args.import_swift or args.import_jsonl):
+        p.error("--n-train/--n-test size the simulator's instances; they do not apply to --data or imports")
+    if not args.sources and not (args.import_swift or args.import_jsonl):
+        p.error("nothing to do: name --sources, or import a dump with --import-swift / --import-jsonl")
+    for flag in ("batch_size", "concurrency"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Instances
+
+
+def load_stream(args):
+    """The instances in stream order (train, then test, each in input order) and the file they
+    came from (image paths are relative to it; None for the simulator)."""
+    if args.data:
+        origin, instances = args.data, records.load_instances(args.data)
+    elif args.import_swift:
+        origin, instances = args.import_swift, sources.import_swift(args.import_swift, args.import_source)
+    elif args.import_jsonl:
+        mapping = sources.parse_mapping(args.map)
+        origin, instances = args.import_jsonl, sources.import_mapped(args.import_jsonl, mapping, args.import_source)
+    else:
+        import simulator
+
+        n_train = 1000 if args.n_train is None else args.n_train
+        n_test = 200 if args.n_test is None else args.n_test
+        if n_train < 0 or n_test < 0 or n_train + n_test == 0:
+            raise SourceError("--n-train/--n-test: need at least one instance (and no negative counts)")
+        origin, instances = None, simulator.make_instances(n_train, n_test, args.seed, task=args.sim_task)
+    check_labels(instances, origin)
+    return [r for r in instances if r["split"] == "train"] + [r for r in instances if r["split"] == "test"], origin
+
+
+def check_labels(instances, origin):
+    """Labels must read as answers, or the summary's scoring would fail after hours of collection."""
+    for r in instances:
+        if r.get("labels") is not None:
+            try:
+                answers.normalize(r["labels"])
+            except ValueError as e:
+                raise RecordError(origin, r.get("_line"), "labels", str(e)) from None
+
+
+def check_sources(srcs, instances, origin, key_envs):
+    """Everything a source needs, checked before the first one is asked."""
+    unlabelled = next((r for r in instances if not r.get("labels")), None)
+    if unlabelled is not None and any(s.kind == "sim" for s in srcs):
+        raise RecordError(origin, unlabelled.get("_line"), "labels",
+                          "missing or empty: sim: sources simulate answers from the hidden truth, so every instance "
+                          "needs labels")
+    with_images = sum(bool(r.get("images")) for r in instances)
+    for s in srcs:
+        if s.kind == "hf":
+            try:
+                text_only = sources.is_text_model(s)
+            except OSError as e:
+                raise SourceError(f"{s}: cannot read the model's config ({' '.join(str(e).split())[:300]})") from None
+            if text_only and with_images:
+                raise SourceError(f"{s} is a text model but {with_images} instances have images; name a VLM "
+                                  "(its config has a vision_config) or instances without images")
+        if s.kind == "openai" and api_key(s, key_envs) is None and s.base_url is None \
+                and not os.environ.get("OPENAI_BASE_URL"):
+            raise SourceError(f"{s}: no API key: set ${key_envs.get(s.name, key_envs[None])} "
+                              "(or name another variable with --api-key-env)")
+
+
+def parse_key_envs(entries, srcs):
+    """--api-key-env: {None: default variable, source name: variable}."""
+    out, names = {None: "OPENAI_API_KEY"}, {s.name for s in srcs}
+    for entry in entries:
+        name, eq, var = entry.rpartition("=")
+        if eq and name not in names:
+            raise SourceError(f"--api-key-env {entry!r}: no source is named {name!r}")
+        out[name if eq else None] = var
+    return out
+
+
+def api_key(source, key_envs):
+    return os.environ.get(key_envs.get(source.name, key_envs[None])) or None
+
+
+# ---------------------------------------------------------------------------------------------
+# The journal: one line per finished (instance, source), the resume state
+
+
+def content_key(record, images):
+    """What was asked; a journal answer to an instance since edited is not reused."""
+    asked = json.dumps([record["prompt"], record.get("system"), images], ensure_ascii=False)
+    return hashlib.sha256(asked.encode()).hexdigest()[:16]
+
+
+def lock(path):
+    """Hold an exclusive lock on the journal: two runs on one --out would ask every pair twice."""
+    handle = open(path, "a", encoding="utf-8")
+    try:
+        import fcntl
+
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # no fcntl (Windows): run one collect per --out yourself
+        pass
+    except OSError:
+        raise SourceError(f"another collect.py is writing {path}; wait for it or use another --out") from None
+    return handle
+
+
+def read_journal(path, keys):
+    """{(id, source): text} of the journal's answers that still match their instance."""
+    done = {}
+    for line in records.repair_torn_tail(path):
+        pair = (line.get("id"), line.get("source"))
+        if line.get("text") and keys.get(pair[0]) == line.get("h"):
+            done.setdefault(pair, line["text"])
+    return done
+
+
+# ---------------------------------------------------------------------------------------------
+# Asking
+
+
+def answers_of(source, instances, todo, origin, positions, args, key_envs):
+    """The backend's (id, text, error) stream for the pairs still to do."""
+    todo_records = [r for r in instances if r["id"] in todo]
+    if source.kind == "hf":
+        return sources.hf_answers(
+            source, instances, todo, data_path=origin, batch_size=args.batch_size,
+            max_new_tokens=1024 if args.max_new_tokens is None else args.max_new_tokens,
+            temperature=args.temperature or 0.0, top_p=1.0 if args.top_p is None else args.top_p, seed=args.seed)
+    if source.kind == "openai":
+        request = {k: v for k, v in (("max_completion_tokens", args.max_new_tokens), ("temperature", args.temperature),
+                                     ("top_p", args.top_p)) if v is not None}
+        return sources.openai_answers(source, todo_records, data_path=origin, api_key=api_key(source, key_envs),
+                                      concurrency=args.concurrency, max_retries=args.max_retries,
+                                      timeout=args.timeout, backoff=args.backoff, request=request)
+    return sources.sim_answers(source, todo_records, positions, seed=args.seed, delay=args.sim_delay)
+
+
+def collect(srcs, instances, have, journal, origin, positions, keys, args, key_envs):
+    """Ask every source for the pairs not in `have`, journalling each answer as it arrives.
+
+    Returns the number of answers received and {source name: Counter of failure reasons}.
+    """
+    from tqdm import tqdm
+
+    answered, failures = 0, defaultdict(Counter)
+    for s in srcs:
+        todo = {r["id"] for r in instances if (r["id"], s.name) not in have}
+        if not todo:
+            continue
+        with tqdm(total=len(todo), desc=s.name, unit="answer", dynamic_ncols=True) as bar:
+            for rec_id, text, error in answers_of(s, instances, todo, origin, positions, args, key_envs):
+                line = {"id": rec_id, "source": s.name, "h": keys[rec_id]}
+                if text:
+                    have[(rec_id, s.name)] = text
+                    journal.write({**line, "text": text})
+                    answered += 1
+                else:
+                    failures[s.name][error] += 1
+                    journal.write({**line, "error": error})
+                bar.update(1)
+    return answered, failures
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+
+
+def assemble(instances, srcs, have, origin, out):
+    """The output records: input fields, images relative to OUT's folder, then the trajectories
+    the instance came with followed by one per source in --sources order."""
+    rows = []
+    for r in instances:
+        row = records.public(r)
+        row.pop("trajectories", None)
+        if origin is not None:
+            row["images"] = records.rebase_images(r.get("images") or [], origin, out)
+        given = list(r.get("trajectories") or [])
+        asked = [{"source": s.name, "text": have[(r["id"], s.name)]}
+                 for s in srcs if (r["id"], s.name) in have and not any(t["source"] == s.name for t in given)]
+        row["trajectories"] = given + asked
+        rows.append(row)
+    return rows
+
+
+def accuracy_by_source(rows):
+    """{task: {source: (n, per-finding accuracy, macro, first-third macro, last-third macro)}} over
+    the labelled instances in stream order, each source scored on the instances it answered."""
+    out = {}
+    labelled = [r for r in rows if r.get("labels") is not None]
+    for task in sorted({answers.task_of(r["labels"]) for r in labelled}):
+        stream = [r for r in labelled if answers.task_of(r["labels"]) == task]
+        third = max(1, len(stream) // 3)
+        by_source = defaultdict(list)  # source -> [(position in stream, parsed answer, labels)]
+        for i, r in enumerate(stream):
+            for t in r["trajectories"]:
+                by_source[t["source"]].append((i, answers.parse_answer(t["text"]), r["labels"]))
+        table = {}
+        for name, items in by_source.items():
+            def macro(part):
+                return answers.score([p for _, p, _ in part], [l for _, _, l in part])["macro"]["accuracy"] if part else None
+
+            full = answers.score([p for _, p, _ in items], [l for _, _, l in items])
+            first = [x for x in items if x[0] < third]
+            last = [x for x in items if x[0] >= len(stream) - third]
+            per = {f: v["accuracy"] for f, v in full["per_finding"].items()}
+            table[name] = (len(items), per, full["macro"]["accuracy"], macro(first), macro(last))
+        out[task] = (len(stream), table)
+    return out
+
+
+def print_summary(rows, srcs, failures):
+    names = list(dict.fromkeys([t["source"] for r in rows for t in r["trajectories"]] + [s.name for s in srcs]))
+    count, chars = Counter(), Counter()
+    for r in rows:
+        for t in r["trajectories"]:
+            count[t["source"]] += 1
+            chars[t["source"]] += len(t["text"])
+    asked = {s.name for s in srcs}
+    missing = Counter()
+    for r in rows:
+        got = {t["source"] for t in r["trajectories"]}
+        missing.update(n for n in asked if n not in got)
+    scores = accuracy_by_source(rows)
+    width = max([len(n) for n in names] + [6])
+    fmt = lambda v: "   -  " if v is None else f"{v:6.3f}"  # noqa: E731
+    print(f"\n{'source':<{width}}  written  failed  mean chars" + ("  accuracy  first 1/3  last 1/3" if scores else ""))
+    main_task = max(scores, key=lambda t: scores[t][0]) if scores else None
+    for n in names:
+        line = f"{n:<{width}}  {count[n]:7d}  {missing[n]:6d}  {chars[n] / max(count[n], 1):10.0f}"
+        if main_task and n in scores[main_task][1]:
+            _, _, macro, first, last = scores[main_task][1][n]
+            line += f"    {fmt(macro)}     {fmt(first)}    {fmt(last)}"
+        print(line)
+    for n in names:
+        for reason, k in failures.get(n, Counter()).most_common(3):
+            print(f"  {n}: {k} failed: {reason}")
+    for task, (n_labelled, table) in scores.items():
+        cols = [n for n in names if n in table]
+        if not cols:
+            continue
+        findings = list(table[cols[0]][1])
+        print(f"\nper-finding accuracy ({task}, {n_labelled} labelled instances; accuracy columns above: macro "
+              "over findings, first / last third of the stream)")
+        colw = max([len(c) for c in cols] + [6])
+        fw = max(len(f) for f in findings)
+        print(f"{'finding':<{fw}}  " + "  ".join(f"{c:>{colw}}" for c in cols))
+        for f in findings:
+            print(f"{f:<{fw}}  " + "  ".join(f"{table[c][1].get(f, 0.0):>{colw}.3f}" for c in cols))
+    return sum(missing.values())
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        records.fail("collect.py runs as one process (python collect.py …): an hf: model is spread over all "
+                     "visible GPUs by itself, and one journal must have one writer")
+    out = Path(args.out)
+    journal_path = out.with_name(out.name + ".parts.jsonl")
+    try:
+        srcs = sources.parse_sources(args.sources, args.sim_profiles)
+        key_envs = parse_key_envs(args.api_key_env, srcs)
+        instances, origin = load_stream(args)
+        check_sources(srcs, instances, origin, key_envs)
+        if any(s.kind == "hf" for s in srcs):
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        held = lock(journal_path)
+        output_images = {r["id"]: records.rebase_images(r.get("images") or [], origin, out) if origin else []
+                         for r in instances}
+        keys = {r["id"]: content_key(r, output_images[r["id"]]) for r in instances}
+        have = read_journal(journal_path, keys)
+        reused = len(have)
+        for r in instances:
+            for t in r.get("trajectories") or []:
+                have.setdefault((r["id"], t["source"]), t["text"])
+    except (RecordError, SourceError) as e:
+        records.fail(str(e))
+    positions = {r["id"]: i / max(len(instances) - 1, 1) for i, r in enumerate(instances)}
+    journal = records.JsonlAppender(journal_path)
+    try:
+        answered, failures = collect(srcs, instances, have, journal, origin, positions, keys, args, key_envs)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished answers are kept in {journal_path}; run the same command again to "
+              "continue", file=sys.stderr)
+        raise SystemExit(130)
+    except RuntimeError as e:
+        if "out of memory" not in str(e).lower():
+            raise
+        print(f"error: out of memory ({' '.join(str(e).split())[:200]}); lower --batch-size or --max-new-tokens "
+              f"and run the same command again (finished answers are kept in {journal_path})", file=sys.stderr)
+        raise SystemExit(1)
+    finally:
+        journal.close()
+    rows = assemble(instances, srcs, have, origin, out)
+    records.write_jsonl_atomic(out, rows)
+    held.close()
+    failed = print_summary(rows, srcs, failures)
+    n_train = sum(r["split"] == "train" for r in rows)
+    print(f"\ncollect: {len(rows)} instances ({n_train} train, {len(rows) - n_train} test), "
+          f"{sum(len(r['trajectories']) for r in rows)} trajectories from {len(srcs)} sources -> {out}; "
+          f"{answered} answered this run, {reused} resumed from the journal, {failed} failed"
+          + (" (run the same command again to retry them)" if failed else ""))
+    return 3 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,764 @@
+"""collect.py and sources.py: real tiny models, a real `transformers serve` on loopback, small
+stdlib HTTP servers that misbehave on purpose (429, 5xx, stalls, echoed keys), SIGKILL and resume,
+bad input, and the importers."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+import records
+import simulator
+import sources
+import tiny_models
+from records import RecordError
+
+REPO = Path(__file__).resolve().parent
+SECRET = "sk-test-9f8e7d6c5b4a-SECRET"
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def env_for(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+    # One thread: these models are tiny, and on shared cores two threads only wait on each other.
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.update(extra)
+    return env
+
+
+def run_collect(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "collect.py", *map(str, args)], cwd=REPO, env=env or env_for(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def collect_in_process(capsys, *args):
+    """collect.main in this process (no interpreter start-up): (exit status, stdout, stderr)."""
+    import collect
+
+    try:
+        code = collect.main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def start_collect(*args, env=None):
+    return subprocess.Popen([sys.executable, "collect.py", *map(str, args)], cwd=REPO, env=env or env_for(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def write_jsonl(path, rows):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def journal_of(out):
+    return Path(str(out) + ".parts.jsonl")
+
+
+def answered_lines(out):
+    path = journal_of(out)
+    if not path.exists():
+        return []
+    return [json.loads(l) for l in path.read_text().splitlines() if l.endswith("}") and '"text"' in l]
+
+
+def wait_for(predicate, what, limit=240.0):
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > limit:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.02)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def text_rows(n, prefix="q", split="train"):
+    return [{"id": f"{prefix}{i}", "split": split, "prompt": f"Question {i}: the costophrenic angle is blunted" + "!" * i}
+            for i in range(n)]
+
+
+def completion(text):
+    return {"id": "c", "object": "chat.completion", "created": 0, "model": "m",
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+
+
+def prompt_of(body):
+    content = body["messages"][-1]["content"]
+    return content if isinstance(content, str) else next(p["text"] for p in content if p["type"] == "text")
+
+
+class ChatServer:
+    """A real HTTP server on 127.0.0.1 that speaks just enough of /v1/chat/completions.
+
+    behave(prompt, n, body) -> (status, payload, headers, delay) decides each answer; n counts the
+    requests seen for that prompt so far (1 for the first).
+    """
+
+    def __init__(self, behave):
+        self.behave, self.requests, self.lock = behave, [], threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                prompt = prompt_of(body)
+                with server.lock:
+                    server.requests.append({"prompt": prompt, "auth": self.headers.get("Authorization"), "body": body})
+                    n = sum(r["prompt"] == prompt for r in server.requests)
+                status, payload, headers, delay = server.behave(prompt, n, body)
+                if delay:
+                    time.sleep(delay)
+                data = json.dumps(payload).encode()
+                try:
+                    self.send_response(status)
+                    for k, v in headers.items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def count(self, prompt):
+        return sum(r["prompt"] == prompt for r in self.requests)
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def chat_server():
+    servers = []
+
+    def make(behave):
+        servers.append(ChatServer(behave))
+        return servers[-1]
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+def assert_no_secret(out, result):
+    for text in (result.stdout, result.stderr):
+        assert SECRET not in text
+    for path in (Path(out), journal_of(out)):
+        if path.exists():
+            assert SECRET not in path.read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# source names
+
+
+def test_parse_sources_names_urls_and_expansion():
+    got = sources.parse_sources(["gpt5=openai:gpt-5-nano@https://api.openai.com/v1", "openai:org/model@rev",
+                                 "hf:/models/a=b/", "sim:all", "my-conc=sim:concise"])
+    assert [(s.name, s.kind, s.target, s.base_url) for s in got[:3]] == [
+        ("gpt5", "openai", "gpt-5-nano", "https://api.openai.com/v1"),
+        ("org/model@rev", "openai", "org/model@rev", None),
+        ("/models/a=b", "hf", "/models/a=b/", None)]
+    assert [s.name for s in got[3:]] == list(simulator.PROFILES) + ["my-conc"]
+    assert got[-1].profile is simulator.PROFILES["concise"]
+
+
+@pytest.mark.parametrize("specs, message", [
+    (["hf:a", "hf:a"], "source name 'a' is used twice"),
+    (["x=sim:concise", "x=openai:m"], "source name 'x' is used twice"),
+    (["vllm:model"], "expected [name=]kind:target"),
+    (["hf:"], "nothing after 'hf:'"),
+    (["team=sim:all"], "cannot take one name"),
+    (["sim:nosuch"], "unknown simulator profile 'nosuch'"),
+])
+def test_parse_sources_rejects(specs, message):
+    with pytest.raises(sources.SourceError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        sources.parse_sources(specs)
+
+
+def test_help_documents_every_flag():
+    import collect
+
+    parser = collect.build_parser()
+    for action in parser._actions:
+        assert action.help and action.help.strip(), action.option_strings
+    result = run_collect("--help")
+    assert result.returncode == 0
+    for action in parser._actions:
+        for flag in action.option_strings:
+            assert flag in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# sim: determinism, summary, resume
+
+
+def test_sim_all_is_deterministic_and_matches_the_simulator(tmp_path):
+    out1, out2 = tmp_path / "a" / "t.jsonl", tmp_path / "b" / "t.jsonl"
+    r1 = run_collect("--sources", "sim:all", "--n-train", 24, "--n-test", 6, "--seed", 3, "--out", out1)
+    r2 = run_collect("--sources", "sim:all", "--n-train", 24, "--n-test", 6, "--seed", 3, "--out", out2)
+    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr
+    assert out1.read_bytes() == out2.read_bytes()
+    rows = read_jsonl(out1)
+    instances = simulator.make_instances(24, 6, 3)
+    assert [r["id"] for r in rows] == [r["id"] for r in instances]
+    assert [r["split"] for r in rows] == ["train"] * 24 + ["test"] * 6
+    for i, (row, inst) in enumerate(zip(rows, instances)):
+        assert {k: v for k, v in row.items() if k != "trajectories"} == inst
+        assert row["trajectories"] == [{"source": name, "text": simulator.simulate(p, inst, i / 29, 3)}
+                                       for name, p in simulator.PROFILES.items()]
+    # the summary names every source with its counts, and the drift columns
+    assert "accuracy  first 1/3  last 1/3" in r1.stdout
+    for name in simulator.PROFILES:
+        assert any(line.split()[:3] == [name, "30", "0"] for line in r1.stdout.splitlines()), name
+    assert "per-finding accuracy (presence, 30 labelled instances" in r1.stdout
+    assert "210 answered this run, 0 resumed from the journal, 0 failed" in r1.stdout
+    assert len(read_jsonl(journal_of(out1))) == 210
+    # a finished command run again asks nothing and writes the same bytes
+    before = out1.read_bytes()
+    r3 = run_collect("--sources", "sim:all", "--n-train", 24, "--n-test", 6, "--seed", 3, "--out", out1)
+    assert r3.returncode == 0 and "0 answered this run, 210 resumed from the journal" in r3.stdout
+    assert out1.read_bytes() == before and len(read_jsonl(journal_of(out1))) == 210
+
+
+def test_sigkill_mid_run_then_resume_equals_uninterrupted_run(tmp_path):
+    args = ["--sources", "sim:concise", "sim:sudden", "--n-train", 16, "--n-test", 4, "--seed", 1]
+    clean, killed = tmp_path / "clean" / "t.jsonl", tmp_path / "killed" / "t.jsonl"
+    assert run_collect(*args, "--out", clean).returncode == 0
+    proc = start_collect(*args, "--out", killed, "--sim-delay", 0.1)
+    try:
+        wait_for(lambda: len(answered_lines(killed)) >= 8, "8 journalled answers")
+        # a second run on the same --out is refused while the first holds the journal
+        second = run_collect(*args, "--out", killed)
+        assert second.returncode == 2 and "another collect.py is writing" in second.stderr
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL and not killed.exists()
+    done_before = answered_lines(killed)
+    assert 8 <= len(done_before) < 40
+    with open(journal_of(killed), "a") as f:  # what a kill in the middle of a write leaves
+        f.write('{"id": "sim1-p-train-00015", "source": "conc')
+    resumed = run_collect(*args, "--out", killed)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{40 - len(done_before)} answered this run, {len(done_before)} resumed" in resumed.stdout
+    assert killed.read_bytes() == clean.read_bytes()
+    journal = read_jsonl(journal_of(killed))  # the torn line was cut, each pair is there once
+    assert len(journal) == 40 and len({(l["id"], l["source"]) for l in journal}) == 40
+
+
+def test_edited_instance_is_asked_again_and_given_trajectories_are_kept(tmp_path):
+    instances = simulator.make_instances(5, 1, 0)
+    instances[0]["trajectories"] = [{"source": "concise", "text": "given by the user\nAnswer: No Finding"}]
+    data = write_jsonl(tmp_path / "data.jsonl", instances)
+    out = tmp_path / "t.jsonl"
+    first = run_collect("--data", data, "--sources", "sim:concise", "--out", out)
+    assert first.returncode == 0 and "5 answered this run" in first.stdout
+    assert read_jsonl(out)[0]["trajectories"] == instances[0]["trajectories"]
+    instances[3]["prompt"] += " Also a small left pleural effusion."
+    write_jsonl(data, instances)
+    second = run_collect("--data", data, "--sources", "sim:concise", "--out", out)
+    assert second.returncode == 0 and "1 answered this run, 4 resumed from the journal" in second.stdout
+    rows = read_jsonl(out)
+    assert rows[3]["prompt"].endswith("effusion.")
+    assert rows[3]["trajectories"][0]["text"] == simulator.simulate(simulator.PROFILES["concise"], instances[3], 3 / 5, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# hf: tiny real models through the CLI
+
+
+def expected_hf(model_dir, name, instances, data_file, seed, batch_size, max_new_tokens):
+    """What collect must write: modeling.generate on each fixed batch, seeded per batch."""
+    import torch
+
+    import modeling
+
+    processor, model = modeling.load_processor(model_dir), modeling.load_model(model_dir)
+    out, threads = {}, torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocesses run (env_for)
+    try:
+        for batch in sources.fixed_batches(instances, batch_size):
+            torch.manual_seed(sources.seed_for(seed, name, batch[0]["id"]))
+            texts = modeling.generate(model, processor, batch, data_path=data_file, batch_size=len(batch),
+                                      max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0)
+            out.update({r["id"]: t for r, t in zip(batch, texts)})
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def test_hf_vlm_with_images_matches_generate(tmp_path, tiny_vl_model):
+    (tmp_path / "img").mkdir()
+    tiny_models.write_test_image(tmp_path / "img" / "a.png", seed=1)
+    tiny_models.write_test_image(tmp_path / "img" / "b.png", size=(80, 56), seed=2)
+    rows = [{**r, "system": "Read the chest X-ray.", "images": ["img/a.png" if i % 2 else "img/b.png"]}
+            for i, r in enumerate(text_rows(5))]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    out = tmp_path / "out" / "t.jsonl"
+    result = run_collect("--data", data, "--sources", f"vl=hf:{tiny_vl_model}", "--temperature", 1,
+                         "--max-new-tokens", 8, "--batch-size", 2, "--seed", 5, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "Loading weights" not in result.stderr
+    got = read_jsonl(out)
+    assert [r["images"] for r in got] == [["../img/b.png"], ["../img/a.png"]] * 2 + [["../img/b.png"]]
+    expected = expected_hf(tiny_vl_model, "vl", rows, data, seed=5, batch_size=2, max_new_tokens=8)
+    assert all(expected.values())
+    assert {r["id"]: r["trajectories"] for r in got} == {i: [{"source": "vl", "text": t}] for i, t in expected.items()}
+
+
+def test_hf_text_model_sigkill_resume_is_byte_identical(tmp_path, tiny_text_model):
+    rows = text_rows(20)
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    args = ["--data", data, "--sources", f"txt=hf:{tiny_text_model}", "--temperature", 1, "--max-new-tokens", 16,
+            "--batch-size", 2, "--seed", 7]
+    killed = tmp_path / "killed.jsonl"
+    proc = start_collect(*args, "--out", killed)
+    try:
+        wait_for(lambda: len(answered_lines(killed)) >= 3, "3 journalled answers")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL and not killed.exists()
+    assert len(answered_lines(killed)) < 20
+    resumed = run_collect(*args, "--out", killed)
+    assert resumed.returncode == 0, resumed.stderr
+    # the bytes an uninterrupted run writes: each instance with generate's answer for its batch
+    expected = expected_hf(tiny_text_model, "txt", rows, data, seed=7, batch_size=2, max_new_tokens=16)
+    assert all(expected.values())
+    clean = "".join(json.dumps({**r, "images": [], "trajectories": [{"source": "txt", "text": expected[r["id"]]}]},
+                               ensure_ascii=False) + "\n" for r in rows)
+    assert killed.read_text() == clean
+    assert len(read_jsonl(journal_of(killed))) == 20
+
+
+def test_hf_text_model_refuses_image_instances(tmp_path, tiny_text_model):
+    tiny_models.write_test_image(tmp_path / "a.png")
+    data = write_jsonl(tmp_path / "data.jsonl", [{"id": "a", "prompt": "p", "images": ["a.png"]}])
+    result = run_collect("--data", data, "--sources", f"hf:{tiny_text_model}", "--out", tmp_path / "t.jsonl")
+    assert result.returncode == 2 and "is a text model but 1 instances have images" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# openai: a real `transformers serve` on loopback
+
+
+class Serve:
+    """`transformers serve` on 127.0.0.1 serving local folders (a request's model is the folder)."""
+
+    def __init__(self, port, log):
+        self.port, self.log, self.proc = port, log, None
+        self.url = f"http://127.0.0.1:{port}/v1"
+
+    def start(self):
+        cli = Path(sys.executable).with_name("transformers")
+        command = [str(cli)] if cli.exists() else [sys.executable, "-c", "from transformers.cli.transformers "
+                                                                          "import main; main()"]
+        with open(self.log, "a") as log:
+            self.proc = subprocess.Popen(command + ["serve", "--host", "127.0.0.1", "--port", str(self.port),
+                                                    "--device", "cpu"], env=env_for(), stdout=log, stderr=log)
+        start = time.monotonic()
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"transformers serve exited: {Path(self.log).read_text()[-2000:]}")
+            if time.monotonic() - start > 240:
+                raise RuntimeError("transformers serve did not answer /health within 240 s")
+            time.sleep(0.25)
+
+    def kill(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    def ensure_running(self):
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+
+
+def sampling_copy(src, dst):
+    """The tiny models repeat a newline when greedy, and the server decodes greedily unless the
+    model's generation config samples: a copy that samples (and never stops at once, which would
+    be an empty answer) gives real text to check."""
+    shutil.copytree(src, dst)
+    config_file = Path(dst) / "generation_config.json"
+    config = json.loads(config_file.read_text())
+    config.update(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, min_new_tokens=4)
+    config_file.write_text(json.dumps(config))
+    return str(dst)
+
+
+@pytest.fixture(scope="module")
+def serve(tmp_path_factory, tiny_text_model, tiny_vl_model):
+    root = tmp_path_factory.mktemp("serve")
+    server = Serve(free_port(), root / "serve.log")
+    server.text_model = sampling_copy(tiny_text_model, root / "text")
+    server.vl_model = sampling_copy(tiny_vl_model, root / "vl")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.kill()
+
+
+def test_openai_source_against_transformers_serve(tmp_path, serve):
+    serve.ensure_running()
+    (tmp_path / "img").mkdir()
+    tiny_models.write_test_image(tmp_path / "img" / "x.png", seed=4)
+    text_data = write_jsonl(tmp_path / "text.jsonl", text_rows(6))
+    image_data = write_jsonl(tmp_path / "images.jsonl", [{**r, "images": ["img/x.png"], "system": "Be brief."}
+                                                         for r in text_rows(3, prefix="im")])
+    env = env_for(OPENAI_API_KEY=SECRET)
+    for data, spec in ((text_data, f"tx=openai:{serve.text_model}@{serve.url}"),
+                       (image_data, f"vl=openai:{serve.vl_model}@{serve.url}")):
+        out = tmp_path / (data.stem + "-out.jsonl")
+        result = run_collect("--data", data, "--sources", spec, "--max-new-tokens", 8, "--concurrency", 2,
+                             "--out", out, env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        rows = read_jsonl(out)
+        assert len(rows) == len(read_jsonl(data))
+        name = spec.split("=")[0]
+        assert all(len(r["trajectories"]) == 1 and r["trajectories"][0]["source"] == name
+                   and r["trajectories"][0]["text"] for r in rows)
+        assert_no_secret(out, result)
+
+
+def test_transformers_serve_killed_and_restarted_mid_collection(tmp_path, serve):
+    serve.ensure_running()
+    data = write_jsonl(tmp_path / "data.jsonl", text_rows(30))
+    out = tmp_path / "t.jsonl"
+    args = ["--data", data, "--sources", f"tx=openai:{serve.text_model}@{serve.url}", "--max-new-tokens", 8,
+            "--concurrency", 1, "--max-retries", 12, "--backoff", 0.5, "--timeout", 60, "--out", out]
+    proc = start_collect(*args)
+    try:
+        wait_for(lambda: len(answered_lines(out)) >= 3, "3 answers before the kill")
+        serve.kill()
+        before = answered_lines(out)
+        assert len(before) < 30
+        serve.start()  # collect keeps retrying with backoff meanwhile
+        stdout, stderr = proc.communicate(timeout=420)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stdout + stderr
+    after = answered_lines(out)
+    assert after[: len(before)] == before  # nothing rewritten
+    assert len(after) == 30 and len({l["id"] for l in after}) == 30  # each pair asked once
+    rows = read_jsonl(out)
+    assert [len(r["trajectories"]) for r in rows] == [1] * 30
+    texts = {r["id"]: r["trajectories"][0]["text"] for r in rows}
+    assert all(texts[l["id"]] == l["text"] for l in before)
+    # the finished command again asks nothing: it succeeds with the server down
+    serve.kill()
+    again = run_collect(*args)
+    assert again.returncode == 0 and "0 answered this run, 30 resumed from the journal" in again.stdout
+    assert read_jsonl(out) == rows
+
+
+# ---------------------------------------------------------------------------------------------
+# openai: API faults from small real servers
+
+
+def test_429_is_retried_and_the_key_is_sent_but_never_written(tmp_path, chat_server):
+    def behave(prompt, n, body):
+        if n == 1:
+            return 429, {"error": {"message": "rate limited", "type": "rate_limit"}}, {"Retry-After": "0"}, 0
+        return 200, completion(f"Reasoning about: {prompt}\nAnswer: No Finding"), {}, 0
+
+    server = chat_server(behave)
+    rows = text_rows(5)
+    data, out = write_jsonl(tmp_path / "data.jsonl", rows), tmp_path / "t.jsonl"
+    result = run_collect("--data", data, "--sources", f"api=openai:model-x@{server.url}", "--max-retries", 2,
+                         "--backoff", 0.01, "--temperature", 0.3, "--out", out, env=env_for(OPENAI_API_KEY=SECRET))
+    assert result.returncode == 0, result.stderr
+    assert [server.count(r["prompt"]) for r in rows] == [2] * 5
+    assert {r["auth"] for r in server.requests} == {f"Bearer {SECRET}"}
+    body = server.requests[0]["body"]
+    assert body["model"] == "model-x" and body["temperature"] == 0.3
+    assert "max_completion_tokens" not in body and "top_p" not in body  # only flags given are sent
+    assert [r["trajectories"] for r in read_jsonl(out)] == [
+        [{"source": "api", "text": f"Reasoning about: {r['prompt']}\nAnswer: No Finding"}] for r in rows]
+    assert_no_secret(out, result)
+
+
+def test_stalled_requests_time_out_count_as_failures_and_are_retried_next_run(tmp_path, chat_server):
+    stalled = {"on": True}
+
+    def behave(prompt, n, body):
+        return 200, completion(f"late answer to {prompt}"), {}, 3.0 if stalled["on"] else 0
+
+    server = chat_server(behave)
+    rows = text_rows(3)
+    data, out = write_jsonl(tmp_path / "data.jsonl", rows), tmp_path / "t.jsonl"
+    args = ["--data", data, "--sources", f"slow=openai:m@{server.url}", "--timeout", 0.5, "--max-retries", 1,
+            "--backoff", 0.01, "--out", out]
+    first = run_collect(*args)
+    assert first.returncode == 3, first.stderr
+    assert [server.count(r["prompt"]) for r in rows] == [2] * 3
+    assert "slow: 3 failed: timeout (after 2 attempts)" in first.stdout
+    assert "0 answered this run, 0 resumed from the journal, 3 failed (run the same command again" in first.stdout
+    assert any(line.split()[:3] == ["slow", "0", "3"] for line in first.stdout.splitlines())
+    assert [r["trajectories"] for r in read_jsonl(out)] == [[]] * 3
+    assert [l.get("error") for l in read_jsonl(journal_of(out))] == ["timeout (after 2 attempts)"] * 3
+    stalled["on"] = False
+    second = run_collect(*args)
+    assert second.returncode == 0 and "3 answered this run" in second.stdout
+    assert [r["trajectories"] for r in read_jsonl(out)] == [[{"source": "slow", "text": f"late answer to {r['prompt']}"}]
+                                                          for r in rows]
+
+
+def test_5xx_retried_4xx_not_and_echoed_keys_redacted(tmp_path, chat_server):
+    def behave(prompt, n, body):
+        if "0" in prompt.split(":")[0]:
+            return 503, {"error": {"message": "overloaded"}}, {}, 0
+        if "1" in prompt.split(":")[0]:
+            return 400, {"error": {"message": "image too large"}}, {}, 0
+        if "2" in prompt.split(":")[0]:
+            return 401, {"error": {"message": f"Incorrect API key provided: {SECRET}"}}, {}, 0
+        if "3" in prompt.split(":")[0]:
+            return 200, completion("   "), {}, 0
+        return 200, completion("fine\nAnswer: Edema"), {}, 0
+
+    server = chat_server(behave)
+    rows = text_rows(5)
+    data, out = write_jsonl(tmp_path / "data.jsonl", rows), tmp_path / "t.jsonl"
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    result = run_collect("--data", data, "--sources", f"api=openai:m@{server.url}", f"dead=openai:m@{dead}",
+                         "--max-retries", 2, "--backoff", 0.01, "--out", out, env=env_for(OPENAI_API_KEY=SECRET))
+    assert result.returncode == 3
+    assert [server.count(r["prompt"]) for r in rows] == [3, 1, 1, 1, 1]
+    errors = {(l["id"], l["source"]): l.get("error") for l in read_jsonl(journal_of(out))}
+    assert errors[("q0", "api")].startswith("HTTP 503: ") and errors[("q0", "api")].endswith("(after 3 attempts)")
+    assert errors[("q1", "api")].startswith("HTTP 400: ") and "image too large" in errors[("q1", "api")]
+    assert errors[("q2", "api")].startswith("HTTP 401: ") and "***" in errors[("q2", "api")]
+    assert errors[("q3", "api")] == "empty answer (finish_reason=stop)"
+    assert errors[("q4", "api")] is None
+    assert all(errors[(r["id"], "dead")].startswith("connection error") and
+               errors[(r["id"], "dead")].endswith("(after 3 attempts)") for r in rows)
+    assert [r["trajectories"] for r in read_jsonl(out)] == [[]] * 4 + [[{"source": "api", "text": "fine\nAnswer: Edema"}]]
+    assert_no_secret(out, result)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: exit 2 naming file, line and field, before any source is asked
+
+
+def _png_that_is_text(tmp):
+    (tmp / "fake.png").write_text("not an image")
+    return ["fake.png"]
+
+
+BAD_INPUTS = {
+    "malformed JSON": ([b'{"id": "a", "prompt": "p"}', b'{"id": "b", "prompt": '], 2, None, "malformed JSON"),
+    "missing id": ([b'{"prompt": "p"}'], 1, "id", "missing"),
+    "missing prompt": ([b'{"id": "a"}'], 1, "prompt", "missing"),
+    "empty prompt": ([b'{"id": "a", "prompt": "  "}'], 1, "prompt", "empty"),
+    "duplicate id": ([b'{"id": "a", "prompt": "p"}', b'{"id": "b", "prompt": "p"}', b'{"id": "a", "prompt": "q"}'],
+                     3, "id", "duplicate id 'a' (first on line 1)"),
+    "missing image": ([b'{"id": "a", "prompt": "p", "images": ["nowhere.png"]}'], 1, "images", "no such image file"),
+    "not an image": ([b'{"id": "a", "prompt": "p", "images": ["fake.png"]}'], 1, "images", "not an image file"),
+    "unknown split": ([b'{"id": "a", "prompt": "p", "split": "dev"}'], 1, "split", "unknown split 'dev'"),
+    "non-UTF-8": ([b'{"id": "a", "prompt": "p"}', b'{"id": "b", "prompt": "\xff\xfe"}'], 2, None, "not UTF-8"),
+    "bad labels": ([b'{"id": "a", "prompt": "p", "labels": {"Pleural Effusion": 2}}'], 1, "labels",
+                   "presence value must be 0 or 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_stops_before_any_source_is_asked(tmp_path, chat_server, capsys, case):
+    lines, line, field, message = BAD_INPUTS[case]
+    _png_that_is_text(tmp_path)
+    data = tmp_path / "bad.jsonl"
+    data.write_bytes(b"\n".join(lines) + b"\n")
+    server = chat_server(lambda prompt, n, body: (200, completion("x"), {}, 0))
+    out = tmp_path / "t.jsonl"
+    code, _, err = collect_in_process(capsys, "--data", data, "--sources", f"api=openai:m@{server.url}", "--out", out)
+    assert code == 2
+    where = f"{data}:{line}: " + (f"field '{field}': " if field else "")
+    assert err.startswith(f"error: {where}") and message in err, err
+    assert server.requests == [] and not out.exists() and not journal_of(out).exists()
+
+
+def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_bytes(b'{"id": "a", "prompt": "p"}\n{"id": "b", "prompt": "\xff"}\n')
+    result = run_collect("--data", data, "--sources", "sim:concise", "--out", tmp_path / "t.jsonl")
+    assert result.returncode == 2 and result.stderr.startswith(f"error: {data}:2: not UTF-8")
+    assert "Traceback" not in result.stderr
+
+
+def test_sim_source_needs_labels(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "prompt": "p", "labels": {"No Finding": 1}},
+                                                       {"id": "b", "prompt": "q", "labels": {}}])
+    code, _, err = collect_in_process(capsys, "--data", data, "--sources", "sim:concise", "--out", tmp_path / "t.jsonl")
+    assert code == 2 and err.startswith(f"error: {data}:2: field 'labels': missing or empty: sim: sources")
+
+
+def test_bad_options_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    for args, message in ((["--sources", "hf:a", "hf:a"], "used twice"),
+                          (["--sources", "x=sim:all"], "cannot take one name"),
+                          (["--sources", "sim:concise", "--api-key-env", "nobody=KEY"], "no source is named 'nobody'"),
+                          (["--sources", "openai:gpt-5-nano"], "no API key: set $OPENAI_API_KEY")):
+        code, _, err = collect_in_process(capsys, *args, "--n-train", 3, "--n-test", 0, "--out", tmp_path / "t.jsonl")
+        assert code == 2 and message in err, (args, err)
+
+
+# ---------------------------------------------------------------------------------------------
+# importers
+
+
+SWIFT_ROWS = [
+    {"messages": [{"role": "system", "content": "You are a radiologist."},
+                  {"role": "user", "content": "<image>Which findings are present?"},
+                  {"role": "assistant", "content": "Consensus.\nAnswer: Pleural Effusion"}],
+     "images": ["img/a.png"], "rejected_response": "Bad.\nAnswer: No Finding", "rejected_source": "gpt5"},
+    {"messages": [{"role": "system", "content": "You are a radiologist."},
+                  {"role": "user", "content": "<image>Which findings are present?"},
+                  {"role": "assistant", "content": "Consensus.\nAnswer: Pleural Effusion"}],
+     "images": ["img/a.png"], "rejected_response": "Other.\nAnswer: Edema", "rejected_source": "claude"},
+    {"id": 7, "split": "test", "messages": [{"role": "user", "content": "Second?"}, {"role": "assistant", "content": "A2"}],
+     "rejected_response": ["R1", "R2", "R1"]},
+]
+
+
+def swift_expected(first_id):
+    return [
+        {"id": first_id, "split": "train", "prompt": "Which findings are present?", "images": ["img/a.png"],
+         "system": "You are a radiologist.",
+         "trajectories": [{"source": "swift-chosen", "text": "Consensus.\nAnswer: Pleural Effusion"},
+                          {"source": "gpt5", "text": "Bad.\nAnswer: No Finding"},
+                          {"source": "claude", "text": "Other.\nAnswer: Edema"}]},
+        {"id": "7", "split": "test", "prompt": "Second?", "images": [],
+         "trajectories": [{"source": "swift-chosen", "text": "A2"}, {"source": "swift-rejected", "text": "R1"},
+                          {"source": "swift-rejected-2", "text": "R2"}]},
+    ]
+
+
+def test_import_swift_jsonl_and_json_array(tmp_path):
+    (tmp_path / "img").mkdir()
+    tiny_models.write_test_image(tmp_path / "img" / "a.png")
+    jsonl = write_jsonl(tmp_path / "dpo.jsonl", SWIFT_ROWS)
+    array = tmp_path / "dpo.json"
+    items = [json.dumps(r, indent=1) for r in SWIFT_ROWS]
+    array.write_text("[\n" + ",\n".join(items) + "\n]\n")
+    third_item_line = 2 + len(items[0].splitlines()) + len(items[1].splitlines())
+    a, b = sources.import_swift(jsonl), sources.import_swift(array)
+    assert a[0]["id"].startswith("imp-") and a[0]["id"] == b[0]["id"]
+    assert [records.public(r) for r in a] == swift_expected(a[0]["id"]) == [records.public(r) for r in b]
+    assert [r["_line"] for r in a] == [1, 3] and [r["_line"] for r in b] == [2, third_item_line]
+    # the CLI: images made relative to the output's folder, a name for the chosen answers
+    out = tmp_path / "out" / "t.jsonl"
+    result = run_collect("--import-swift", jsonl, "--import-source", "consensus", "--out", out)
+    assert result.returncode == 0, result.stderr
+    rows = read_jsonl(out)
+    assert rows[0]["images"] == ["../img/a.png"] and rows[1]["split"] == "test"
+    assert [t["source"] for t in rows[0]["trajectories"]] == ["consensus", "gpt5", "claude"]
+
+
+@pytest.mark.parametrize("row, line, field, message", [
+    ({"messages": [{"role": "assistant", "content": "x"}]}, 2, "messages", "no user turn"),
+    ({"messages": [{"role": "user", "content": "q"}]}, 2, "response", "no trajectory"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                   {"role": "user", "content": "again"}]}, 2, "messages", "2 user turns"),
+    ({"messages": [{"role": "user", "content": "q"}], "response": "a", "images": ["missing.png"]}, 2, "images",
+     "no such image file"),
+    ({"messages": [{"role": "user", "content": "q"}], "response": "a", "images": ["http://x/a.png"]}, 2, "images[0]",
+     "is a URL"),
+    ({"messages": [{"role": "user", "content": "q"}], "response": "a", "rejected_response": 3}, 2,
+     "rejected_response", "must be a string or a list"),
+])
+def test_import_swift_errors_name_file_line_field(tmp_path, row, line, field, message):
+    path = write_jsonl(tmp_path / "s.jsonl", [SWIFT_ROWS[2], row])
+    with pytest.raises(RecordError) as e:
+        sources.import_swift(path)
+    assert str(e.value).startswith(f"{path}:{line}: field '{field}': ") and message in str(e.value)
+
+
+def test_import_mapped_jsonl_groups_rows_and_scores_sources(tmp_path):
+    (tmp_path / "img").mkdir()
+    tiny_models.write_test_image(tmp_path / "img" / "a.png")
+    pe, normal = {"Pleural Effusion": 1}, {}
+    dump = write_jsonl(tmp_path / "cxrmax.jsonl", [
+        {"study": {"id": "s1"}, "question": "Q1", "image": "img/a.png", "model": "gpt5", "gt": pe,
+         "response": "Blunted angle.\nAnswer: Pleural Effusion"},
+        {"study": {"id": "s1"}, "question": "Q1", "image": "img/a.png", "model": "claude", "gt": pe,
+         "response": "Looks clear.\nAnswer: No Finding"},
+        {"study": {"id": "s2"}, "question": "Q2", "image": "img/a.png", "model": "gpt5", "gt": normal,
+         "response": "Answer: No Finding", "split": "test"},
+        {"study": {"id": "s2"}, "question": "Q2", "image": "img/a.png", "model": "claude", "gt": normal,
+         "response": "Answer: No Finding", "split": "test"},
+    ])
+    out = tmp_path / "out" / "t.jsonl"
+    result = run_collect("--import-jsonl", dump, "--map",
+                         "prompt=question,text=response,source=model,id=study.id,images=image,labels=gt,split=split",
+                         "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert read_jsonl(out) == [
+        {"id": "s1", "split": "train", "prompt": "Q1", "images": ["../img/a.png"], "labels": pe,
+         "trajectories": [{"source": "gpt5", "text": "Blunted angle.\nAnswer: Pleural Effusion"},
+                          {"source": "claude", "text": "Looks clear.\nAnswer: No Finding"}]},
+        {"id": "s2", "split": "test", "prompt": "Q2", "images": ["../img/a.png"], "labels": normal,
+         "trajectories": [{"source": "gpt5", "text": "Answer: No Finding"},
+                          {"source": "claude", "text": "Answer: No Finding"}]}]
+    # claude is wrong on Pleural Effusion and No Finding of s1: 26 of 28 finding calls, 13/14 macro
+    lines = {l.split()[0]: l.split() for l in result.stdout.splitlines() if l.split()[:1] in (["gpt5"], ["claude"])}
+    assert lines["gpt5"][:3] == ["gpt5", "2", "0"] and lines["gpt5"][4] == "1.000"
+    assert lines["claude"][:3] == ["claude", "2", "0"] and lines["claude"][4] == f"{13 / 14:.3f}"
+
+
+def test_import_mapped_errors(tmp_path):
+    with pytest.raises(sources.SourceError, match="prompt and text must be mapped"):
+        sources.parse_mapping("id=x")
+    with pytest.raises(sources.SourceError, match="unknown field 'answer'"):
+        sources.parse_mapping("prompt=q,text=r,answer=a")
+    mapping = sources.parse_mapping("prompt=q,text=r,id=i,source=m")
+    path = write_jsonl(tmp_path / "d.jsonl", [{"i": 1, "q": "Q", "r": "R", "m": "a"}, {"i": 1, "q": "Q", "m": "b"}])
+    with pytest.raises(RecordError, match=r"d.jsonl:2: field 'r': missing \(mapped to text\)"):
+        sources.import_mapped(path, mapping)
+    path = write_jsonl(tmp_path / "d.jsonl", [{"i": 1, "q": "Q", "r": "R", "m": "a"}, {"i": 1, "q": "Q2", "r": "S", "m": "b"}])
+    with pytest.raises(RecordError, match=r"d.jsonl:2: field 'prompt': differs from line 1"):
+        sources.import_mapped(path, mapping)
