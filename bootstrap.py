@@ -270,12 +270,7 @@ def train(args):
                 nll_sum += -logps.detach().sum()
                 if accelerator.sync_gradients:
                     loss = accelerator.reduce(nll_sum, reduction="sum") / step_tokens
-                    try:
-                        training.check_finite(loss, step + 1, out)
-                    except training.NonFiniteLoss as e:
-                        ids = sorted({records[examples[i].record]["id"] for b in micro for i in b})
-                        raise training.NonFiniteLoss(f"{e} Instances in this step: {', '.join(ids[:10])}"
-                                                     + (" …" if len(ids) > 10 else "")) from None
+                    check_finite(loss, step + 1, out, {records[examples[i].record]["id"] for b in micro for i in b})
                     grad_norm = accelerator.clip_grad_norm_(module.parameters(), args.max_grad_norm or float("inf"))
                     lr = scheduler.get_last_lr()[0]
                     optimizer.step()
@@ -314,6 +309,16 @@ def train(args):
         f"bootstrap: {total} steps on {len(examples)} examples, loss {summary['first_loss']} -> "
         f"{summary['final_loss']}; {unanswered}, {truncated} truncated, {too_long} skipped (prompt too long), "
         f"{counts['empty_trajectories']} empty; model in {out}")
+
+
+def check_finite(loss, step, out, instance_ids):
+    """training.check_finite, naming the step's instances so the data can be looked at."""
+    try:
+        training.check_finite(loss, step, out)
+    except training.NonFiniteLoss as e:
+        ids = sorted(instance_ids)
+        raise training.NonFiniteLoss(f"{e} Instances in this step: {', '.join(ids[:10])}"
+                                     + (" …" if len(ids) > 10 else "")) from None
 
 
 def save(accelerator, out, step, config, args):

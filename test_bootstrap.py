@@ -310,11 +310,16 @@ def test_bad_input_names_file_line_and_field(tmp_path, capsys, content, message)
     assert message in capsys.readouterr().err
 
 
-def test_missing_model_and_prompts_that_never_fit_exit_2(tmp_path, capsys, tiny_text_model):
+def test_missing_model_unknown_tracker_and_prompts_that_never_fit_exit_2(tmp_path, capsys, tiny_text_model):
     data = write_data(tmp_path, n_train=2)
     with pytest.raises(SystemExit) as exit_:
         bootstrap.main(["--model", str(tmp_path / "no-model"), "--data", str(data), "--out", str(tmp_path / "o")])
     assert exit_.value.code == 2 and "no-model" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit) as exit_:
+        bootstrap.main(["--model", tiny_text_model, "--data", str(data), "--out", str(tmp_path / "o"),
+                        "--report-to", "no-such-tracker"])
+    assert exit_.value.code == 2 and "unknown tracker 'no-such-tracker'" in capsys.readouterr().err
 
     with pytest.raises(SystemExit) as exit_:
         bootstrap.main(["--model", tiny_text_model, "--data", str(data), "--out", str(tmp_path / "o"),

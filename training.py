@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from records import write_json_atomic
+from records import fail, write_json_atomic
 
 CHECKPOINTS = "checkpoints"
 
@@ -98,6 +98,22 @@ def mixed_precision_for(device, requested="auto"):
     return "no"
 
 
+def trackers(report_to):
+    """--report-to as a list of accelerate trackers; an unknown or uninstalled one ends the run
+    with a message (accelerate would drop an uninstalled tracker silently)."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    names = [t.strip() for t in (report_to or "").split(",") if t.strip()]
+    available = {str(t) for t in get_available_trackers()}
+    for name in names:
+        if name not in LoggerType.list():
+            fail(f"--report-to: unknown tracker {name!r} (accelerate knows {', '.join(LoggerType.list())})")
+        if name != "all" and name not in available:
+            fail(f"--report-to: {name} is not installed (pip install {name}); metrics.jsonl is written anyway")
+    return names or None
+
+
 def build_accelerator(args, out_dir, find_unused_parameters=False):
     """The Accelerator of a training stage: gradient accumulation, mixed precision, trackers.
 
@@ -113,7 +129,7 @@ def build_accelerator(args, out_dir, find_unused_parameters=False):
     # as AcceleratorState would read it, or a CPU launch would be taken for a single process.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     resolve_grad_accum(args, state.num_processes)
-    report_to = [t.strip() for t in args.report_to.split(",") if t.strip()] if args.report_to else None
+    report_to = trackers(args.report_to)
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
     return Accelerator(
         gradient_accumulation_steps=args.grad_accum,
