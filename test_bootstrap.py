@@ -310,7 +310,8 @@ def test_bad_input_names_file_line_and_field(tmp_path, capsys, content, message)
     assert message in capsys.readouterr().err
 
 
-def test_missing_model_unknown_tracker_and_prompts_that_never_fit_exit_2(tmp_path, capsys, tiny_text_model):
+def test_missing_model_unknown_tracker_and_prompts_that_never_fit_exit_2(tmp_path, capsys, monkeypatch,
+                                                                        tiny_text_model):
     data = write_data(tmp_path, n_train=2)
     with pytest.raises(SystemExit) as exit_:
         bootstrap.main(["--model", str(tmp_path / "no-model"), "--data", str(data), "--out", str(tmp_path / "o")])
@@ -320,6 +321,14 @@ def test_missing_model_unknown_tracker_and_prompts_that_never_fit_exit_2(tmp_pat
         bootstrap.main(["--model", tiny_text_model, "--data", str(data), "--out", str(tmp_path / "o"),
                         "--report-to", "no-such-tracker"])
     assert exit_.value.code == 2 and "unknown tracker 'no-such-tracker'" in capsys.readouterr().err
+
+    # an accelerate config's own accumulation would silently change the global batch
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "3")
+    with pytest.raises(SystemExit) as exit_:
+        bootstrap.main(["--model", tiny_text_model, "--data", str(data), "--out", str(tmp_path / "o"),
+                        "--grad-accum", "2"])
+    monkeypatch.delenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+    assert exit_.value.code == 2 and "sets gradient accumulation to [3], but this run needs 2" in capsys.readouterr().err
 
     with pytest.raises(SystemExit) as exit_:
         bootstrap.main(["--model", tiny_text_model, "--data", str(data), "--out", str(tmp_path / "o"),

@@ -131,7 +131,7 @@ def build_accelerator(args, out_dir, find_unused_parameters=False):
     resolve_grad_accum(args, state.num_processes)
     report_to = trackers(args.report_to)
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
-    return Accelerator(
+    accelerator = Accelerator(
         gradient_accumulation_steps=args.grad_accum,
         mixed_precision=mixed_precision_for(state.device, getattr(args, "mixed_precision", "auto")),
         log_with=report_to,
@@ -139,6 +139,17 @@ def build_accelerator(args, out_dir, find_unused_parameters=False):
         step_scheduler_with_optimizer=False,
         kwargs_handlers=handlers,
     )
+    # An accelerate config may fix its own accumulation (ACCELERATE_GRADIENT_ACCUMULATION_STEPS, a
+    # DeepSpeed config), which would win silently and change the global batch and the loss scale.
+    configured = {accelerator.gradient_accumulation_steps}
+    deepspeed = getattr(accelerator.state, "deepspeed_plugin", None)
+    if deepspeed is not None and deepspeed.deepspeed_config.get("gradient_accumulation_steps") not in (None, "auto"):
+        configured.add(int(deepspeed.deepspeed_config["gradient_accumulation_steps"]))
+    if configured != {args.grad_accum}:
+        fail(f"the accelerate config sets gradient accumulation to {sorted(configured)}, but this run needs "
+             f"{args.grad_accum} (--global-batch / --grad-accum); set gradient_accumulation_steps to 'auto' "
+             f"or {args.grad_accum} in the config")
+    return accelerator
 
 
 # ---------------------------------------------------------------------------------------------
