@@ -181,8 +181,9 @@ def check_sources(srcs, instances, origin, key_envs):
             if text_only and with_images:
                 raise SourceError(f"{s} is a text model but {with_images} instances have images; name a VLM "
                                   "(its config has a vision_config) or instances without images")
-        if s.kind == "openai" and api_key(s, key_envs) is None and s.base_url is None \
-                and not os.environ.get("OPENAI_BASE_URL"):
+        if s.kind == "openai" and api_key(s, key_envs) is None and (
+                s.name in key_envs or (s.base_url is None and not os.environ.get("OPENAI_BASE_URL"))):
+            # a local server may need no key; OpenAI itself, or a key named for this source, does
             raise SourceError(f"{s}: no API key: set ${key_envs.get(s.name, key_envs[None])} "
                               "(or name another variable with --api-key-env)")
 
@@ -404,9 +405,11 @@ def main(argv=None):
     try:
         answered, failures = collect(srcs, instances, have, journal, origin, positions, keys, args, key_envs)
     except KeyboardInterrupt:
+        journal.close()
         print(f"\ninterrupted: finished answers are kept in {journal_path}; run the same command again to "
-              "continue", file=sys.stderr)
-        raise SystemExit(130)
+              "continue", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)  # at once: a normal exit would wait for the API requests still in flight
     except RuntimeError as e:
         if "out of memory" not in str(e).lower():
             raise

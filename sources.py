@@ -267,16 +267,17 @@ def openai_answers(source, instances, data_path=None, api_key=None, concurrency=
     # The client's own retries are off: ask() retries, so that failures are counted and backed off
     # the same way whatever the client version does.
     client = openai.OpenAI(api_key=api_key or "EMPTY", base_url=source.base_url, timeout=timeout, max_retries=0)
+
+    def answer(record):
+        try:  # images are encoded in the worker, so only the requests in flight hold them in memory
+            messages = api_messages(record, data_path)
+        except OSError as e:  # an image vanished since validation
+            return None, f"image unreadable: {e}"
+        return ask(client, source.target, messages, request or {}, max_retries, backoff)
+
     pool = ThreadPoolExecutor(max_workers=max(1, concurrency))
     try:
-        futures = {}
-        for r in instances:
-            try:
-                messages = api_messages(r, data_path)
-            except OSError as e:  # an image vanished since validation
-                yield r["id"], None, f"image unreadable: {e}"
-                continue
-            futures[pool.submit(ask, client, source.target, messages, request or {}, max_retries, backoff)] = r["id"]
+        futures = {pool.submit(answer, r): r["id"] for r in instances}
         for future in as_completed(futures):
             text, error = future.result()
             yield futures[future], text, redact(error, [api_key]) if error else None
