@@ -496,8 +496,10 @@ def run(args):
     key = reference_key(config, accelerator.mixed_precision)
     reference_path = out / REFERENCE_FILE
     reference = load_reference(reference_path, key, examples)
+    # Decided together: the pass is collective, and a node without a shared disk sees no cache.
+    missing = training.global_count(accelerator, reference is None)
     reference_state = "reused"
-    if reference is None:
+    if missing:
         reference_state = "computed"
         with tqdm(total=len(examples), desc="reference log-probs", disable=not is_main) as bar:
             reference = compute_reference(accelerator, module, processor, examples, args, data_path, bar)
