@@ -24,9 +24,9 @@ from pathlib import Path
 
 # Per size: (train instances, test instances, bootstrap steps, APO steps, generation tokens).
 SIZES = {
-    "ci": dict(n_train=16, n_test=12, boot_steps=4, apo_steps=2, new_tokens=96),
-    "default": dict(n_train=48, n_test=40, boot_steps=24, apo_steps=6, new_tokens=160),
-    "full": dict(n_train=2000, n_test=500, boot_steps=None, apo_steps=None, new_tokens=384),
+    "ci": dict(n_train=8, n_test=8, boot_steps=3, apo_steps=2, new_tokens=48),
+    "default": dict(n_train=24, n_test=32, boot_steps=16, apo_steps=8, new_tokens=128),
+    "full": dict(n_train=2000, n_test=500, boot_steps=None, apo_steps=None, new_tokens=512),
 }
 
 
@@ -65,12 +65,12 @@ def main():
          "--out", str(out / "trajectories.jsonl"), *seed])
     run([py, "bootstrap.py", "--model", args.model, "--data", str(out / "trajectories.jsonl"),
          "--out", str(out / "bootstrap"), "--lr", "5e-5", "--batch-size", "4", "--grad-accum", "1",
-         "--max-length", "512", *steps(size["boot_steps"]), *seed])
+         "--max-length", "384", *steps(size["boot_steps"]), *seed])
     run([py, "consensus.py", "--model", str(out / "bootstrap"), "--data", str(out / "trajectories.jsonl"),
          "--out", str(out / "preferences.jsonl"), "--consensus", "model+vote", *tokens, *seed])
     run([py, "apo.py", "--model", str(out / "bootstrap"), "--data", str(out / "preferences.jsonl"),
          "--out", str(out / "apo"), "--lr", "1e-5", "--batch-size", "1", "--grad-accum", "2",
-         "--max-negatives", "3", "--max-length", "512", *steps(size["apo_steps"]), *seed])
+         "--max-negatives", "3", "--max-length", "384", *steps(size["apo_steps"]), *seed])
     run([py, "evaluate.py", "--models", f"bootstrap={out / 'bootstrap'}", f"apo={out / 'apo'}",
          "--data", str(out / "trajectories.jsonl"), "--out", str(out / "eval"), *tokens, *seed])
     print(f"\nquickstart: done in {(time.time() - t0) / 60:.1f} min; table in {out / 'eval' / 'table.md'}")
