@@ -204,6 +204,7 @@ def train(args):
         accelerator.print(f"bootstrap: nothing to do, {out} already holds the finished model "
                           f"({done['steps']} steps, final loss {done['final_loss']})")
         return
+    training.checkpoint_state(out, config)  # another run's checkpoints: refuse now, not after loading
     training.seed_everything(args.seed)
 
     try:

@@ -219,6 +219,10 @@ def test_sigkill_then_rerun_gives_the_weights_of_a_straight_run(tmp_path, capsys
     torn.mkdir(exist_ok=True)
     (torn / "model.safetensors").write_bytes(b"\x00" * 10)
 
+    with pytest.raises(SystemExit) as exit_:  # other settings would mix two runs: refused before any loading
+        bootstrap.main(train_args(tiny_text_model, data, out, "--max-steps", "8", "--save-every", "3"))
+    assert exit_.value.code == 2 and "saved by a run with other settings (max_steps: 6 -> 8)" in capsys.readouterr().err
+
     resumed = run(train_args(tiny_text_model, data, out, *RESUME_ARGS))
     assert "resuming from step 3" in resumed.stdout
     a, b = weights(reference), weights(out)
