@@ -1,0 +1,174 @@
+"""Tests of the GPU benchmarks (benchmarks/bench_apo_step.py, benchmarks/bench_generation.py) on the CPU.
+
+The scripts run with --tiny as subprocesses and must report well-formed numbers (never timings
+checked). In process: the benchmark's usual implementation and apo.py's step (with its cached
+reference) give the same losses and gradients, so the benchmark compares equal computations, and
+the FLOP count that MFU divides by is exact against torch's own FLOP counter and apo.py's mask.
+"""
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import apo  # noqa: E402
+import bench_apo_step as bench  # noqa: E402
+import bench_generation  # noqa: E402
+
+
+def run_script(name, *args):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, f"benchmarks/{name}", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{name} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def finite(x, low=0.0):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x >= low
+
+
+def test_apo_step_tiny_run_reports_every_variant_and_shape(tmp_path):
+    out = tmp_path / "apo_step.json"
+    # Two variants (two processes) keep this short; the in-process tests below cover the others.
+    proc = run_script("bench_apo_step.py", "--tiny", "--variants", "usual,apo-ckpt", "--json", out)
+    result = json.loads(out.read_text())
+    assert result["targets"] == {"speedup": 1.5, "memory_ratio": 0.5, "mfu": 0.5}
+    assert result["anchor"]["512+512"] == {"tokens_per_s": 25000.0, "peak_gib": 26.2}
+    assert finite(result["matmul_flops_per_s"], low=1e6)
+    rows = result["results"]
+    assert [(r["model"], r["prompt"], r["response"]) for r in rows] == [
+        ("tiny", 32, 32), ("tiny", 64, 64), ("tiny-wide (7B stand-in)", 32, 32), ("tiny-wide (7B stand-in)", 64, 64)]
+    for row in rows:
+        assert set(row["variants"]) == {"usual", "apo-ckpt"}
+        for name, v in row["variants"].items():
+            assert finite(v["tokens_per_s"], low=1e-9) and finite(v["step_s"], low=1e-9), (row, name)
+            assert finite(v["peak_gib"]) and 0 < v["mfu"] and finite(v["mfu"]) and v["hfu"] >= v["mfu"], (row, name)
+            assert finite(v["speedup"], low=1e-9) and finite(v["memory_ratio"]), (row, name)
+            # fp32 and the policy IS the reference: exactly log(1 + K) for every variant.
+            assert v["loss"] == pytest.approx(math.log(8), abs=1e-5) and v["loss_spread"] < 1e-5, (row, name)
+        assert row["variants"]["usual"]["speedup"] == 1.0 and row["variants"]["usual"]["memory_ratio"] == 1.0
+        assert finite(row["variants"]["apo-ckpt"]["tokens_per_s_with_reference_pass"], low=1e-9)
+        # Same tokens per step for both: tokens/s ratios are step-time ratios.
+        steps = [c["models"][row["model"]] for c in result["children"].values()]
+        assert len({s[0]["tokens_per_step"] for s in steps}) == 1
+    assert set(result["verdicts"]["apo-ckpt"].values()) <= {"PASS", "FAIL"}
+    assert "25.0k tok/s at 26.2 GiB" in proc.stdout and "apo-ckpt" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1].startswith("bench_apo_step: 2 variants x 2 shapes")
+
+
+def test_generation_tiny_run_reports_the_speedup(tmp_path):
+    out = tmp_path / "generation.json"
+    proc = run_script("bench_generation.py", "--tiny", "--prompts", 16, "--sequential", 4, "--json", out)
+    r = json.loads(out.read_text())
+    assert (r["prompts"], r["batch_size"], r["max_new_tokens"], r["sequential_timed_prompts"]) == (16, 64, 8, 4)
+    for key in ("batched_s", "sequential_s", "batched_tokens_per_s", "sequential_tokens_per_s", "speedup"):
+        assert finite(r[key], low=1e-9), key
+    assert r["speedup"] == pytest.approx(r["sequential_s"] / r["batched_s"])
+    assert r["batched_tokens_per_s"] == pytest.approx(16 * 8 / r["batched_s"])
+    assert r["prompt_tokens_max"] >= r["prompt_tokens_mean"] > 50  # the simulator's studies, not stubs
+    assert 0 <= r["same_answers"] <= 4 and r["verdict"] in ("PASS", "FAIL")
+    assert proc.stdout.strip().splitlines()[-1].startswith("bench_generation: batched is ")
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark compares equal computations
+
+
+def tiny_policy(seed=0):
+    return bench.build_model(dict(bench.TINY, vocab_size=300), torch.float32, torch.device("cpu"), seed).train()
+
+
+def grads_of(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_apo_step_with_cached_reference_equals_the_usual_step(share_prompt):
+    """apo.py's step (cached reference, chunked log-probs, shared prompt) = the usual step (a live
+    reference model, full fp32 logits), values and gradients, with the policy moved off the reference."""
+    k, beta = 3, 0.5
+    items = bench.synthetic_instances(2, 6, 5, k, 300, seed=1)
+    initial = tiny_policy()
+    reference = copy.deepcopy(initial).eval().requires_grad_(False)
+
+    policy = copy.deepcopy(initial)
+    module = bench.apo_module(policy, share_prompt, chunk_size=7)
+    cache = bench.apo_reference(module, items, share_prompt, torch.device("cpu"))  # from the initial weights
+    with torch.no_grad():  # then the policy moves: rewards are no longer 0
+        for p in list(policy.parameters()) + list(initial.parameters()):
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    ours = bench.apo_step_loss(module, items, cache, share_prompt, beta, torch.device("cpu"))
+    ours.sum().backward()
+
+    usual = bench.usual_step_loss(initial, reference, items, k, beta, torch.device("cpu"))
+    usual.sum().backward()
+
+    assert ours.shape == usual.shape == (2,)
+    assert (usual - math.log(1 + k)).abs().min() > 1e-3  # the rewards really differ from 0
+    torch.testing.assert_close(ours, usual, atol=1e-5, rtol=1e-5)
+    g_ours, g_usual = grads_of(policy), grads_of(initial)
+    assert g_ours.keys() == g_usual.keys() and g_ours
+    for name in g_usual:
+        torch.testing.assert_close(g_ours[name], g_usual[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_forward_flops_equal_torch_flop_counter():
+    """Dense layers, attention and output projection counted as torch counts them (eager attention
+    computes all L x L pairs); a backward is exactly twice the forward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sizes = dict(bench.TINY, vocab_size=300)
+    model = tiny_policy()
+    model.set_attn_implementation("eager")
+    rows, length = 3, 10
+    ids = torch.randint(0, 300, (rows, length))
+    expected = bench.forward_flops(sizes, rows * length, rows * length * length, rows * length)
+    with FlopCounterMode(display=False) as forward:
+        logits = model(input_ids=ids, use_cache=False).logits
+    assert forward.get_total_flops() == expected
+    with FlopCounterMode(display=False) as backward:
+        logits.float().logsumexp(-1).sum().backward()
+    assert backward.get_total_flops() == 2 * expected
+
+
+def test_shared_prompt_pairs_are_what_apo_attention_mask_allows():
+    k, prompt, response = 7, 9, 4
+    items = bench.synthetic_instances(2, prompt, response, k, 300, seed=0)
+    packed = apo.pack_shared_prompt(items, bench.PAD_ID)
+    allowed = apo.block_causal_mask(packed["segments"], "sdpa", torch.float32)
+    pairs = 2 * (bench.causal_pairs(prompt) + (1 + k) * (response * prompt + bench.causal_pairs(response)))
+    assert int(allowed.sum()) == pairs
+    sizes = bench.TINY
+    model_flops, _ = bench.step_flops(sizes, "apo", prompt, response, k, 2)
+    tokens, head = 2 * (prompt + (1 + k) * response), 2 * (1 + k) * response
+    assert model_flops == 3 * bench.forward_flops(sizes, tokens, pairs, head)
+    # The usual: 8 full rows, logits everywhere, plus the reference forward; checkpointing only adds HFU.
+    usual, usual_hardware = bench.step_flops(sizes, "usual", prompt, response, k, 2)
+    full = bench.forward_flops(sizes, 16 * (prompt + response), 16 * bench.causal_pairs(prompt + response),
+                               16 * (prompt + response))
+    assert usual == 4 * full and usual_hardware > usual
+
+
+def test_bad_input_exits_2_with_a_message(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--tiny", "--shapes", "512x512"])
+    assert e.value.code == 2 and "--shapes: '512x512' is not PROMPT+RESPONSE" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--tiny", "--variants", "usual,fast"])
+    assert e.value.code == 2 and "unknown variant 'fast'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as e:
+            bench.main([])
+        assert e.value.code == 2 and "no CUDA device" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        bench_generation.main(["--tiny", "--model", str(tmp_path)])
+    assert e.value.code == 2 and capsys.readouterr().err == f"error: {tmp_path}: not a model folder (no config.json)\n"
