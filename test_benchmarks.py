@@ -62,7 +62,7 @@ def test_apo_step_tiny_run_reports_every_variant_and_shape(tmp_path):
         assert len({s[0]["tokens_per_step"] for s in steps}) == 1
     assert set(result["verdicts"]["apo-ckpt"].values()) <= {"PASS", "FAIL"}
     assert "25.0k tok/s at 26.2 GiB" in proc.stdout and "apo-ckpt" in proc.stdout
-    assert proc.stdout.strip().splitlines()[-1].startswith("bench_apo_step: 2 variants x 2 shapes")
+    assert proc.stdout.strip().splitlines()[-1].startswith("bench_apo_step: 2 variants x 2 shape(s)")
 
 
 def test_generation_tiny_run_reports_the_speedup(tmp_path):

@@ -24,6 +24,22 @@ the CPU, forward, backward into the gradients (no optimizer update: it is the sa
 variant). Every variant uses apo_loss.py's loss; the weights never change, so the policy is the
 reference and every step's loss is log(1 + K): the report checks it, so a variant that computed
 something else would show.
+
+What is reported (the report prints these definitions too):
+- tokens/s: (1 + K) x (prompt + response) tokens x instances per step / step time (median of the
+  timed steps). The prompt counts once per response for every variant, as the usual
+  implementation processes it, so tokens/s ratios are step-time ratios. Also given for apo.py with
+  its one-time reference pass added (what a single epoch pays per instance).
+- peak: torch.cuda.max_memory_allocated over a shape's steps (weights, gradients, activations),
+  reset between shapes. On the CPU (--tiny): the rise of the peak RSS, coarse.
+- MFU: model FLOPs of the variant's step / step time / the matmul peak, a large bf16 matmul timed
+  with CUDA events in each process (the highest is used). Model FLOPs are the matmuls the
+  algorithm needs (forward_flops: 2 per weight per token, attention over the pairs a token may
+  see, the output projection where logits are computed; a backward twice that; the usual's
+  reference forward), no recomputation. HFU counts what the kernels compute, recomputation included.
+- PASS/FAIL against issue 9's targets, from this run's measurements: apo.py's step at >= 1.5x the
+  usual's tokens/s and <= 0.5x its peak, both at once, at every shape; MFU >= 50%. The issue's
+  anchor (the usual step on an H200) is printed next to the run's own usual.
 """
 
 import argparse
@@ -422,7 +438,8 @@ def run_variant(args):
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"CPU ({platform.processor() or platform.machine()}, {threads} thread{'s' if threads > 1 else ''})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,7 +481,7 @@ def summarise(args, children):
                 row = {"step_s": seconds, "tokens_per_s": r["tokens_per_step"] / seconds,
                        "peak_gib": r["peak_bytes"] / GIB, "loss": r["losses"][0], "loss_spread": max(r["losses"]) - min(r["losses"]),
                        "mfu": model_flops / seconds / peak_flops, "hfu": hardware_flops / seconds / peak_flops,
-                       "model_tflop_per_step": model_flops / 1e12}
+                       "model_tflop_per_step": model_flops / 1e12, "memory_only": not timed}
                 if "reference_pass_s_per_instance" in r:
                     # With one epoch (the paper's recipe) apo.py pays the reference pass once per instance.
                     per_step = seconds + r["reference_pass_s_per_instance"] * args.batch_size
@@ -523,13 +540,26 @@ def report(args, children, table, peak_flops, verdict):
                 print(f"  {variant:14s} {row['oom']}")
             else:
                 ok = abs(row["loss"] - expected) < 1e-2 and row["loss_spread"] < 1e-2
+                warn = "" if ok else "!"
+                if not timed:  # one untimed-quality step: only its memory means something
+                    print(f"  {variant:14s} {'-':>8s} {'-':>9s} {'-':>7s} {row['peak_gib']:9.2f} "
+                          f"{fmt(row, 'memory_ratio', '7.2f'):>7s} {'-':>6s} {'-':>6s} {row['loss']:7.4f}{warn}")
+                    continue
                 print(f"  {variant:14s} {1000 * row['step_s']:8.1f} {row['tokens_per_s']:9.0f} {fmt(row, 'speedup', '7.2f'):>7s} "
                       f"{row['peak_gib']:9.2f} {fmt(row, 'memory_ratio', '7.2f'):>7s} {100 * row['mfu']:5.1f}% "
-                      f"{100 * row['hfu']:5.1f}% {row['loss']:7.4f}{'' if ok else '!'} "
+                      f"{100 * row['hfu']:5.1f}% {row['loss']:7.4f}{warn} "
                       f" {fmt(row, 'tokens_per_s_with_reference_pass', '.0f')}")
         anchor = ANCHOR.get((prompt, response))
         if anchor and timed and not args.tiny:
-            print(f"  anchor (usual, {ANCHOR_DEVICE}): {anchor['tokens_per_s']:.0f} tok/s at {anchor['peak_gib']} GiB")
+            line = f"  anchor (usual, {ANCHOR_DEVICE}): {anchor['tokens_per_s']:.0f} tok/s at {anchor['peak_gib']} GiB"
+            usual = rows.get("usual", {})
+            if "tokens_per_s" in usual:
+                line += (f"; this run's usual: {usual['tokens_per_s'] / anchor['tokens_per_s']:.2f}x its tok/s, "
+                         f"{usual['peak_gib'] / anchor['peak_gib']:.2f}x its peak")
+            print(line)
+    if any(abs(row["loss"] - expected) >= 1e-2 or row["loss_spread"] >= 1e-2
+           for rows in table.values() for row in rows.values() if "loss" in row):
+        print(f"! a loss differs from log(1 + K) = {expected:.4f}: that variant does not compute the APO loss of these weights")
     print(f"\ntargets for apo.py's step against the run's own {args.variants[0]}: tokens/s >= {TARGET_SPEEDUP}x and peak "
           f"<= {TARGET_MEMORY}x, both at once at every shape; MFU >= {TARGET_MFU:.0%}")
     anchors = "; ".join(f"{p}+{r}: {a['tokens_per_s'] / 1e3:.1f}k tok/s at {a['peak_gib']} GiB" for (p, r), a in ANCHOR.items())
@@ -574,7 +604,7 @@ def main(argv=None):
             "anchor_device": ANCHOR_DEVICE, "targets": {"speedup": TARGET_SPEEDUP, "memory_ratio": TARGET_MEMORY, "mfu": TARGET_MFU},
             "results": [dict(model=n, prompt=p, response=r, variants=rows) for (n, p, r), rows in table.items()],
             "verdicts": verdict, "failed": failed})
-    print(f"bench_apo_step: {len(children)} variants x {len(args.shapes)} shapes on {next(iter(children.values()))['device']}; "
+    print(f"bench_apo_step: {len(children)} variants x {len(args.shapes)} shape(s) on {next(iter(children.values()))['device']}; "
           f"{headline(args, table, verdict)}" + (f"; {', '.join(failed)} failed" if failed else "")
           + (f" -> {args.json}" if args.json else ""))
     if failed:
