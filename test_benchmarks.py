@@ -2,8 +2,11 @@
 
 The scripts run with --tiny as subprocesses and must report well-formed numbers (never timings
 checked). In process: the benchmark's usual implementation and apo.py's step (with its cached
-reference) give the same losses and gradients, so the benchmark compares equal computations, and
-the FLOP count that MFU divides by is exact against torch's own FLOP counter and apo.py's mask.
+reference) give the same losses and gradients, so the benchmark compares equal computations; the
+FLOP count that MFU divides by is exact against torch's own FLOP counter and apo.py's mask; and
+the padding lever holds. The other levers have their tests already: chunked log-probs = full
+log_softmax (test_apo.py), shared prompt = separate forwards and checkpointing = none
+(test_apo_stage.py).
 """
 
 import copy
@@ -22,6 +25,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import apo  # noqa: E402
 import bench_apo_step as bench  # noqa: E402
 import bench_generation  # noqa: E402
+import training  # noqa: E402
+from modeling import Encoded  # noqa: E402
 
 
 def run_script(name, *args):
@@ -156,6 +161,25 @@ def test_shared_prompt_pairs_are_what_apo_attention_mask_allows():
     full = bench.forward_flops(sizes, 16 * (prompt + response), 16 * bench.causal_pairs(prompt + response),
                                16 * (prompt + response))
     assert usual == 4 * full and usual_hardware > usual
+
+
+def test_no_padding_waste():
+    """The padding lever: a packed shared-prompt row holds no padding (its length is what
+    apo.forward_length counts and batches by), and training.batch_order makes batches of
+    neighbouring lengths, so a batch pads only up to its own longest."""
+    item = Encoded(list(range(1, 8)), [[5] * n for n in (3, 9, 1, 4)])  # prompt 7, responses of 3, 9, 1, 4 tokens
+    packed = apo.pack_shared_prompt([item], bench.PAD_ID)
+    assert packed["input_ids"].shape == (1, 7 + 17) and (packed["segments"] >= 0).all()
+    assert apo.forward_length(item, share_prompt=True) == 24
+    assert apo.forward_length(item, share_prompt=False) == 4 * 7 + 17
+
+    lengths = torch.randint(10, 1000, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    batches = training.batch_order(lengths, 8, seed=3, epoch=0)
+    assert len(batches) == 25 and all(len(b) == 8 for b in batches)
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    spans = sorted((min(lengths[i] for i in b), max(lengths[i] for i in b)) for b in batches)
+    # Batches are consecutive runs of the sorted lengths: their ranges never overlap.
+    assert all(hi <= next_lo for (_, hi), (next_lo, _) in zip(spans, spans[1:]))
 
 
 def test_bad_input_exits_2_with_a_message(tmp_path, capsys):
