@@ -189,6 +189,10 @@ def test_bad_input_exits_2_with_a_message(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["--tiny", "--variants", "usual,fast"])
     assert e.value.code == 2 and "unknown variant 'fast'" in capsys.readouterr().err
+    (tmp_path / "file").touch()
+    with pytest.raises(SystemExit) as e:  # refused before minutes of measuring, not after
+        bench.main(["--tiny", "--json", str(tmp_path / "file" / "out.json")])
+    assert e.value.code == 2 and "--json: cannot create" in capsys.readouterr().err
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit) as e:
             bench.main([])

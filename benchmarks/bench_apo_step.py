@@ -54,6 +54,7 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -582,6 +583,16 @@ def headline(args, table, verdict):
     return "; ".join(parts) or "no variant to compare"
 
 
+def check_writable(path):
+    folder = Path(path).resolve().parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"--json: cannot create {folder}: {e.strerror}")
+    if not os.access(folder, os.W_OK):
+        fail(f"--json: {folder} is not writable")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -590,6 +601,8 @@ def main(argv=None):
         return run_variant(args)
     if not args.tiny and not torch.cuda.is_available():
         fail("no CUDA device: run this on a GPU, or with --tiny for the CPU smoke run")
+    if args.json:  # now, not after minutes of measuring
+        check_writable(args.json)
     children, failed = run_children(args)
     if not children:
         print("error: every variant failed", file=sys.stderr)
