@@ -137,8 +137,8 @@ def run(args):
     print(f"generation on {result['device']}, {name}, {result['dtype']}, torch {torch.__version__}")
     print(f"{args.prompts} prompts ({result['prompt_tokens_mean']:.0f} tokens on average, {result['prompt_tokens_max']} at most), "
           f"{args.max_new_tokens} new tokens each, greedy")
-    print(f"  batched ({args.batch_size} a batch): {batched_s:8.2f} s  {result['batched_tokens_per_s']:9.1f} new tokens/s")
-    print(f"  one at a time:          {sequential_s:8.2f} s  {result['sequential_tokens_per_s']:9.1f} new tokens/s{scaled}")
+    print(f"  {f'batched ({args.batch_size} a batch):':24s}{batched_s:8.2f} s  {result['batched_tokens_per_s']:9.1f} new tokens/s")
+    print(f"  {'one at a time:':24s}{sequential_s:8.2f} s  {result['sequential_tokens_per_s']:9.1f} new tokens/s{scaled}")
     print(f"  same answer both ways: {result['same_answers']} of {args.sequential} (left padding may change a greedy choice)")
     if args.json:
         write_json_atomic(args.json, result)
