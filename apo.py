@@ -526,17 +526,9 @@ def run(args):
         flush=True)
 
     lengths = [ex.length for ex in examples]
-    per_epoch = len(examples) // micro_global
+    micro_batch = training.MicroBatches(lengths, micro_global, args.seed)
+    per_epoch = micro_batch.per_epoch
     pad_id = tokenizer_of(processor).pad_token_id
-    orders = {}
-
-    def micro_batch(m):
-        """Global micro-batch m of the run: epochs repeat the data in a new (seeded) order."""
-        epoch, position = divmod(m, per_epoch)
-        if epoch not in orders:
-            orders.clear()
-            orders[epoch] = training.batch_order(lengths, micro_global, args.seed, epoch)
-        return orders[epoch][position]
 
     last = None
     progress = tqdm(total=total, initial=start, desc="apo", disable=not accelerator.is_local_main_process)

@@ -242,15 +242,7 @@ def train(args):
         f"mixed precision {accelerator.mixed_precision}" + (f", resuming from step {start}" if start else ""),
         flush=True)
 
-    orders = {}
-
-    def micro_batch(m):
-        """Global micro-batch m of the run: epochs repeat the data in a new (seeded) order."""
-        epoch, position = divmod(m, per_epoch)
-        if epoch not in orders:
-            orders.clear()
-            orders[epoch] = training.batch_order(lengths, micro_global, args.seed, epoch)
-        return orders[epoch][position]
+    micro_batch = training.MicroBatches(lengths, micro_global, args.seed)
 
     progress = tqdm(total=total, initial=start, desc="bootstrap", disable=not accelerator.is_local_main_process)
     for step in range(start, total):

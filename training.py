@@ -175,6 +175,25 @@ def batch_order(lengths, global_batch, seed, epoch, group=64):
     return batches
 
 
+class MicroBatches:
+    """Global micro-batch m of a run, for any m: epochs repeat the data in a new seeded order.
+
+    Indexing by the run's micro-batch counter (not iterating) is what makes resume exact: a
+    resumed run asks for micro-batch step * grad_accum and gets the batch it would have had.
+    """
+
+    def __init__(self, lengths, global_batch, seed):
+        self.lengths, self.global_batch, self.seed = lengths, global_batch, seed
+        self.per_epoch = len(lengths) // global_batch
+        self.epoch, self.order = None, None
+
+    def __call__(self, m):
+        epoch, position = divmod(m, self.per_epoch)
+        if epoch != self.epoch:
+            self.epoch, self.order = epoch, batch_order(self.lengths, self.global_batch, self.seed, epoch)
+        return self.order[position]
+
+
 def shard(batch, accelerator):
     """This process's share of a global micro-batch (interleaved so lengths stay balanced)."""
     return batch[accelerator.process_index :: accelerator.num_processes]
