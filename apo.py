@@ -28,7 +28,6 @@ What happens, top to bottom:
 """
 
 import argparse
-import hashlib
 import os
 import signal
 import sys
@@ -42,7 +41,7 @@ from torch import nn
 import training
 from apo_loss import apo_loss, sequence_logps
 from modeling import (IGNORE_INDEX, PromptTooLong, ResponseLogps, collate, encode, is_vision_model, load_model,
-                      load_processor, tokenizer_of)
+                      load_processor, model_fingerprint, tokenizer_of)
 from records import RecordError, fail, file_hash, load_preferences
 
 REFERENCE_FILE = "reference_logps.safetensors"
@@ -309,19 +308,6 @@ def step_metrics(totals, seconds):
 
 # ---------------------------------------------------------------------------------------------
 # Reference log-probs: once, from the initial weights, cached with what they depend on
-
-
-def model_fingerprint(path):
-    """Hash of the model folder's config and its files' names and sizes: cheap, and it changes when
-    the weights are rewritten by another run (hashing many GB of weights would take minutes)."""
-    path = Path(path)
-    h = hashlib.sha256()
-    config = path / "config.json"
-    if config.is_file():
-        h.update(config.read_bytes())
-    for f in sorted(p for p in path.iterdir() if p.is_file()):
-        h.update(f"{f.name}:{f.stat().st_size}\n".encode())
-    return h.hexdigest()
 
 
 def reference_key(config, precision):

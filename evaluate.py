@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 import modeling
 from answers import CHANGE_FINDINGS, FINDINGS, normalize, parse_answer, score, task_of
-from records import (SPLITS, JsonlAppender, RecordError, fail, file_hash, load_instances, read_jsonl,
+from records import (SPLITS, JsonlAppender, RecordError, fail, load_instances, read_jsonl,
                      repair_torn_tail, write_json_atomic, write_jsonl_atomic)
 
 TASK_FINDINGS = {"presence": FINDINGS, "change": CHANGE_FINDINGS}
@@ -135,16 +135,6 @@ def parse_models(specs):
     return models
 
 
-def model_fingerprint(path):
-    """A hash of the config and weights, so predictions of retrained weights are never reused."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return f"hub:{path}"
-    files = sorted(f for f in folder.iterdir()
-                   if f.is_file() and (f.name == "config.json" or f.suffix in (".safetensors", ".bin")))
-    return file_hash(*files)
-
-
 def check_text_models(models, instances, data_path):
     with_images = sum(bool(r.get("images")) for r in instances)
     for name, path in models:
@@ -179,7 +169,7 @@ def check_manifest(out, models, existing, args):
     except json.JSONDecodeError:
         raise RecordError(manifest_path, None, None, "corrupt; move the output folder away to start over") from None
     for name, path in models:
-        entry = {"path": path, "fingerprint": model_fingerprint(path), "max_new_tokens": args.max_new_tokens}
+        entry = {"path": path, "fingerprint": modeling.model_fingerprint(path), "max_new_tokens": args.max_new_tokens}
         old = manifest.get(name)
         if old and any(m == name for m, _ in existing):
             if old.get("fingerprint") != entry["fingerprint"]:

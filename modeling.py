@@ -6,6 +6,7 @@ AutoModelForImageTextToText + AutoProcessor; every stage calls the same few func
 never asks which kind it has.
 """
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,24 @@ def is_vision_model(path):
 
         config = AutoConfig.from_pretrained(path).to_dict()
     return "vision_config" in config
+
+
+def model_fingerprint(path):
+    """Hash of a model folder's config and its files' names, sizes and modification times.
+
+    Cheap (hashing many GB of weights would take minutes) and it changes whenever a run rewrites
+    the weights, so cached reference log-probs and stored predictions never outlive their model.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        return f"hub:{path}"
+    h = hashlib.sha256()
+    if (folder / "config.json").is_file():
+        h.update((folder / "config.json").read_bytes())
+    for f in sorted(p for p in folder.iterdir() if p.is_file()):
+        stat = f.stat()
+        h.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 def load_processor(path):

@@ -25,7 +25,7 @@ import random
 from dataclasses import dataclass, field
 
 from answers import (CHANGE_CLASSES, CHANGE_FINDINGS, FINDINGS, NO_FINDING, POSITIVE_FINDINGS,
-                     format_answer, presence)
+                     presence)
 
 __all__ = ["SIGNS", "PREVALENCE", "DISTRACTORS", "Profile", "PROFILES", "STYLES", "DRIFTS",
            "make_instances", "simulate", "simulate_detail", "load_profiles", "resolve"]
