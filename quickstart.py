@@ -25,7 +25,7 @@ from pathlib import Path
 # Per size: (train instances, test instances, bootstrap steps, APO steps, generation tokens).
 SIZES = {
     "ci": dict(n_train=8, n_test=8, boot_steps=3, apo_steps=2, new_tokens=48),
-    "default": dict(n_train=16, n_test=24, boot_steps=12, apo_steps=8, new_tokens=128),
+    "default": dict(n_train=16, n_test=20, boot_steps=12, apo_steps=6, new_tokens=128),
     "full": dict(n_train=2000, n_test=500, boot_steps=None, apo_steps=None, new_tokens=512),
 }
 
