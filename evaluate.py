@@ -206,6 +206,19 @@ def rewrite_in_order(path, rows, model_order, id_order):
 # Generation
 
 
+def check_context(model, processor, instances, args):
+    """A prompt that leaves no room for the answer would fail deep inside generate: name it here."""
+    limit = modeling.max_positions(model)
+    if not limit:
+        return
+    for r in instances:
+        length = len(modeling.encode_prompt(processor, r, args.data)[0])
+        if length + args.max_new_tokens > limit:
+            raise RecordError(args.data, r.get("_line"), "prompt",
+                              f"{length} tokens + --max-new-tokens {args.max_new_tokens} exceed the model's "
+                              f"{limit} positions")
+
+
 def generate_missing(accelerator, name, path, instances, done, appender, args):
     """Answers of one model for the instances it has not answered yet, shared out across
     processes; every batch is gathered on the main process and appended at once."""
@@ -214,6 +227,7 @@ def generate_missing(accelerator, name, path, instances, done, appender, args):
         return 0
     processor = modeling.load_processor(path)
     model = modeling.load_model(path, dtype=modeling.default_dtype(accelerator)).to(accelerator.device).eval()
+    check_context(model, processor, todo, args)
     mine = todo[accelerator.process_index :: accelerator.num_processes]
     # Every process runs the same number of steps (some with an empty batch) because each step
     # ends in a collective gather.
@@ -371,8 +385,11 @@ def main(argv=None):
 
     generated = 0
     appender = JsonlAppender(predictions_path) if accelerator.is_main_process and models else None
-    for name, path in models:
-        generated += generate_missing(accelerator, name, path, instances, done, appender, args)
+    try:
+        for name, path in models:
+            generated += generate_missing(accelerator, name, path, instances, done, appender, args)
+    except RecordError as e:  # every process checks the same prompts, so all stop together
+        stop(accelerator, str(e))
     if appender:
         appender.close()
     accelerator.wait_for_everyone()

@@ -152,20 +152,28 @@ class PromptTooLong(ValueError):
     pass
 
 
+def encode_prompt(processor, record, data_path=None):
+    """Token ids of the chat prompt (image placeholders expanded) and the images' tensors."""
+    text = prompt_text(processor, record)
+    if record.get("images"):
+        inputs = processor(text=[text], images=load_images(record, data_path), return_tensors="pt")
+        vision = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
+        return inputs["input_ids"][0].tolist(), vision
+    return tokenizer_of(processor)(text, add_special_tokens=False)["input_ids"], {}
+
+
+def max_positions(model):
+    """The context length of a text model or of a VLM's language model (None if unstated)."""
+    return getattr(model.config.get_text_config(), "max_position_embeddings", None)
+
+
 def encode(processor, record, responses, max_length, data_path=None):
     """Token ids of the prompt and of each response (with the turn-end marker).
 
     Truncation cuts the end of a response, never the prompt: a prompt that leaves no room raises
     PromptTooLong, so image tokens are never cut.
     """
-    text = prompt_text(processor, record)
-    if record.get("images"):
-        inputs = processor(text=[text], images=load_images(record, data_path), return_tensors="pt")
-        prompt_ids = inputs["input_ids"][0].tolist()
-        vision = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
-    else:
-        prompt_ids = tokenizer_of(processor)(text, add_special_tokens=False)["input_ids"]
-        vision = {}
+    prompt_ids, vision = encode_prompt(processor, record, data_path)
     room = max_length - len(prompt_ids)
     if room < 2:
         raise PromptTooLong(f"prompt is {len(prompt_ids)} tokens, max length {max_length}")

@@ -366,3 +366,16 @@ def test_rerun_reuses_answers_and_keeps_other_models_lines(text_run, tmp_path, c
     metrics = json.loads((out / "metrics.json").read_text())
     assert [r["name"] for r in metrics["rows"]] == ["A", "B", "a"]
     assert row(metrics, "a") == row(json.loads((text_run["out"] / "metrics.json").read_text()), "a")
+
+
+def test_prompt_without_room_for_the_answer_names_its_line(tmp_path, capsys, tiny_text_model):
+    """The tiny model has 4096 positions: a prompt that leaves no room for --max-new-tokens is a
+    clear error on its own line, before anything is generated or written."""
+    data = write_jsonl(tmp_path / "long.jsonl", [
+        {"id": "short", "split": "test", "prompt": "p", "labels": {"Edema": 1}},
+        {"id": "long", "split": "test", "prompt": "The cardiac silhouette is enlarged. " * 400, "labels": {"Edema": 1}}])
+    message = fails(capsys, "--models", tiny_text_model, "--data", data, "--out", tmp_path / "out",
+                    "--max-new-tokens", "64")
+    assert message.startswith(f"error: {data}:2: field 'prompt': ")
+    assert "exceed the model's 4096 positions" in message
+    assert not (tmp_path / "out" / "predictions.jsonl").exists() or not (tmp_path / "out" / "predictions.jsonl").read_text()
