@@ -13,7 +13,7 @@ import pytest
 
 import evaluate
 from answers import FINDINGS, parse_answer, task_of
-from records import file_hash
+from modeling import model_fingerprint
 from tiny_models import build_scripted_model, write_test_image
 
 REPO = Path(__file__).resolve().parent
@@ -182,7 +182,7 @@ def test_text_models_cli(text_run, text_model):
     assert row(metrics, "a")["path"] == str(text_model)
     manifest = json.loads((out / "models.json").read_text())
     assert manifest["a"] == {"path": str(text_model), "max_new_tokens": 24,
-                             "fingerprint": file_hash(text_model / "config.json", text_model / "model.safetensors")}
+                             "fingerprint": model_fingerprint(text_model)}
     table = (out / "table.md").read_text()
     assert "| a | model | " in table and "| b | model | " in table and table in text_run["result"].stdout
     assert "14 answers generated, 0 reused" in text_run["result"].stdout.splitlines()[-1]
