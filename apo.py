@@ -553,11 +553,11 @@ def run(args):
         if done % args.log_every == 0 or done == total:
             metrics.log(done, dict(last, lr=lr, grad_norm=float(grad_norm), epoch=done * args.grad_accum / per_epoch))
         if args.save_every and done % args.save_every == 0 and done < total:
-            save(accelerator, out, done, config, args)
+            training.save_checkpoint(accelerator, out, done, {"config": config}, keep=args.keep_checkpoints)
     progress.close()
 
     if start < total or not training.checkpoint_dirs(out):
-        save(accelerator, out, total, config, args)
+        training.save_checkpoint(accelerator, out, total, {"config": config}, keep=args.keep_checkpoints)
     training.save_hf_folder(accelerator, module, processor, out)
     accelerator.end_training()
     result = (f"last step loss {last['loss']:.4f}, reward accuracy {last['reward_accuracy']:.2f}, "
@@ -567,20 +567,9 @@ def run(args):
                       f"model in {out}")
 
 
-def save(accelerator, out, step, config, args):
-    path = training.save_checkpoint(accelerator, out, step, {"config": config}, keep=args.keep_checkpoints)
-    accelerator.print(f"checkpoint: step {step} -> {path}", flush=True)
-
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (RecordError, training.ResumeMismatch) as e:
-        fail(str(e))
-    except training.NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1)
+    training.run_stage(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ prompt or its image tokens; an instance whose prompt leaves no room is skipped. 
 
 import argparse
 import json
-import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ import training
 from answers import parse_answer
 from modeling import (PromptTooLong, ResponseLogps, collate, encode, is_vision_model, load_model, load_processor,
                       tokenizer_of)
-from records import RecordError, fail, file_hash, load_instances, write_json_atomic
+from records import RecordError, file_hash, load_instances, write_json_atomic
 
 SUMMARY = "training_summary.json"
 
@@ -169,14 +168,7 @@ def finished_run(out_dir, config):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        train(args)
-    except (RecordError, training.ResumeMismatch) as e:
-        fail(str(e))
-    except training.NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1)
+    training.run_stage(train, parse_args(argv))
 
 
 def train(args):
@@ -281,11 +273,11 @@ def train(args):
                 "examples_seen": seen, "epoch": seen / (per_epoch * micro_global),
             })
         if args.save_every and done_steps % args.save_every == 0 and done_steps < total:
-            save(accelerator, out, done_steps, config, args)
+            training.save_checkpoint(accelerator, out, done_steps, {"config": config}, keep=args.keep_checkpoints)
     progress.close()
 
     if start < total or not training.checkpoint_dirs(out):
-        save(accelerator, out, total, config, args)
+        training.save_checkpoint(accelerator, out, total, {"config": config}, keep=args.keep_checkpoints)
     training.save_hf_folder(accelerator, module, processor, out)
     losses = read_losses(out / "metrics.jsonl") if accelerator.is_main_process else []
     summary = {
@@ -313,10 +305,6 @@ def check_finite(loss, step, out, instance_ids):
         raise training.NonFiniteLoss(f"{e} Instances in this step: {', '.join(ids[:10])}"
                                      + (" …" if len(ids) > 10 else "")) from None
 
-
-def save(accelerator, out, step, config, args):
-    path = training.save_checkpoint(accelerator, out, step, {"config": config}, keep=args.keep_checkpoints)
-    accelerator.print(f"checkpoint: step {step} -> {path}", flush=True)
 
 
 def read_losses(path):

@@ -11,13 +11,14 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from records import fail, write_json_atomic
+from records import RecordError, fail, write_json_atomic
 
 CHECKPOINTS = "checkpoints"
 
@@ -296,7 +297,20 @@ def save_checkpoint(accelerator, out_dir, step, state, keep=2):
         for old in checkpoint_dirs(out_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+    accelerator.print(f"checkpoint: step {step} -> {final}", flush=True)
     return final
+
+
+def run_stage(stage, args):
+    """Run a training stage's main function: bad input or settings end it with the message and
+    exit 2, a non-finite loss with exit 1 (its message names the intact checkpoint)."""
+    try:
+        stage(args)
+    except (RecordError, ResumeMismatch) as e:
+        fail(str(e))
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1)
 
 
 class ResumeMismatch(ValueError):
