@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 import training
-from apo_loss import apo_loss, sequence_logps
+from apo_loss import LOSSES, sequence_logps
 from modeling import (IGNORE_INDEX, PromptTooLong, ResponseLogps, collate, encode, is_vision_model, load_model,
                       load_processor, model_fingerprint, tokenizer_of)
 from records import RecordError, fail, file_hash, load_preferences
@@ -61,6 +61,10 @@ def parse_args(argv=None):
                         f"{REFERENCE_FILE}")
     apo = parser.add_argument_group("APO")
     apo.add_argument("--beta", type=float, default=0.1, help="reward scale of the loss (default: %(default)s)")
+    apo.add_argument("--loss", choices=sorted(LOSSES), default="apo",
+                     help="'apo': the paper's multi-negative Plackett-Luce loss; 'dpo-pairs': pairwise DPO averaged "
+                          "over the (consensus, negative) pairs, what the official ms-swift scripts run. Equal at "
+                          "K = 1 (default: %(default)s)")
     apo.add_argument("--max-negatives", type=int, default=None,
                      help="keep at most this many negatives per instance, the highest-drift ones first "
                           "(ties and records without 'drift' keep file order); default: all")
@@ -264,7 +268,7 @@ def response_logps(module, batch, device):
     return chosen, rejected, mask, chosen_tokens
 
 
-def apo_step_loss(module, batch, reference, device, beta, nll_weight):
+def apo_step_loss(module, batch, reference, device, beta, nll_weight, loss="apo"):
     """The APO objective of one micro-batch: per-instance losses [B] and summed statistics.
 
     reference: (chosen [B], rejected [B, K]) cached log-probs of the initial weights.
@@ -272,8 +276,9 @@ def apo_step_loss(module, batch, reference, device, beta, nll_weight):
     """
     chosen, rejected, mask, chosen_tokens = response_logps(module, batch, device)
     ref_chosen, ref_rejected = (t.to(device) for t in reference)
-    losses, chosen_rewards, rejected_rewards = apo_loss(chosen, rejected, ref_chosen, ref_rejected[:, :rejected.shape[1]],
-                                                        beta=beta, rejected_mask=mask)
+    losses, chosen_rewards, rejected_rewards = LOSSES[loss](chosen, rejected, ref_chosen,
+                                                            ref_rejected[:, :rejected.shape[1]],
+                                                            beta=beta, rejected_mask=mask)
     nll = -chosen / chosen_tokens.clamp(min=1)
     if nll_weight:
         losses = losses + nll_weight * nll
@@ -417,7 +422,7 @@ def run_config(args, accelerator, data_sha256):
     return {
         "model": str(Path(args.model).resolve()), "model_fingerprint": model_fingerprint(args.model),
         "data_sha256": data_sha256, "max_length": args.max_length, "max_negatives": args.max_negatives,
-        "beta": args.beta, "nll_weight": args.nll_weight, "share_prompt": args.share_prompt,
+        "beta": args.beta, "loss": args.loss, "nll_weight": args.nll_weight, "share_prompt": args.share_prompt,
         "micro_batch": args.batch_size * accelerator.num_processes,  # global, so the GPU count may change
         "grad_accum": args.grad_accum, "lr": args.lr, "epochs": args.epochs, "max_steps": args.max_steps,
         "warmup": args.warmup, "schedule": args.schedule, "weight_decay": args.weight_decay,
@@ -528,7 +533,8 @@ def run(args):
                                args.share_prompt)
             ref = (reference["chosen"][rows], reference["rejected"][rows])
             with accelerator.accumulate(module):
-                losses, stats = apo_step_loss(module, batch, ref, accelerator.device, args.beta, args.nll_weight)
+                losses, stats = apo_step_loss(module, batch, ref, accelerator.device, args.beta, args.nll_weight,
+                                             args.loss)
                 # The mean over this process's instances; accelerate divides by grad_accum and DDP
                 # averages over processes, so the step's gradient is the global batch mean.
                 accelerator.backward(losses.mean())

@@ -11,6 +11,9 @@ For a prompt x with one positive y+ (the consensus) and K negatives y-_1..y-_K (
 log pi(y|x) is the sequence log-prob summed over the response tokens (no length normalisation).
 K = 1 gives DPO exactly: -log sigmoid(r+ - r-).
 
+`dpo_pairs_loss` is the pairwise alternative the official scripts run, mean_k -log sigmoid(r+ - r-_k);
+both share one signature, so a caller picks one from LOSSES by name.
+
 `sequence_logps` computes those sums from the final hidden states and the output projection in
 chunks of tokens, so the [sequences, tokens, vocab] logits tensor (152k vocab for Qwen2.5) is never
 materialised, neither in forward nor in backward.
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 
 def apo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
              reference_rejected_logps, beta=0.1, rejected_mask=None):
-    """Plackett-Luce top-1 loss of one positive against K negatives.
+    """Plackett-Luce top-1 loss of one positive against K negatives (the paper's L_APO).
 
     policy_chosen_logps, reference_chosen_logps: [B]
     policy_rejected_logps, reference_rejected_logps: [B, K]
@@ -32,7 +35,44 @@ def apo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     Returns (losses [B], chosen_rewards [B], rejected_rewards [B, K]), in fp32 (fp64 for fp64
     inputs) whatever the input dtype; the rewards are detached (for logging), masked rewards are 0.
     """
-    pc, pr, rc, rr = policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    chosen, rejected = _rewards(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                                reference_rejected_logps, beta, rejected_mask)
+    if rejected_mask is not None:
+        # torch.where, not a multiply: its backward sends exactly 0 to the unselected branch, so
+        # NaN/inf in a masked slot poisons neither the loss nor any gradient (0 * NaN = NaN).
+        rejected = torch.where(rejected_mask, rejected, torch.full_like(rejected, float("-inf")))
+    # r+ is finite, so the row max is finite and logsumexp ignores the -inf slots (softmax 0 there).
+    logits = torch.cat([chosen[:, None], rejected], dim=1)
+    losses = torch.logsumexp(logits, dim=1) - chosen
+    return losses, chosen.detach(), _logged(rejected, rejected_mask)
+
+
+def dpo_pairs_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                   reference_rejected_logps, beta=0.1, rejected_mask=None):
+    """Pairwise DPO averaged over the K negatives: what the official APO scripts run
+    (ms-swift `--rlhf_type dpo` on one (consensus, source) pair per line).
+
+    loss = mean_k -log sigmoid(r+ - r-_k) over the real negatives. K = 1 equals `apo_loss`.
+    Unlike Plackett-Luce, every pair is its own binary race: a negative already far below the
+    positive still pulls as hard as in a single-pair DPO, and the positive is not competing
+    against all K at once. Same arguments and returns as `apo_loss`.
+    """
+    chosen, rejected = _rewards(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                                reference_rejected_logps, beta, rejected_mask)
+    if rejected_mask is None:
+        return -F.logsigmoid(chosen[:, None] - rejected).mean(1), chosen.detach(), rejected.detach()
+    # Masked slots become finite before logsigmoid: its backward would turn 0 * NaN into NaN.
+    safe = torch.where(rejected_mask, rejected, torch.zeros_like(rejected))
+    pair_losses = torch.where(rejected_mask, -F.logsigmoid(chosen[:, None] - safe), torch.zeros_like(safe))
+    losses = pair_losses.sum(1) / rejected_mask.sum(1).clamp(min=1)
+    return losses, chosen.detach(), _logged(rejected, rejected_mask)
+
+
+LOSSES = {"apo": apo_loss, "dpo-pairs": dpo_pairs_loss}
+
+
+def _rewards(pc, pr, rc, rr, beta, rejected_mask):
+    """Checked shapes, then r = beta * (policy - reference) for the chosen [B] and rejected [B, K]."""
     if pc.dim() != 1 or rc.shape != pc.shape:
         raise ValueError(f"chosen logps must both be [B], got policy {tuple(pc.shape)} and reference {tuple(rc.shape)}")
     if pr.dim() != 2 or rr.shape != pr.shape or pr.shape[0] != pc.shape[0] or pr.shape[1] < 1:
@@ -41,23 +81,17 @@ def apo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     if rejected_mask is not None and (rejected_mask.shape != pr.shape or rejected_mask.dtype != torch.bool):
         raise ValueError(f"rejected_mask must be a bool tensor of shape {tuple(pr.shape)}, "
                          f"got {rejected_mask.dtype} {tuple(rejected_mask.shape)}")
-
     # Upcast before subtracting: two bf16 sequence log-probs of -1000 differ by less than their ulp.
     acc = torch.promote_types(pc.dtype, torch.float32)
-    chosen = beta * (pc.to(acc) - rc.to(acc))
-    rejected = beta * (pr.to(acc) - rr.to(acc))
-    if rejected_mask is not None:
-        # torch.where, not a multiply: its backward sends exactly 0 to the unselected branch, so
-        # NaN/inf in a masked slot poisons neither the loss nor any gradient (0 * NaN = NaN).
-        rejected = torch.where(rejected_mask, rejected, torch.full_like(rejected, float("-inf")))
-    # r+ is finite, so the row max is finite and logsumexp ignores the -inf slots (softmax 0 there).
-    logits = torch.cat([chosen[:, None], rejected], dim=1)
-    losses = torch.logsumexp(logits, dim=1) - chosen
+    return beta * (pc.to(acc) - rc.to(acc)), beta * (pr.to(acc) - rr.to(acc))
 
-    rejected_rewards = rejected.detach()
-    if rejected_mask is not None:
-        rejected_rewards = torch.where(rejected_mask, rejected_rewards, torch.zeros_like(rejected_rewards))
-    return losses, chosen.detach(), rejected_rewards
+
+def _logged(rejected, rejected_mask):
+    """Detached rejected rewards for logging, 0 in masked slots."""
+    rejected = rejected.detach()
+    if rejected_mask is None:
+        return rejected
+    return torch.where(rejected_mask, rejected, torch.zeros_like(rejected))
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):

@@ -20,7 +20,12 @@ answer), the share of findings on which it departs (1.0 when it has no Answer li
                 the same call on a finding as the consensus, must be >= --min-agreement. With the
                 default 0.5 the consensus may settle a tie but never overrule a strict majority.
                 Otherwise the vote's chosen is used (a fallback, counted).
-    In every mode a consensus without a parseable Answer line falls back to the vote (counted).
+    In the model modes a consensus is used only when it is clean, else the vote's chosen is used
+    (counted in consensus_by by the reason): it ended on its own, not at --max-new-tokens
+    ("vote:cut"); it has a parseable Answer line ("vote:no-answer"), exactly one ("vote:answers"),
+    as its last line ("vote:answer-not-last"); it does not echo the prompt's response labels
+    ("vote:echo", e.g. "Response B says ..."). APO teaches the model to write its chosen texts:
+    a cut, looping or label-quoting consensus would be learnt as the target.
 
 --negatives
     all         the paper: every source trajectory except the chosen one itself.
@@ -43,7 +48,7 @@ prompts, where the chosen came from, and per source: how often it was a negative
 records have labels, its accuracy beside the consensus' (answers.score, macro over findings).
 
 Output: preferences.jsonl (DESIGN) with one extra field, `consensus_by` ("model", "vote",
-"vote:no-answer" or "vote:disagreed": where the chosen came from). Lines are appended as instances
+"vote:<reason>" for an unclean consensus, or "vote:disagreed": where the chosen came from). Lines are appended as instances
 are done; the same command resumes an interrupted run and the final file equals an uninterrupted
 run's (generation runs in fixed rounds, and an unfinished round is generated again whole; keep
 --batch-size and the number of processes). Labels
@@ -109,6 +114,9 @@ def parse_args(argv=None):
                         "minus --max-new-tokens)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together per process (default 8)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="transformers' repetition penalty (> 1 discourages repeating any token already in the "
+                        "prompt or the answer; default 1.0: off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when --temperature > 0")
     p.add_argument("--seed", type=int, default=0, help="seed of the response order and of sampling (default 0)")
     p.add_argument("--save-prompts", help="model modes: also write the consensus prompts, as the model sees "
@@ -280,15 +288,37 @@ def vote_pick(parsed, order):
                key=lambda i: (answers.answer_distance(parsed[i], vote), parsed[i] is None, rank[i]))
 
 
-def choose(record, consensus_text, mode, min_agreement):
+LABEL_ECHO_RE = re.compile(r"\b(?i:responses?)\s+[A-Z]{1,2}\b")
+
+
+def consensus_defect(text, ended):
+    """Why a model consensus cannot be the positive ("cut", "no-answer", "echo", "answers",
+    "answer-not-last"), or None when it is clean."""
+    if not ended:
+        return "cut"
+    if answers.parse_answer(text) is None:
+        return "no-answer"
+    if LABEL_ECHO_RE.search(text):
+        return "echo"
+    lines = [line for line in text.splitlines() if line.strip()]
+    if sum(answers.answer_line_start(line) is not None for line in lines) > 1:
+        return "answers"
+    if answers.answer_line_start(lines[-1]) is None:
+        return "answer-not-last"
+    return None
+
+
+def choose(record, consensus, mode, min_agreement):
     """(chosen text, its answer, index of the source it is or None, consensus_by), or None when the
-    vote is needed and no source answer parses."""
+    vote is needed and no source answer parses. consensus: the model's (text, ended) or None."""
     parsed = record["_answers"]
     by = "vote"
     if mode != "vote":
+        consensus_text, ended = consensus
         answer = answers.parse_answer(consensus_text)
-        if answer is None:
-            by = "vote:no-answer"
+        defect = consensus_defect(consensus_text, ended)
+        if defect is not None:
+            by = "vote:" + defect
         elif mode == "model+vote" and majority_support(answer, parsed) < min_agreement:
             by = "vote:disagreed"
         else:
@@ -311,9 +341,10 @@ def pick_negatives(record, chosen_text, chosen_answer, chosen_index, which):
     return out
 
 
-def settle(record, consensus_text, args):
-    """The preference record of one instance, or the reason it is skipped (a string)."""
-    choice = choose(record, consensus_text, args.consensus, args.min_agreement)
+def settle(record, consensus, args):
+    """The preference record of one instance, or the reason it is skipped (a string).
+    consensus: the model's (text, ended), None in vote mode."""
+    choice = choose(record, consensus, args.consensus, args.min_agreement)
     if choice is None:
         return "no answer to vote on"
     chosen, chosen_answer, chosen_index, by = choice
@@ -512,10 +543,12 @@ def run(args):
         if prompts:
             set_seed(args.seed + start, device_specific=True)
             with accelerator.split_between_processes(batch) as share:
-                texts = modeling.generate(model, processor, share, data_path=args.data, batch_size=args.batch_size,
-                                          max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                          top_p=args.top_p, prompt_fn=lambda r: consensus_chat(r, prompts[r["id"]]))
-            pairs = gather_object([(r["id"], text) for r, text in zip(share, texts)])
+                texts, ended = modeling.generate(
+                    model, processor, share, data_path=args.data, batch_size=args.batch_size,
+                    max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    repetition_penalty=args.repetition_penalty, return_ended=True,
+                    prompt_fn=lambda r: consensus_chat(r, prompts[r["id"]]))
+            pairs = gather_object([(r["id"], (text, end)) for r, text, end in zip(share, texts, ended)])
             generated = dict(pairs)
             assert len(pairs) == len(generated) == len(batch), "each consensus must be gathered exactly once"
         if is_main:

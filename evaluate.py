@@ -53,6 +53,10 @@ def parse_args(argv=None):
                    help="score the sources in --data only; load no model (useful right after collect.py)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call on each process")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="generation budget per answer (reasoning included)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="transformers' repetition penalty for every model (> 1 discourages repeating tokens already "
+                        "in the prompt or the answer; default 1.0: off). Part of the decoding protocol: compare "
+                        "models only under the same one")
     p.add_argument("--seed", type=int, default=0, help="random seed (decoding is greedy; set for completeness)")
     args = p.parse_args(argv)
     if not args.models and not args.sources_only:
@@ -169,15 +173,16 @@ def check_manifest(out, models, existing, args):
     except json.JSONDecodeError:
         raise RecordError(manifest_path, None, None, "corrupt; move the output folder away to start over") from None
     for name, path in models:
-        entry = {"path": path, "fingerprint": modeling.model_fingerprint(path), "max_new_tokens": args.max_new_tokens}
+        entry = {"path": path, "fingerprint": modeling.model_fingerprint(path), "max_new_tokens": args.max_new_tokens,
+                 "repetition_penalty": args.repetition_penalty}
         old = manifest.get(name)
         if old and any(m == name for m, _ in existing):
+            made_with = None
             if old.get("fingerprint") != entry["fingerprint"]:
                 made_with = f"other weights ({old.get('path')} when it ran)"
-            elif old.get("max_new_tokens") != entry["max_new_tokens"]:
-                made_with = f"--max-new-tokens {old.get('max_new_tokens')}"
-            else:
-                made_with = None
+            for setting in ("max_new_tokens", "repetition_penalty"):
+                if made_with is None and old.get(setting, 1.0) != entry[setting]:
+                    made_with = f"--{setting.replace('_', '-')} {old.get(setting, 1.0)}"
             if made_with:
                 raise RecordError(out / "predictions.jsonl", None, None,
                                   f"holds predictions of model {name!r} made with {made_with}; use another "
@@ -186,8 +191,9 @@ def check_manifest(out, models, existing, args):
     write_json_atomic(manifest_path, manifest)
 
 
-def prediction_row(model, record_id, text):
-    return {"id": record_id, "model": model, "text": text, "answer": parse_answer(text)}
+def prediction_row(model, record_id, text, ended=None):
+    """ended: the answer stopped on its own (False: cut at --max-new-tokens; None: not known)."""
+    return {"id": record_id, "model": model, "text": text, "answer": parse_answer(text), "ended": ended}
 
 
 def rewrite_in_order(path, rows, model_order, id_order):
@@ -199,7 +205,8 @@ def rewrite_in_order(path, rows, model_order, id_order):
         return (model_order.get(m, len(model_order)), m if m not in model_order else "",
                 id_order.get(i, len(id_order)), i)
 
-    write_jsonl_atomic(path, [prediction_row(r["model"], r["id"], r["text"]) for r in sorted(rows, key=key)])
+    write_jsonl_atomic(path, [prediction_row(r["model"], r["id"], r["text"], r.get("ended"))
+                              for r in sorted(rows, key=key)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,9 +242,10 @@ def generate_missing(accelerator, name, path, instances, done, appender, args):
     bar = tqdm(total=len(todo), desc=name, disable=not accelerator.is_main_process)
     for step in range(steps):
         batch = mine[step * args.batch_size : (step + 1) * args.batch_size]
-        texts = modeling.generate(model, processor, batch, data_path=args.data, batch_size=args.batch_size,
-                                  max_new_tokens=args.max_new_tokens) if batch else []
-        rows = gather_object([prediction_row(name, r["id"], t) for r, t in zip(batch, texts)])
+        texts, ended = modeling.generate(model, processor, batch, data_path=args.data, batch_size=args.batch_size,
+                                         max_new_tokens=args.max_new_tokens, return_ended=True,
+                                         repetition_penalty=args.repetition_penalty) if batch else ([], [])
+        rows = gather_object([prediction_row(name, r["id"], t, e) for r, t, e in zip(batch, texts, ended)])
         if accelerator.is_main_process:
             for row in rows:
                 appender.write(row)

@@ -257,23 +257,29 @@ class ResponseLogps(nn.Module):
 
 @torch.no_grad()
 def generate(model, processor, records, data_path=None, batch_size=8, max_new_tokens=256, temperature=0.0,
-             top_p=1.0, prompt_fn=None, progress=None):
+             top_p=1.0, prompt_fn=None, progress=None, repetition_penalty=1.0, return_ended=False):
     """Answers for records, batched with left padding; greedy when temperature is 0.
 
     Prompts are sorted by length so each batch pads little; results come back in input order.
     prompt_fn(record) may replace the record used for the chat (consensus.py's long prompt).
+    repetition_penalty > 1 divides the logit of every token already in the prompt or the answer
+    (transformers' CTRL-style penalty). return_ended: also return, per answer, whether it ended
+    with an end-of-turn token rather than at max_new_tokens.
     """
     tok = tokenizer_of(processor)
     chats = [prompt_fn(r) if prompt_fn else r for r in records]
     texts = [prompt_text(processor, c) for c in chats]
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    out = [None] * len(texts)
+    out, ended = [None] * len(texts), [None] * len(texts)
     device = next(model.parameters()).device
     sampling = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
     if temperature > 0:
         sampling.update(temperature=temperature, top_p=top_p)
     else:  # silence generation_config's sampling defaults, which greedy decoding ignores
         sampling.update(temperature=None, top_p=None, top_k=None)
+    if repetition_penalty != 1.0:
+        sampling.update(repetition_penalty=repetition_penalty)
+    stop_ids = end_token_ids(model, tok)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         batch_texts = [texts[i] for i in idx]
@@ -285,8 +291,17 @@ def generate(model, processor, records, data_path=None, batch_size=8, max_new_to
         inputs = {k: v.to(device) for k, v in inputs.items()}
         generated = model.generate(**inputs, **sampling)
         new_tokens = generated[:, inputs["input_ids"].shape[1] :]
-        for i, text in zip(idx, tok.batch_decode(new_tokens, skip_special_tokens=True)):
+        for i, row, text in zip(idx, new_tokens.tolist(), tok.batch_decode(new_tokens, skip_special_tokens=True)):
             out[i] = text.strip()
+            ended[i] = any(t in stop_ids for t in row)
         if progress is not None:
             progress.update(len(idx))
-    return out
+    return (out, ended) if return_ended else out
+
+
+def end_token_ids(model, tok):
+    """The token ids that end an answer: generation_config's eos ids, else the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tok.eos_token_id
+    return set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}

@@ -3,7 +3,7 @@
 Record formats (DESIGN "Files between stages"):
 
 instances / trajectories.jsonl, one object a line:
-    id, split ("train" | "test"), prompt, system (optional), images (paths relative to the
+    id, split ("train" | "val" | "test"; only train is trained on), prompt, system (optional), images (paths relative to the
     file's folder), labels (optional, {finding: class}), trajectories ([{source, text}], the
     instance files given to collect.py may omit it)
 preferences.jsonl, one object a train instance:
@@ -18,7 +18,7 @@ import json
 import os
 from pathlib import Path
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
 
 
 class RecordError(ValueError):

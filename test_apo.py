@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from apo_loss import _ChunkedTokenLogps, apo_loss, sequence_logps, sequence_logps_reference
+from apo_loss import _ChunkedTokenLogps, apo_loss, dpo_pairs_loss, sequence_logps, sequence_logps_reference
 
 
 def make_logps(B=4, K=3, dtype=torch.float32, scale=50.0, seed=0):
@@ -147,6 +147,57 @@ def test_fp32_and_bf16_inputs(dtype):
     assert pc.grad.dtype == dtype and pr.grad.dtype == dtype
     assert torch.isfinite(pc.grad.float()).all() and (pc.grad.float() < 0).all()
     assert not chosen_r.requires_grad and not rejected_r.requires_grad
+
+
+# ------------------------------------------------------------------- the pairwise alternative
+
+def brute_force_pairs(pc, pr, rc, rr, beta, mask=None):
+    """mean over real negatives of -log sigmoid(r+ - r-_k), straight from the definition, float64."""
+    out = []
+    for b in range(pc.shape[0]):
+        ks = [k for k in range(pr.shape[1]) if mask is None or bool(mask[b, k])]
+        rp = beta * (float(pc[b]) - float(rc[b]))
+        terms = [math.log1p(math.exp(-(rp - beta * (float(pr[b, k]) - float(rr[b, k]))))) for k in ks]
+        out.append(sum(terms) / len(terms) if terms else 0.0)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0])
+def test_dpo_pairs_k1_equals_apo_loss(beta):
+    pc, pr, rc, rr = make_logps(B=8, K=1, dtype=torch.float64, seed=3)
+    pairs, chosen_p, rejected_p = dpo_pairs_loss(pc, pr, rc, rr, beta=beta)
+    apo, chosen_a, rejected_a = apo_loss(pc, pr, rc, rr, beta=beta)
+    torch.testing.assert_close(pairs, apo, atol=1e-12, rtol=0)
+    torch.testing.assert_close(chosen_p, chosen_a, atol=0, rtol=0)
+    torch.testing.assert_close(rejected_p, rejected_a, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("K", [2, 5])
+def test_dpo_pairs_equals_mean_of_pairs_and_differs_from_plackett_luce(K):
+    pc, pr, rc, rr = make_logps(B=6, K=K, dtype=torch.float64, seed=K)
+    losses, _, _ = dpo_pairs_loss(pc, pr, rc, rr, beta=0.3)
+    torch.testing.assert_close(losses, brute_force_pairs(pc, pr, rc, rr, 0.3), atol=1e-9, rtol=0)
+    # Two different objectives for K > 1: the mean of pairs is not -log P of the K+1-way race.
+    pl, _, _ = apo_loss(pc, pr, rc, rr, beta=0.3)
+    assert (pl - losses).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("garbage", [0.0, float("nan"), float("inf"), float("-inf")])
+def test_dpo_pairs_masked_negative_changes_nothing(garbage):
+    pc, pr, rc, rr = make_logps(B=3, K=3)
+    mask = torch.tensor([[True, False, True], [True, True, False], [False, False, False]])
+    pr_g, rr_g = pr.clone(), rr.clone()
+    pr_g[~mask], rr_g[~mask] = garbage, garbage
+    pc.requires_grad_(True), pr_g.requires_grad_(True)
+    losses, _, rejected_r = dpo_pairs_loss(pc, pr_g, rc, rr_g, rejected_mask=mask)
+    torch.testing.assert_close(losses.double(), brute_force_pairs(pc, pr, rc, rr, 0.1, mask), atol=1e-6, rtol=0)
+    assert losses[2].item() == 0.0 and torch.all(rejected_r[~mask] == 0)
+    losses.sum().backward()
+    assert torch.isfinite(pc.grad).all() and torch.all(pr_g.grad[~mask] == 0)
+    # Exact gradient of row 0: dL/dpc = -beta/n * sum_k sigmoid(r-_k - r+).
+    r0 = 0.1 * (pc[0] - rc[0]).detach()
+    expected = -0.1 / 2 * sum(torch.sigmoid(0.1 * (pr[0, k] - rr[0, k]) - r0) for k in (0, 2))
+    assert pc.grad[0].item() == pytest.approx(expected.item(), abs=1e-7)
 
 
 def test_shape_validation():

@@ -8,6 +8,7 @@ preference file. The runs the tests compare share module-scoped fixtures, so eac
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from safetensors.torch import load_file
 import apo
 import modeling
 import tiny_models
+from apo_loss import apo_loss
 from records import file_hash, load_preferences
 
 ROOT = Path(__file__).resolve().parent
@@ -127,7 +129,7 @@ def test_training_raises_margin_and_writes_a_loadable_model(tiny_text_model, dat
     torch.testing.assert_close(cache["chosen"], rc, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(cache["rejected"][mask], rr[mask], atol=1e-4, rtol=1e-5)
     assert cache["num_negatives"].tolist() == [1, 2, 3, 2] and cache["line"].tolist() == [1, 2, 3, 4]
-    _, chosen_r, rejected_r = apo.apo_loss(pc, pr, rc, rr, beta=0.1, rejected_mask=mask)
+    _, chosen_r, rejected_r = apo_loss(pc, pr, rc, rr, beta=0.1, rejected_mask=mask)
     margin = chosen_r - rejected_r.masked_fill(~mask, float("-inf")).max(1).values
     assert (margin > 0).all(), margin  # it was exactly 0 for every instance at the start
     assert margin.mean() > 0.05
@@ -200,6 +202,22 @@ def test_two_processes_match_one(tiny_text_model, data, straight, tmp_path):
     for name in ref1:
         torch.testing.assert_close(ref2[name], ref1[name], atol=1e-4, rtol=1e-5)
     assert_same_weights(straight[0], out, atol=1e-5)
+
+
+def test_dpo_pairs_loss_starts_at_log2_and_learns(tiny_text_model, data, straight, tmp_path):
+    """--loss dpo-pairs: at the reference every pair is -log sigmoid(0) = log 2, whatever K is;
+    the reference cache of the APO run is reused (it does not depend on the loss)."""
+    out = tmp_path / "pairs"
+    shutil.copy(straight[0] / apo.REFERENCE_FILE, out.mkdir() or out / apo.REFERENCE_FILE)
+    proc = run_apo("--model", tiny_text_model, "--data", data, "--out", out, "--batch-size", 2, "--loss", "dpo-pairs",
+                   *TRAIN)
+    assert "reference log-probs: reused" in proc.stdout, proc.stdout
+    rows = metrics(out)
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["margin"] > 0
+    # Another objective, other weights: the two runs are not the same training.
+    a, b = load_file(str(straight[0] / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
 def test_vlm_path_with_an_image(tiny_vl_model, tmp_path):

@@ -85,6 +85,20 @@ def test_response_order_is_seeded_per_instance():
     assert [consensus.response_label(i) for i in (0, 1, 25, 26, 27)] == ["A", "B", "Z", "AA", "AB"]
 
 
+@pytest.mark.parametrize("text, ended, defect", [
+    ("Kerley lines and fluid.\nAnswer: Edema", True, None),
+    ("Kerley lines and fluid.\n**Answer:** Edema\n\n", True, None),
+    ("Kerley lines and fluid.\nAnswer: Edema", False, "cut"),  # stopped by --max-new-tokens
+    ("Kerley lines and fluid, so edema is likely.", True, "no-answer"),
+    ("Response B is right about the Kerley lines.\nAnswer: Edema", True, "echo"),
+    ("As responses A and C say, fluid.\nAnswer: Edema", True, "echo"),
+    ("Answer: Edema\nAnswer: Edema", True, "answers"),
+    ("Fluid.\nAnswer: Edema\nEdema is seen in heart failure.", True, "answer-not-last"),
+])
+def test_consensus_defect(text, ended, defect):
+    assert consensus.consensus_defect(text, ended) == defect
+
+
 def test_majority_support_exact():
     ans = answers.parse_answer
     edema, card, both, none = ans("Answer: Edema"), ans("Answer: Cardiomegaly"), ans("Answer: Edema, Cardiomegaly"), None
@@ -340,6 +354,13 @@ def test_model_and_model_vote_with_a_scripted_model(tmp_path, edema_model):
     assert all(p["rejected"] == texts[p["id"]] for p in prefs)
     assert json.loads((tmp_path / "m.json").read_text())["consensus_by"] == {"model": 4}
     assert not (tmp_path / "m.skipped.jsonl").exists()
+
+    # a consensus cut by the token budget ("Answer:" without its finding) is never the positive
+    out = tmp_path / "cut.jsonl"
+    run("--model", edema_model, "--consensus", "model", "--data", data, "--out", out, "--max-new-tokens", 2,
+        "--summary", tmp_path / "cut.json")
+    assert json.loads((tmp_path / "cut.json").read_text())["consensus_by"] == {"vote:cut": 3}
+    assert all(p["chosen"] in texts[p["id"]] for p in read_jsonl(out))
 
 
 def test_vl_model_with_an_image_and_output_elsewhere(tmp_path, tiny_vl_model, one_thread):
