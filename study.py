@@ -1,7 +1,7 @@
 """Does APO work? The paper's claim, tested on the drift simulator with SmolLM2-135M-Instruct.
 
     python study.py --size cpu       # the run in the README (two CPU cores, about an hour)
-    python study.py --size smoke     # the whole study at toy size, for CI (a few minutes)
+    python study.py --size smoke     # the whole study at toy size on a tiny random model, for CI
     python study.py --size gpu       # one H100/H200
 
 From ONE bootstrapped model and ONE consensus, four models are trained and scored on the same
@@ -39,6 +39,7 @@ and every stage's own folder. Labels are read only by evaluate.py and by this re
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -126,6 +127,27 @@ def consensus_as_trajectories(src, dst):
             for _, p in records.read_jsonl(src)]
     records.write_jsonl_atomic(dst, rows)
     return len(rows)
+
+
+def share_reference(out, data, run_dir):
+    """Copy the reference log-probs an earlier run of this study computed on the same preferences
+    file into run_dir: they depend on the data and the initial weights, not on the loss or the
+    nll weight. apo.py still checks the copy's key (data hash, model, lengths, precision) and
+    recomputes it on any mismatch."""
+    from safetensors import safe_open
+
+    from apo import REFERENCE_FILE
+
+    target = Path(run_dir) / REFERENCE_FILE
+    if target.exists():
+        return
+    digest = records.file_hash(data)
+    for cache in sorted(Path(out).glob(f"*/{REFERENCE_FILE}")):
+        with safe_open(str(cache), framework="pt") as f:
+            if (f.metadata() or {}).get("data_sha256") == digest:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(cache, target)
+                return
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,7 +347,15 @@ def main(argv=None):
     out = Path(args.out or f"runs/study-{args.size}")
     out.mkdir(parents=True, exist_ok=True)
     py, seed = sys.executable, ["--seed", str(args.seed)]
-    if args.model is None:
+    if args.model is None and args.size == "smoke":
+        # The plumbing, not the result: a tiny random Qwen2 (built offline in seconds) keeps CI short.
+        import tiny_models
+
+        folder = out / "tiny-model"
+        if not (folder / "tokenizer_config.json").exists():  # written last
+            tiny_models.build_text_model(folder)
+        args.model = str(folder)
+    elif args.model is None:
         from demo_model import smollm2_folder
 
         args.model = str(smollm2_folder())
@@ -357,6 +387,7 @@ def main(argv=None):
     sweep = []
     for negatives, nll in size["grid"]:
         name = f"apo-{negatives}-nll{nll:g}"
+        share_reference(out, prefs[negatives], out / name)
         run([py, "apo.py", "--model", boot, "--data", prefs[negatives], "--out", out / name,
              "--nll-weight", nll, *pref_train])
         sweep.append(dict(name=name, negatives=negatives, nll_weight=nll))
@@ -381,6 +412,7 @@ def main(argv=None):
     consensus_as_trajectories(chosen_prefs, sft_data)
     run([py, "bootstrap.py", "--model", boot, "--data", sft_data, "--out", out / "sft-consensus", "--lr", PREF_LR,
          "--batch-size", PREF_BATCH, "--grad-accum", "1", "--max-length", MAX_LENGTH, "--max-steps", pref_steps, *seed])
+    share_reference(out, chosen_prefs, out / "dpo-pairs")
     run([py, "apo.py", "--model", boot, "--data", chosen_prefs, "--out", out / "dpo-pairs", "--loss", "dpo-pairs",
          "--nll-weight", best["nll_weight"], *pref_train])
 
@@ -392,7 +424,8 @@ def main(argv=None):
     instances, answers_by = load_rows(data, "test")
     predictions = model_predictions(out / "eval-test", MODELS, instances)
     report = {
-        "size": args.size, "seed": args.seed, "n_test": len(instances), "decoding": DECODING | {"greedy": True},
+        "size": args.size, "seed": args.seed, "model": args.model, "n_test": len(instances),
+        "decoding": dict(DECODING, max_new_tokens=size["new_tokens"], greedy=True),
         "settings": {"bootstrap_lr": BOOT_LR, "preference_lr": PREF_LR, "beta": BETA, "max_length": MAX_LENGTH,
                      "instances_per_step": PREF_BATCH, "preference_steps": pref_steps},
         "test": score_table(instances, answers_by, predictions, args.resamples, args.seed, size["windows"]),

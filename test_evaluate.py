@@ -181,8 +181,9 @@ def test_text_models_cli(text_run, text_model):
         assert row(metrics, "a")[task] == row(metrics, "b")[task]
     assert row(metrics, "a")["path"] == str(text_model)
     manifest = json.loads((out / "models.json").read_text())
-    assert manifest["a"] == {"path": str(text_model), "max_new_tokens": 24,
+    assert manifest["a"] == {"path": str(text_model), "max_new_tokens": 24, "repetition_penalty": 1.0,
                              "fingerprint": model_fingerprint(text_model)}
+    assert all(isinstance(p["ended"], bool) for p in preds)
     table = (out / "table.md").read_text()
     assert "| a | model | " in table and "| b | model | " in table and table in text_run["result"].stdout
     assert "14 answers generated, 0 reused" in text_run["result"].stdout.splitlines()[-1]
@@ -330,6 +331,9 @@ def test_predictions_of_other_weights_are_never_reused(text_run, tmp_path, capsy
                        "(NAME=DIR), or delete its lines")
     message = fails(capsys, "--models", text_run["command"][1], "--data", data, "--out", out, "--max-new-tokens", "9")
     assert "holds predictions of model 'a' made with --max-new-tokens 24;" in message
+    message = fails(capsys, "--models", text_run["command"][1], "--data", data, "--out", out,
+                    "--max-new-tokens", "24", "--repetition-penalty", "1.1")
+    assert "holds predictions of model 'a' made with --repetition-penalty 1.0;" in message
     (out / "models.json").write_text("{")
     assert "models.json: corrupt" in fails(capsys, "--models", text_run["command"][1], "--data", data, "--out", out)
 
