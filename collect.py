@@ -104,7 +104,12 @@ def build_parser():
     api.add_argument("--concurrency", type=int, default=8, metavar="N", help="requests in flight per API source")
     api.add_argument("--max-retries", type=int, default=5, metavar="N",
                      help="retries of a request after 429, 5xx, timeouts and refused connections")
-    api.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS", help="seconds before a request counts as timed out")
+    api.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+                     help="total deadline of one request in seconds, however slowly the server sends; a request "
+                          "cut there counts as a timeout and is retried")
+    api.add_argument("--allow-outside-images", action="store_true",
+                     help="send images whose path leads outside the data file's folder (absolute, ../ or a "
+                          "symlink out); without it such an instance stops the run before anything is sent")
     api.add_argument("--backoff", type=float, default=1.0, metavar="SECONDS",
                      help="first retry delay in seconds, doubled each retry (capped at 60, or the server's "
                           "Retry-After)")
@@ -125,6 +130,8 @@ def parse_args(argv=None):
     for flag in ("batch_size", "concurrency"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if not args.timeout > 0:
+        p.error("--timeout must be a positive number of seconds")
     return args
 
 
@@ -164,8 +171,9 @@ def check_labels(instances, origin):
                 raise RecordError(origin, r.get("_line"), "labels", str(e)) from None
 
 
-def check_sources(srcs, instances, origin, key_envs):
-    """Everything a source needs, checked before the first one is asked."""
+def check_sources(srcs, instances, origin, key_envs, allow_outside_images=False):
+    """Everything a source needs, checked before the first one is asked; images sent to an API
+    source must lie inside the data file's folder unless allowed."""
     unlabelled = next((r for r in instances if not r.get("labels")), None)
     if unlabelled is not None and any(s.kind == "sim" for s in srcs):
         raise RecordError(origin, unlabelled.get("_line"), "labels",
@@ -186,6 +194,9 @@ def check_sources(srcs, instances, origin, key_envs):
             # a local server may need no key; OpenAI itself, or a key named for this source, does
             raise SourceError(f"{s}: no API key: set ${key_envs.get(s.name, key_envs[None])} "
                               "(or name another variable with --api-key-env)")
+    if with_images and any(s.kind == "openai" for s in srcs) and not allow_outside_images:
+        for r in instances:
+            records.check_images_inside(r, origin)
 
 
 def parse_key_envs(entries, srcs):
@@ -254,7 +265,8 @@ def answers_of(source, instances, todo, origin, positions, args, key_envs):
                                      ("top_p", args.top_p)) if v is not None}
         return sources.openai_answers(source, todo_records, data_path=origin, api_key=api_key(source, key_envs),
                                       concurrency=args.concurrency, max_retries=args.max_retries,
-                                      timeout=args.timeout, backoff=args.backoff, request=request)
+                                      timeout=args.timeout, backoff=args.backoff, request=request,
+                                      allow_outside_images=args.allow_outside_images)
     return sources.sim_answers(source, todo_records, positions, seed=args.seed, delay=args.sim_delay)
 
 
@@ -383,7 +395,7 @@ def main(argv=None):
         srcs = sources.parse_sources(args.sources, args.sim_profiles)
         key_envs = parse_key_envs(args.api_key_env, srcs)
         instances, origin = load_stream(args)
-        check_sources(srcs, instances, origin, key_envs)
+        check_sources(srcs, instances, origin, key_envs, args.allow_outside_images)
         if any(s.kind == "hf" for s in srcs):
             from transformers.utils import logging as hf_logging
 

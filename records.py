@@ -98,6 +98,24 @@ def resolve_image(jsonl_path, image):
     return p if p.is_absolute() else Path(jsonl_path).resolve().parent / p
 
 
+def check_images_inside(record, jsonl_path):
+    """Refuse images that lie outside the folder of the JSONL file naming them: absolute paths,
+    `../` paths and symlinks that lead out, as resolved on disk now.
+
+    Stages that send images off the machine (collect.py's API sources) call this unless the user
+    passes --allow-outside-images: a stray path must not send a patient's X-ray from a folder the
+    user never meant to share. The error names the record's line and the resolved path.
+    """
+    folder = Path(jsonl_path).resolve().parent
+    for image in record.get("images") or []:
+        resolved = resolve_image(jsonl_path, image).resolve()
+        if not resolved.is_relative_to(folder):
+            raise RecordError(jsonl_path, record.get("_line"), "images",
+                              f"{image!r} resolves to {resolved}, outside the data file's folder {folder}; images "
+                              "are sent to API sources only from inside it (pass --allow-outside-images to send it "
+                              "anyway)")
+
+
 def rebase_images(images, from_jsonl, to_jsonl):
     """Image paths of a record read from one JSONL file, made relative to another file's folder
     (a stage that writes its output elsewhere keeps the images reachable); absolute paths stay."""

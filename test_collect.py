@@ -117,11 +117,14 @@ class ChatServer:
     """A real HTTP server on 127.0.0.1 that speaks just enough of /v1/chat/completions.
 
     behave(prompt, n, body) -> (status, payload, headers, delay) decides each answer; n counts the
-    requests seen for that prompt so far (1 for the first).
+    requests seen for that prompt so far (1 for the first). A payload of bytes is sent as it is
+    (an HTML page, broken JSON), with the Content-Type of `headers` if it names one. With
+    `trickle` set, the whole response, status line and headers included, goes out one byte every
+    `trickle` seconds.
     """
 
     def __init__(self, behave):
-        self.behave, self.requests, self.lock = behave, [], threading.Lock()
+        self.behave, self.requests, self.lock, self.trickle = behave, [], threading.Lock(), None
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -137,13 +140,18 @@ class ChatServer:
                 status, payload, headers, delay = server.behave(prompt, n, body)
                 if delay:
                     time.sleep(delay)
-                data = json.dumps(payload).encode()
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                headers = {"Content-Type": "application/json", **headers, "Content-Length": str(len(data))}
                 try:
+                    if server.trickle:
+                        head = f"HTTP/1.1 {status} X\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+                        for byte in (head + "\r\n").encode() + data:
+                            self.wfile.write(bytes([byte]))
+                            time.sleep(server.trickle)
+                        return
                     self.send_response(status)
                     for k, v in headers.items():
                         self.send_header(k, v)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
                     self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):
@@ -608,6 +616,162 @@ def test_5xx_retried_4xx_not_and_echoed_keys_redacted(tmp_path, chat_server):
                errors[(r["id"], "dead")].endswith("(after 3 attempts)") for r in rows)
     assert [r["trajectories"] for r in read_jsonl(out)] == [[]] * 4 + [[{"source": "api", "text": "fine\nAnswer: Edema"}]]
     assert_no_secret(out, result)
+
+
+def key_of(prompt):
+    return "q" + prompt.split(":")[0].split()[-1]
+
+
+def test_malformed_200_bodies_fail_their_pair_and_later_sources_are_still_asked(tmp_path, chat_server, capsys):
+    bodies = {"q0": (b"<html><body>Sign in to the hotel wifi</body></html>", "text/html"),
+              "q1": (b'{"choices": [{"message": ', "application/json"),
+              "q2": (b'{"choices": 5}', "application/json"),
+              "q3": (b"[1, 2]", "application/json")}
+
+    def behave(prompt, n, body):
+        if body["model"] == "broken" and key_of(prompt) in bodies:
+            data, kind = bodies[key_of(prompt)]
+            return 200, data, {"Content-Type": kind}, 0
+        return 200, completion(f"{body['model']} on {key_of(prompt)}\nAnswer: No Finding"), {}, 0
+
+    server = chat_server(behave)
+    rows = text_rows(5)
+    data, out = write_jsonl(tmp_path / "data.jsonl", rows), tmp_path / "t.jsonl"
+    code, stdout, err = collect_in_process(capsys, "--data", data, "--sources", f"broken=openai:broken@{server.url}",
+                                           f"fine=openai:fine@{server.url}", "--backoff", 0.01, "--out", out)
+    assert code == 3, err
+    assert "Traceback" not in err
+    # not retried: the same body would come back
+    assert [sum(r["prompt"] == row["prompt"] and r["body"]["model"] == "broken" for r in server.requests)
+            for row in rows] == [1] * 5
+    errors = {l["id"]: l.get("error") for l in read_jsonl(journal_of(out)) if l["source"] == "broken"}
+    assert errors["q0"].startswith("malformed response: HTTP 200 with a body that is not JSON (text/html: "
+                                   "'<html><body>Sign in to the hotel wifi</body></html>')")
+    assert errors["q1"].startswith("malformed response: HTTP 200 with a body that is not JSON (application/json: ")
+    assert errors["q2"] == "malformed response: no choices[0].message.content string in '{\"choices\": 5}'"
+    assert errors["q3"] == "malformed response: no choices[0].message.content string in '[1, 2]'"
+    assert errors["q4"] is None
+    assert [[t["source"] for t in r["trajectories"]] for r in read_jsonl(out)] == [["fine"]] * 4 + [["broken", "fine"]]
+    assert "  broken: 1 failed: malformed response: " in stdout
+
+
+def test_a_trickling_server_is_cut_at_the_total_deadline(tmp_path, chat_server, capsys):
+    server = chat_server(lambda prompt, n, body: (200, completion(f"slow answer to {key_of(prompt)}"), {}, 0))
+    server.trickle = 0.5  # one byte every 0.5 s: no single read ever waits as long as --timeout
+    rows = text_rows(2)
+    data, out = write_jsonl(tmp_path / "data.jsonl", rows), tmp_path / "t.jsonl"
+    args = ["--data", data, "--sources", f"slow=openai:m@{server.url}", "--timeout", 1.5, "--max-retries", 1,
+            "--backoff", 0.01, "--out", out]
+    start = time.monotonic()
+    code, stdout, err = collect_in_process(capsys, *args)
+    elapsed = time.monotonic() - start
+    assert code == 3, err
+    # two attempts of 1.5 s each, in parallel for both instances; the whole response would take minutes
+    assert 3.0 <= elapsed < 30.0, elapsed
+    assert [server.count(r["prompt"]) for r in rows] == [2, 2]
+    assert [l.get("error") for l in read_jsonl(journal_of(out))] == ["timeout (after 2 attempts)"] * 2
+    assert "slow: 2 failed: timeout (after 2 attempts)" in stdout
+    server.trickle = None
+    code, stdout, err = collect_in_process(capsys, *args)
+    assert code == 0 and "2 answered this run" in stdout, err
+    assert [r["trajectories"][0]["text"] for r in read_jsonl(out)] == ["slow answer to q0", "slow answer to q1"]
+
+
+@pytest.mark.parametrize("status", [307, 308])
+def test_a_redirect_is_never_followed(tmp_path, chat_server, capsys, status):
+    elsewhere = chat_server(lambda prompt, n, body: (200, completion("Answer: No Finding"), {}, 0))
+    target = f"{elsewhere.url}/chat/completions"
+    server = chat_server(lambda prompt, n, body: (status, {}, {"Location": target}, 0))
+    tiny_models.write_test_image(tmp_path / "xray.png")
+    rows = [{**r, "images": ["xray.png"]} for r in text_rows(2)]
+    data, out = write_jsonl(tmp_path / "data.jsonl", rows), tmp_path / "t.jsonl"
+    code, stdout, err = collect_in_process(capsys, "--data", data, "--sources", f"api=openai:m@{server.url}",
+                                           "--backoff", 0.01, "--out", out)
+    assert code == 3, err
+    assert elsewhere.requests == []  # the body, image included, went nowhere else
+    assert [server.count(r["prompt"]) for r in rows] == [1, 1]
+    assert [l["error"] for l in read_jsonl(journal_of(out))] == [
+        f"HTTP {status}: redirect to {target} not followed: a redirect would re-send the request, images included; "
+        "give the final URL as the base URL"] * 2
+
+
+def test_keys_are_redacted_before_errors_are_cut_and_in_answers(tmp_path, chat_server, capsys, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+
+    def behave(prompt, n, body):
+        i = int(key_of(prompt)[1:])
+        if i < 12:  # the key at 12 offsets around the 300-character cut of an error message
+            return 401, {"error": {"message": "x" * (220 + 7 * i) + f" key {SECRET} rejected"}}, {}, 0
+        auth = next(r["auth"] for r in reversed(server.requests) if r["prompt"] == prompt)
+        return 200, completion(f"The request carried Authorization: {auth}\nAnswer: No Finding"), {}, 0
+
+    server = chat_server(behave)
+    data, out = write_jsonl(tmp_path / "data.jsonl", text_rows(13)), tmp_path / "t.jsonl"
+    code, stdout, err = collect_in_process(capsys, "--data", data, "--sources", f"api=openai:m@{server.url}",
+                                           "--out", out)
+    assert code == 3, err
+    assert {r["auth"] for r in server.requests} == {f"Bearer {SECRET}"}
+    errors = [l["error"] for l in read_jsonl(journal_of(out)) if "error" in l]
+    assert len(errors) == 12 and all(e.startswith("HTTP 401: ") for e in errors)
+    assert all("***" in e or e.endswith("…") for e in errors)
+    assert read_jsonl(out)[12]["trajectories"] == [
+        {"source": "api", "text": "The request carried Authorization: Bearer ***\nAnswer: No Finding"}]
+    for text in (stdout, err, out.read_text(), journal_of(out).read_text()):
+        assert not any(SECRET[:k] in text for k in range(6, len(SECRET) + 1))
+
+
+def images_outside_setup(tmp_path):
+    """A data folder with an image, a symlink to it, and four ways to reach a file outside it."""
+    folder, outside = tmp_path / "study", tmp_path / "elsewhere"
+    (folder / "img").mkdir(parents=True)
+    outside.mkdir()
+    tiny_models.write_test_image(folder / "img" / "a.png", seed=1)
+    tiny_models.write_test_image(outside / "phi.png", seed=2)
+    (folder / "img" / "alias.png").symlink_to(folder / "img" / "a.png")
+    (folder / "img" / "leak.png").symlink_to(outside / "phi.png")
+    (folder / "scans").symlink_to(outside, target_is_directory=True)
+    ways = {"absolute": str(outside / "phi.png"), "dot-dot": "../elsewhere/phi.png", "symlink": "img/leak.png",
+            "symlinked folder": "scans/phi.png"}
+    return folder, (outside / "phi.png").resolve(), ways
+
+
+def test_images_outside_the_data_folder_are_never_sent_unless_allowed(tmp_path, chat_server, capsys):
+    folder, phi, ways = images_outside_setup(tmp_path)
+    server = chat_server(lambda prompt, n, body: (200, completion("Answer: No Finding"), {}, 0))
+    for way, image in ways.items():
+        rows = [{"id": "in", "prompt": "p", "images": ["img/a.png", "img/alias.png"]},
+                {"id": "out", "prompt": "q", "images": ["img/a.png", image]}]
+        data = write_jsonl(folder / "data.jsonl", rows)
+        out = tmp_path / way / "t.jsonl"
+        code, _, err = collect_in_process(capsys, "--data", data, "--sources", f"api=openai:m@{server.url}",
+                                          "--out", out)
+        assert code == 2, way
+        assert err.startswith(f"error: {data}:2: field 'images': {image!r} resolves to {phi}, outside the data "
+                              f"file's folder {folder.resolve()}; ") and "--allow-outside-images" in err, err
+        assert server.requests == [] and not journal_of(out).exists()
+    code, _, err = collect_in_process(capsys, "--data", data, "--sources", f"api=openai:m@{server.url}",
+                                      "--allow-outside-images", "--out", tmp_path / "allowed.jsonl")
+    assert code == 0, err
+    sent = {r["prompt"]: [p["image_url"]["url"] for p in r["body"]["messages"][-1]["content"] if p["type"] == "image_url"]
+            for r in server.requests}
+    assert sent == {"p": [sources.image_data_url(folder / "img" / "a.png")] * 2,
+                    "q": [sources.image_data_url(folder / "img" / "a.png"), sources.image_data_url(phi)]}
+
+
+def test_an_image_link_changed_after_validation_is_checked_again_before_sending(tmp_path, chat_server):
+    folder, phi, _ = images_outside_setup(tmp_path)
+    server = chat_server(lambda prompt, n, body: (200, completion("Answer: No Finding"), {}, 0))
+    data = write_jsonl(folder / "data.jsonl", [{"id": "a", "prompt": "p", "images": ["img/alias.png"]}])
+    record = records.load_instances(data)[0]
+    records.check_images_inside(record, data)  # inside when checked ...
+    (folder / "img" / "alias.png").unlink()
+    (folder / "img" / "alias.png").symlink_to(phi)  # ... outside when sent
+    source = sources.parse_sources([f"api=openai:m@{server.url}"])[0]
+    (rec_id, text, error), = sources.openai_answers(source, [record], data_path=data, max_retries=0)
+    assert text is None and error.startswith(f"{data}:1: field 'images': 'img/alias.png' resolves to {phi}, outside")
+    assert server.requests == []
+    (rec_id, text, error), = sources.openai_answers(source, [record], data_path=data, allow_outside_images=True)
+    assert (text, error) == ("Answer: No Finding", None) and len(server.requests) == 1
 
 
 # ---------------------------------------------------------------------------------------------
