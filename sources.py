@@ -247,10 +247,11 @@ class RequestDeadline:
     httpx timeouts bound each network operation, so a server that trickles a byte every half
     second never times out. Instead a timer shuts the request's socket down when its time is up,
     which ends the read in progress. The socket comes from httpx's `trace` extension when the
-    connection is opened; `Connection: close` gives every request a connection of its own, so none
-    runs on a socket the timer cannot see (a handshake is small next to a model's answer). The
-    client takes as_event_hooks(); each request is made inside attempt(), in the thread that
-    sends it (the sync client sends in the caller's thread, hence the thread-local).
+    connection is opened (and again when TLS wraps it); `Connection: close` gives every request a
+    connection of its own, so none runs on a socket the timer cannot see (a handshake is small
+    next to a model's answer). The client takes as_event_hooks(); each request is made inside
+    attempt(), in the thread that sends it (the sync client sends in the caller's thread, hence
+    the thread-local).
     """
 
     def __init__(self, seconds=None):
@@ -291,7 +292,9 @@ class _Watch:
             self.timer.start()
 
     def trace(self, event, info):
-        if event == "connection.connect_tcp.complete" and info.get("return_value") is not None:
+        # TLS wraps the TCP socket into a new one and detaches the first, so the socket to shut
+        # down is the last one opened
+        if event in ("connection.connect_tcp.complete", "connection.start_tls.complete") and info.get("return_value"):
             with self.lock:
                 self.sock = info["return_value"].get_extra_info("socket")
                 if self.passed:  # connecting took the whole time

@@ -120,10 +120,10 @@ class ChatServer:
     requests seen for that prompt so far (1 for the first). A payload of bytes is sent as it is
     (an HTML page, broken JSON), with the Content-Type of `headers` if it names one. With
     `trickle` set, the whole response, status line and headers included, goes out one byte every
-    `trickle` seconds.
+    `trickle` seconds. With `tls` (cert file, key file) it speaks HTTPS.
     """
 
-    def __init__(self, behave):
+    def __init__(self, behave, tls=None):
         self.behave, self.requests, self.lock, self.trickle = behave, [], threading.Lock(), None
         server = self
 
@@ -159,7 +159,14 @@ class ChatServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        if tls:
+            import ssl
+
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+        scheme = "https" if tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}/v1"
         threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def count(self, prompt):
@@ -174,8 +181,8 @@ class ChatServer:
 def chat_server():
     servers = []
 
-    def make(behave):
-        servers.append(ChatServer(behave))
+    def make(behave, tls=None):
+        servers.append(ChatServer(behave, tls))
         return servers[-1]
 
     yield make
@@ -655,13 +662,31 @@ def test_malformed_200_bodies_fail_their_pair_and_later_sources_are_still_asked(
     assert "  broken: 1 failed: malformed response: " in stdout
 
 
-def test_a_trickling_server_is_cut_at_the_total_deadline(tmp_path, chat_server, capsys):
-    server = chat_server(lambda prompt, n, body: (200, completion(f"slow answer to {key_of(prompt)}"), {}, 0))
+def loopback_certificate(folder):
+    """A self-signed certificate for 127.0.0.1 (cert file, key file), made by the openssl tool."""
+    cert, key = Path(folder) / "cert.pem", Path(folder) / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_trickling_server_is_cut_at_the_total_deadline(tmp_path, chat_server, capsys, monkeypatch, scheme):
+    tls = None
+    if scheme == "https":  # TLS puts a socket of its own over the TCP one: the one to cut
+        if shutil.which("openssl") is None:
+            pytest.skip("needs the openssl tool to make a certificate")
+        tls = loopback_certificate(tmp_path)
+        monkeypatch.setenv("SSL_CERT_FILE", str(tls[0]))
+    server = chat_server(lambda prompt, n, body: (200, completion(f"slow answer to {key_of(prompt)}"), {}, 0), tls)
     server.trickle = 0.5  # one byte every 0.5 s: no single read ever waits as long as --timeout
     rows = text_rows(2)
     data, out = write_jsonl(tmp_path / "data.jsonl", rows), tmp_path / "t.jsonl"
     args = ["--data", data, "--sources", f"slow=openai:m@{server.url}", "--timeout", 1.5, "--max-retries", 1,
             "--backoff", 0.01, "--out", out]
+    import collect, openai  # noqa: E401, F401  (imported before the clock starts: they are slow on a busy machine)
+
     start = time.monotonic()
     code, stdout, err = collect_in_process(capsys, *args)
     elapsed = time.monotonic() - start
