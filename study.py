@@ -60,13 +60,13 @@ DECODING = dict(max_new_tokens=256, repetition_penalty=1.0)
 SIZES = {
     "smoke": dict(n_train=6, n_val=3, n_test=4, boot=["--max-steps", "2", "--batch-size", "4"],
                   pref_steps=2, new_tokens=24, consensus_tokens=24, grid=[("all", 0.0), ("drifting", 0.0)],
-                  windows=2),
+                  windows=2, train_seeds=2),
     "cpu": dict(n_train=48, n_val=16, n_test=40, boot=["--epochs", "2", "--batch-size", "4"],
                 pref_steps=None, new_tokens=DECODING["max_new_tokens"], consensus_tokens=256,
-                grid=[("all", 0.0), ("drifting", 0.0), ("drifting", 1.0)], windows=4),
+                grid=[("all", 0.0), ("drifting", 0.0), ("drifting", 1.0)], windows=4, train_seeds=1),
     "gpu": dict(n_train=400, n_val=100, n_test=200, boot=["--epochs", "1", "--batch-size", "16"],
                 pref_steps=None, new_tokens=DECODING["max_new_tokens"], consensus_tokens=256,
-                grid=[("all", 0.0), ("drifting", 0.0), ("all", 1.0), ("drifting", 1.0)], windows=5),
+                grid=[("all", 0.0), ("drifting", 0.0), ("all", 1.0), ("drifting", 1.0)], windows=5, train_seeds=3),
 }
 # Fixed in advance, not tuned (see the README): the bootstrap lr of the official LoRA recipe's
 # order for a 135M full fine-tune, and for the preference stage a step size that moves a 135M
@@ -235,6 +235,18 @@ def score_table(instances, answers_by, predictions, resamples, seed, windows):
     return table
 
 
+def seed_spread(predictions, instances, train_seeds):
+    """{model: {"values", "mean", "sd"}} of test macro accuracy over the training seeds."""
+    labels = [r["labels"] for r in instances]
+    out = {}
+    for model in MODELS[1:]:
+        names = [model if i == 0 else f"{model}@seed{s}" for i, s in enumerate(train_seeds)]
+        values = [float(correctness([a for a, _, _ in predictions[n]], labels).mean()) for n in names]
+        out[model] = {"seeds": train_seeds, "values": values, "mean": float(np.mean(values)),
+                      "sd": float(np.std(values, ddof=1)) if len(values) > 1 else None}
+    return out
+
+
 def training_tail(out, last=5):
     """Mean of the last metrics lines of a preference-stage run (reward accuracy, margin ...)."""
     lines = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -309,6 +321,10 @@ def markdown(report):
         lines.append(f"| {v['negatives']} | {v['nll_weight']} | {v['preferences']} | {v['val_macro_accuracy']:.3f} | "
                      f"{v['val_unparsed']}/{v['val_n']} | {t.get('reward_accuracy', float('nan')):.2f} | "
                      f"{t.get('margin', float('nan')):.3f} | {t.get('chosen_reward', float('nan')):.3f} |")
+    if any(v["sd"] is not None for v in report["seeds"].values()):
+        lines += ["", "Training seeds (same bootstrap and consensus; test macro accuracy, mean ± sd):", ""]
+        lines += [f"- {m}: {v['mean']:.3f} ± {v['sd']:.3f} over seeds {v['seeds']} ({', '.join(f'{x:.3f}' for x in v['values'])})"
+                  for m, v in report["seeds"].items()]
     c = report["chosen"]
     lines += ["", f"Chosen on val: negatives {c['negatives']}, nll weight {c['nll_weight']}.", "",
               "Consensus (train split; labels only reported): "
@@ -407,24 +423,33 @@ def main(argv=None):
     print(f"\nstudy: chosen on val: negatives {best['negatives']}, nll weight {best['nll_weight']} "
           f"(val macro accuracy {best['val_macro_accuracy']:.3f})")
 
-    # 5. The two alternatives, on the chosen preferences with the chosen settings.
+    # 5. The two alternatives, on the chosen preferences with the chosen settings; with several
+    # training seeds, the three preference-stage models again (same bootstrap, same consensus).
     chosen_prefs = prefs[best["negatives"]]
     pref_steps = training_tail(out / best["name"])["steps"]
     sft_data = out / "consensus_sft.jsonl"
     consensus_as_trajectories(chosen_prefs, sft_data)
-    run([py, "bootstrap.py", "--model", boot, "--data", sft_data, "--out", out / "sft-consensus", "--lr", PREF_LR,
-         "--batch-size", PREF_BATCH, "--grad-accum", "1", "--max-length", MAX_LENGTH, "--max-steps", pref_steps, *seed])
-    share_reference(out, chosen_prefs, out / "dpo-pairs")
-    run([py, "apo.py", "--model", boot, "--data", chosen_prefs, "--out", out / "dpo-pairs", "--loss", "dpo-pairs",
-         "--nll-weight", best["nll_weight"], *pref_train])
+    folders = {"bootstrap": boot}
+    train_seeds = [args.seed + i for i in range(size["train_seeds"])]
+    for s in train_seeds:
+        tag = "" if s == args.seed else f"@seed{s}"
+        folders.update({f"sft-consensus{tag}": out / f"sft-consensus{tag}", f"dpo-pairs{tag}": out / f"dpo-pairs{tag}",
+                        f"apo{tag}": out / (best["name"] + tag)})
+        seeded = [*pref_train[:-2], "--seed", s]
+        run([py, "bootstrap.py", "--model", boot, "--data", sft_data, "--out", folders[f"sft-consensus{tag}"],
+             "--lr", PREF_LR, "--batch-size", PREF_BATCH, "--grad-accum", "1", "--max-length", MAX_LENGTH,
+             "--max-steps", pref_steps, "--seed", s])
+        for loss, name in (("dpo-pairs", f"dpo-pairs{tag}"), ("apo", f"apo{tag}")):
+            share_reference(out, chosen_prefs, folders[name])
+            run([py, "apo.py", "--model", boot, "--data", chosen_prefs, "--out", folders[name], "--loss", loss,
+                 "--nll-weight", best["nll_weight"], *seeded])
 
-    # 6. Test: the four models on the same instances, one decoding protocol.
-    folders = {"bootstrap": boot, "sft-consensus": out / "sft-consensus", "dpo-pairs": out / "dpo-pairs",
-               "apo": out / best["name"]}
-    run([py, "evaluate.py", "--models", *(f"{m}={folders[m]}" for m in MODELS), "--data", data, "--split", "test",
-         "--out", out / "eval-test", *decode, *seed])
+    # 6. Test: every model on the same instances, one decoding protocol.
+    run([py, "evaluate.py", "--models", *(f"{m}={path}" for m, path in folders.items()), "--data", data,
+         "--split", "test", "--out", out / "eval-test", *decode, *seed])
     instances, answers_by = load_rows(data, "test")
     predictions = model_predictions(out / "eval-test", MODELS, instances)
+    seeds = seed_spread(model_predictions(out / "eval-test", list(folders), instances), instances, train_seeds)
     report = {
         "size": args.size, "seed": args.seed, "model": args.model, "n_test": len(instances),
         "decoding": dict(DECODING, max_new_tokens=size["new_tokens"], greedy=True),
@@ -434,7 +459,7 @@ def main(argv=None):
         "sweep": sweep, "chosen": {"negatives": best["negatives"], "nll_weight": best["nll_weight"]},
         "training": {"dpo-pairs": training_tail(out / "dpo-pairs"), "apo": training_tail(out / best["name"])},
         "consensus": consensus_facts(prefs["all"], out / "consensus_summary.json", data),
-        "minutes": (time.time() - t0) / 60,
+        "seeds": seeds, "minutes": (time.time() - t0) / 60,
     }
     records.write_json_atomic(out / "report.json", report)
     text = markdown(report)
