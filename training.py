@@ -450,7 +450,7 @@ ADAPTER = "adapter"
 def add_lora_args(parser, dropout):
     """--lora-rank and its companions; dropout is the stage's default --lora-dropout."""
     g = parser.add_argument_group("LoRA (peft)")
-    g.add_argument("--lora-rank", type=_positive_int, default=None,
+    g.add_argument("--lora-rank", type=_lora_rank, default=None,
                    help="train LoRA adapters of this rank (the official recipe: 8) instead of every weight; the "
                         "base weights and the vision tower stay frozen. OUT then holds the merged model and "
                         f"OUT/{ADAPTER} the adapters alone (peft). Default: full fine-tuning")
@@ -471,6 +471,17 @@ def _positive_int(text):
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _lora_rank(text):
+    """A positive rank, and peft installed: checked while parsing, before any data or model is loaded."""
+    import argparse
+    import importlib.util
+
+    value = _positive_int(text)
+    if importlib.util.find_spec("peft") is None:
+        raise argparse.ArgumentTypeError("needs the peft package, which is not installed: pip install peft")
     return value
 
 
@@ -522,10 +533,8 @@ def add_lora(model, args, accelerator):
     """
     if not args.lora_rank:
         return None
-    try:
-        import peft
-    except ImportError:
-        fail("--lora-rank needs the peft package, which is not installed: pip install peft")
+    import peft  # its absence was reported while parsing --lora-rank
+
     state = accelerator.state
     deepspeed = getattr(state, "deepspeed_plugin", None)
     if str(state.distributed_type).endswith("FSDP") or (deepspeed is not None and deepspeed.zero_stage == 3):
@@ -542,7 +551,38 @@ def add_lora(model, args, accelerator):
     # Full module names, not suffixes: a VLM's vision tower has layers of the same short names.
     config = peft.LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                              target_modules=layers, bias="none")
-    return peft.get_peft_model(model, config)
+    lora = peft.get_peft_model(model, config)
+    checkpoint_trainable_only(accelerator)
+    return lora
+
+
+def checkpoint_trainable_only(accelerator):
+    """Checkpoints hold the trainable weights alone: the adapters are megabytes, the frozen base is
+    gigabytes that a resumed run loads from --model anyway. (DeepSpeed writes its own format.)"""
+    def trainable(model):
+        return {name for name, p in model.named_parameters() if p.requires_grad}
+
+    def on_save(models, weights, output_dir):
+        for model, state in zip(models, weights):
+            keep = trainable(model)
+            for key in [k for k in state if k not in keep]:
+                del state[key]
+
+    def on_load(models, input_dir):
+        from safetensors.torch import load_file
+
+        for i, model in enumerate(models):
+            path = Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
+            state = load_file(str(path))
+            _, unexpected = model.load_state_dict(state, strict=False)
+            missing = trainable(model) - set(state)
+            if unexpected or missing:
+                raise ResumeMismatch(f"{path} does not hold this run's adapters ({len(missing)} missing, "
+                                     f"{len(unexpected)} unexpected); use another output folder")
+        models.clear()  # loaded here: accelerate's own strict load would ask for the frozen base too
+
+    accelerator.register_save_state_pre_hook(on_save)
+    accelerator.register_load_state_pre_hook(on_load)
 
 
 def save_adapter(accelerator, lora, folder):
