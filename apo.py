@@ -18,7 +18,8 @@ What happens, top to bottom:
    update (each process its share, summed across processes), and cached in
    OUT/reference_logps.safetensors with the data's sha256, the model, max length, max negatives,
    precision and code version as metadata: a rerun or a resumed run reuses them, a mismatch
-   recomputes them. Only one model is ever in memory.
+   recomputes them. Only one model is ever in memory (with --lora-rank too: the adapters start at
+   zero, so the adapted model before its first update computes the base's log-probs).
 3. Training: each instance's 1 + K responses go through one forward together (rows = chosen +
    negatives, variable K masked), summed response log-probs come from hidden states in chunks
    (never the [rows, tokens, vocab] logits), then apo_loss. --share-prompt packs each text
