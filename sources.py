@@ -388,7 +388,7 @@ def _rejected_texts(value, path, line):
     if isinstance(value, str):
         return [value]
     if not isinstance(value, list):
-        raise RecordError(path, line, "rejected_response", "must be a string, a list of strings or a list of "
+        raise RecordError(path, line, "rejected_response", "must be a string or a list of strings or of "
                                                            "assistant messages")
     texts = []
     for i, item in enumerate(value):
