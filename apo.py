@@ -18,7 +18,8 @@ What happens, top to bottom:
    update (each process its share, summed across processes), and cached in
    OUT/reference_logps.safetensors with the data's sha256, the model, max length, max negatives,
    precision and code version as metadata: a rerun or a resumed run reuses them, a mismatch
-   recomputes them. Only one model is ever in memory.
+   recomputes them. Only one model is ever in memory (with --lora-rank too: the adapters start at
+   zero, so the adapted model before its first update computes the base's log-probs).
 3. Training: each instance's 1 + K responses go through one forward together (rows = chosen +
    negatives, variable K masked), summed response log-probs come from hidden states in chunks
    (never the [rows, tokens, vocab] logits), then apo_loss. --share-prompt packs each text
@@ -83,6 +84,8 @@ def parse_args(argv=None):
     apo.add_argument("--reference-only", action="store_true",
                      help="compute (or check) the cached reference log-probs, then stop")
     training.add_training_args(parser, lr=5e-7, max_length=4096, batch_size=1, warmup=0.05, global_batch=32)
+    # Every other dropout is switched off (disable_dropout); the adapters' is the user's to choose.
+    training.add_lora_args(parser, dropout=0.0)
     args = parser.parse_args(argv)
     if args.max_negatives is not None and args.max_negatives < 1:
         parser.error("--max-negatives must be at least 1")
@@ -427,6 +430,7 @@ def run_config(args, accelerator, data_sha256):
         "grad_accum": args.grad_accum, "lr": args.lr, "epochs": args.epochs, "max_steps": args.max_steps,
         "warmup": args.warmup, "schedule": args.schedule, "weight_decay": args.weight_decay,
         "max_grad_norm": args.max_grad_norm, "freeze_vision": args.freeze_vision, "seed": args.seed,
+        **training.lora_config(args),
     }
 
 
@@ -448,7 +452,7 @@ def run(args):
     text_only_rows = any(not r.get("images") for r in records)
 
     accelerator = training.build_accelerator(
-        args, out, find_unused_parameters=vision and not args.freeze_vision and text_only_rows)
+        args, out, find_unused_parameters=vision and not (args.freeze_vision or args.lora_rank) and text_only_rows)
     is_main = accelerator.is_main_process
     training.seed_everything(args.seed)
     data_sha256 = file_hash(data_path)
@@ -469,8 +473,12 @@ def run(args):
                                                  f"over all processes ({micro_global})")
     total = 0 if args.reference_only else training.total_steps(len(examples), micro_global, args)
 
-    model = training.prepare_model_for_training(load_model(args.model), args)
+    model = training.prepare_model_for_training(
+        load_model(args.model, dtype=training.weights_dtype(args, accelerator.device)), args)
     disable_dropout(model)
+    # After disable_dropout, so --lora-dropout holds. lora_B starts at zero: until the first update the
+    # policy computes exactly the base's log-probs, so the reference pass below needs no second model.
+    lora = training.add_lora(model, args, accelerator)
     model.train()
     if args.share_prompt:
         if model.config._attn_implementation not in SHARED_PROMPT_ATTENTION:
@@ -484,7 +492,9 @@ def run(args):
     module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
 
     # Reference log-probs: from the initial weights, so before a checkpoint's weights are loaded.
-    key = reference_key(config, accelerator.mixed_precision)
+    # bf16 base weights (LoRA on GPU) give other log-probs than fp32 ones under the same autocast.
+    weights = next(model.parameters()).dtype
+    key = reference_key(config, accelerator.mixed_precision + ("" if weights == torch.float32 else f", {weights} weights"))
     reference_path = out / REFERENCE_FILE
     reference = load_reference(reference_path, key, examples)
     # Decided together: the pass is collective, and a node without a shared disk sees no cache.
@@ -564,7 +574,7 @@ def run(args):
 
     if start < total or not training.checkpoint_dirs(out):
         training.save_checkpoint(accelerator, out, total, {"config": config}, keep=args.keep_checkpoints)
-    training.save_hf_folder(accelerator, module, processor, out)
+    training.save_hf_folder(accelerator, module, processor, out, lora=lora)
     accelerator.end_training()
     result = (f"last step loss {last['loss']:.4f}, reward accuracy {last['reward_accuracy']:.2f}, "
               f"margin {last['margin']:.4f}" if last else "nothing left to train")

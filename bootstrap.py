@@ -14,8 +14,9 @@ After an interruption, run the same command again: it continues from the last ch
 run would have had. A finished run, rerun, does nothing.
 
 Defaults follow the paper's official recipe (1 epoch, 2 examples per device, global batch 32, max
-length 2304, warmup 0.05, bf16 on GPU) except the learning rate: the recipe's 1e-4 is for LoRA
-adapters, while this script fine-tunes every weight, where ~1e-5 is the usual rate.
+length 2304, warmup 0.05, bf16 on GPU). By default every weight is trained, at lr 1e-5 (the usual
+rate for full fine-tuning); --lora-rank 8 trains the recipe's LoRA adapters (alpha 32, all linear
+layers of the language model) at its lr 1e-4, and DIR holds the merged model plus DIR/adapter.
 Batches are length-grouped (examples of similar length together, random order across groups) to
 pad little; sequences are not packed. --max-length cuts long responses at the end, never the
 prompt or its image tokens; an instance whose prompt leaves no room is skipped. Both are counted.
@@ -52,8 +53,13 @@ def parse_args(argv=None):
                         help="'auto': the accelerate config's setting, else bf16 on GPU, fp32 on CPU. Weights and "
                              "optimizer state stay fp32 (full fine-tuning updates are below bf16 resolution); "
                              "bf16 is the compute dtype (default: %(default)s)")
-    training.add_training_args(parser, lr=1e-5, max_length=2304, batch_size=2, warmup=0.05, global_batch=32)
-    return parser.parse_args(argv)
+    training.add_training_args(parser, lr=None, max_length=2304, batch_size=2, warmup=0.05, global_batch=32)
+    training.add_lora_args(parser, dropout=0.05)
+    next(a for a in parser._actions if a.dest == "lr").help = "peak learning rate (default: 1e-5, 1e-4 with --lora-rank)"
+    args = parser.parse_args(argv)
+    if args.lr is None:  # the recipe's rate for adapters; full fine-tuning of every weight wants ~10x less
+        args.lr = 1e-4 if args.lora_rank else 1e-5
+    return args
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +153,7 @@ def run_config(args, accelerator):
         "grad_accum": args.grad_accum,
         "lr": args.lr, "epochs": args.epochs, "max_steps": args.max_steps, "warmup": args.warmup,
         "schedule": args.schedule, "weight_decay": args.weight_decay, "max_grad_norm": args.max_grad_norm,
-        "freeze_vision": args.freeze_vision, "seed": args.seed,
+        "freeze_vision": args.freeze_vision, "seed": args.seed, **training.lora_config(args),
     }
 
 
@@ -189,7 +195,7 @@ def train(args):
     text_only_rows = any(not records[ex.record].get("images") for ex in examples)
 
     accelerator = training.build_accelerator(
-        args, out, find_unused_parameters=vision and not args.freeze_vision and text_only_rows)
+        args, out, find_unused_parameters=vision and not (args.freeze_vision or args.lora_rank) and text_only_rows)
     config = run_config(args, accelerator)
     done = finished_run(out, config)
     if done is not None:
@@ -213,7 +219,9 @@ def train(args):
     per_epoch = len(examples) // micro_global
     lengths = [ex.length for ex in examples]
 
-    model = training.prepare_model_for_training(load_model(args.model), args)
+    model = training.prepare_model_for_training(
+        load_model(args.model, dtype=training.weights_dtype(args, accelerator.device)), args)
+    lora = training.add_lora(model, args, accelerator)
     model.train()
     # The loss module computes log-probs from hidden states in chunks: no [rows, tokens, vocab] logits.
     module = ResponseLogps(model)
@@ -278,7 +286,7 @@ def train(args):
 
     if start < total or not training.checkpoint_dirs(out):
         training.save_checkpoint(accelerator, out, total, {"config": config}, keep=args.keep_checkpoints)
-    training.save_hf_folder(accelerator, module, processor, out)
+    training.save_hf_folder(accelerator, module, processor, out, lora=lora)
     losses = read_losses(out / "metrics.jsonl") if accelerator.is_main_process else []
     summary = {
         "config": config, "steps": total, "examples": len(examples),

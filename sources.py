@@ -529,6 +529,28 @@ def _names(value, n, path, line, field):
     raise RecordError(path, line, field, f"must be a string or a list of {n} names")
 
 
+def _rejected_texts(value, path, line):
+    """The texts of rejected_response: a string, or a list of strings or of assistant messages
+    ({"role": "assistant", "content": …}, ms-swift 3.12 and later), each one rejected answer."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise RecordError(path, line, "rejected_response", "must be a string or a list of strings or of "
+                                                           "assistant messages")
+    texts = []
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            texts.append(item)
+        elif isinstance(item, dict) and item.get("role") == "assistant" and "content" in item:
+            texts.append(_text_of(item["content"], path, line, f"rejected_response[{i}].content")[0])
+        else:
+            raise RecordError(path, line, f"rejected_response[{i}]", "must be a string or an assistant message "
+                                                                     "{\"role\": \"assistant\", \"content\": …}")
+    return texts
+
+
 def swift_row(obj, path, line, source_name=None):
     """One ms-swift row as an instance with its trajectories.
 
@@ -536,7 +558,7 @@ def swift_row(obj, path, line, source_name=None):
     or {"query", "response", "rejected_response", "system"}. The user turn is the prompt (its
     <image> tags dropped: images come first, as everywhere in this project); `response` (a model's
     output in ms-swift inference dumps) or else the assistant turn is the chosen trajectory;
-    rejected_response (a string or a list) gives the rejected ones. Names come from "source" /
+    rejected_response (a string, or a list of strings or of assistant messages) gives the rejected ones. Names come from "source" /
     "rejected_source(s)" fields when present, else source_name / "swift-chosen", "swift-rejected".
     """
     messages = obj.get("messages")
@@ -567,12 +589,7 @@ def swift_row(obj, path, line, source_name=None):
     chosen = obj.get("response", assistant)
     if chosen is not None and not isinstance(chosen, str):
         raise RecordError(path, line, "response", "must be a string")
-    rejected = obj.get("rejected_response")
-    if isinstance(rejected, str):
-        rejected = [rejected]
-    if rejected is not None and (not isinstance(rejected, list) or not all(isinstance(r, str) for r in rejected)):
-        raise RecordError(path, line, "rejected_response", "must be a string or a list of strings")
-    rejected = rejected or []
+    rejected = _rejected_texts(obj.get("rejected_response"), path, line)
     chosen_name = _names(obj.get("source"), 1, path, line, "source")[0] or source_name or "swift-chosen"
     rejected_field = "rejected_sources" if "rejected_sources" in obj else "rejected_source"
     rejected_names = _names(obj.get(rejected_field), len(rejected), path, line, rejected_field)

@@ -253,9 +253,14 @@ def total_steps(num_examples, global_batch, args):
     return max(1, int(micro_per_epoch * args.epochs) // args.grad_accum)
 
 
+def vision_tower(model):
+    """A VLM's vision tower (with its merger), None for a text model."""
+    return getattr(getattr(model, "model", model), "visual", None) or getattr(model, "visual", None)
+
+
 def prepare_model_for_training(model, args):
     if args.freeze_vision:
-        tower = getattr(getattr(model, "model", model), "visual", None) or getattr(model, "visual", None)
+        tower = vision_tower(model)
         if tower is None:
             raise SystemExit("error: --freeze-vision given but the model has no vision tower")
         tower.requires_grad_(False)
@@ -405,13 +410,19 @@ def check_finite(loss, step, out_dir):
             f"the same loss: check the data, or lower --lr in a new output folder.")
 
 
-def save_hf_folder(accelerator, model, processor, out_dir):
+def save_hf_folder(accelerator, model, processor, out_dir, lora=None):
     """The final model as a folder from_pretrained loads: safetensors, config, tokenizer/processor.
+
+    With lora (add_lora's PeftModel) the folder holds the merged weights, and out_dir/adapter the
+    adapters alone, so a user can keep either.
 
     get_state_dict gathers FSDP / DeepSpeed shards; weights are written into a temporary folder
     and renamed, so an interrupted save never leaves a half model where a good one was.
     """
     out_dir = Path(out_dir)
+    if lora is not None:
+        save_adapter(accelerator, lora, out_dir / ADAPTER)
+        model = lora.merge_and_unload()  # the adapters folded into the base weights, in place
     tmp = out_dir / ".tmp-model"
     state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
@@ -427,4 +438,163 @@ def save_hf_folder(accelerator, model, processor, out_dir):
         for item in tmp.iterdir():
             os.replace(item, out_dir / item.name)
         tmp.rmdir()
+    accelerator.wait_for_everyone()
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA adapters through peft (the official recipe trains both stages this way)
+
+ADAPTER = "adapter"
+
+
+def add_lora_args(parser, dropout):
+    """--lora-rank and its companions; dropout is the stage's default --lora-dropout."""
+    g = parser.add_argument_group("LoRA (peft)")
+    g.add_argument("--lora-rank", type=_lora_rank, default=None,
+                   help="train LoRA adapters of this rank (the official recipe: 8) instead of every weight; the "
+                        "base weights and the vision tower stay frozen. OUT then holds the merged model and "
+                        f"OUT/{ADAPTER} the adapters alone (peft). Default: full fine-tuning")
+    g.add_argument("--lora-alpha", type=_positive_int, default=32,
+                   help="LoRA scale numerator: the update is (alpha / rank) * B @ A (default: %(default)s)")
+    g.add_argument("--lora-dropout", type=_probability, default=dropout,
+                   help="dropout on the adapters' input (default: %(default)s)")
+    g.add_argument("--lora-targets", default="all-linear",
+                   help="comma-separated names of the language model's linear layers to adapt (e.g. "
+                        "q_proj,v_proj), or all-linear: every linear layer of the language model but the "
+                        "output head, as the official recipe (default: %(default)s)")
+    return g
+
+
+def _positive_int(text):
+    import argparse
+
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _lora_rank(text):
+    """A positive rank, and peft installed: checked while parsing, before any data or model is loaded."""
+    import argparse
+    import importlib.util
+
+    value = _positive_int(text)
+    if importlib.util.find_spec("peft") is None:
+        raise argparse.ArgumentTypeError("needs the peft package, which is not installed: pip install peft")
+    return value
+
+
+def _probability(text):
+    import argparse
+
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def lora_config(args):
+    """The LoRA settings for a run's resume config; {} for full fine-tuning, so a full run's
+    checkpoints written before these flags existed still resume."""
+    if not args.lora_rank:
+        return {}
+    return {"lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
+            "lora_targets": args.lora_targets}
+
+
+def weights_dtype(args, device):
+    """fp32 weights for full fine-tuning (updates are below bf16 resolution). With LoRA the base is
+    frozen, so it is bf16 on a GPU that has it (half the memory: what lets a 7B train on one GPU);
+    peft keeps the adapters themselves in fp32."""
+    if args.lora_rank and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def language_linear_layers(model):
+    """Names of the language model's linear layers: every nn.Linear but the vision tower's and the
+    output head."""
+    head = model.get_output_embeddings()
+    tower = vision_tower(model)
+    vision = set(tower.modules()) if tower is not None else set()
+    return [name for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and m is not head and m not in vision]
+
+
+def add_lora(model, args, accelerator):
+    """peft LoRA adapters on the language model's linear layers (--lora-targets), everything else
+    frozen; None without --lora-rank.
+
+    The adapters are injected into `model` in place, so the loop trains `model` as it would a full
+    fine-tune; the returned PeftModel is for save_hf_folder (adapter folder and merge). lora_B starts
+    at zero, so the model computes exactly what the base computes until the first update (apo.py's
+    reference log-probs are those of the base).
+    """
+    if not args.lora_rank:
+        return None
+    import peft  # its absence was reported while parsing --lora-rank
+
+    state = accelerator.state
+    deepspeed = getattr(state, "deepspeed_plugin", None)
+    if str(state.distributed_type).endswith("FSDP") or (deepspeed is not None and deepspeed.zero_stage == 3):
+        fail("--lora-rank runs on one GPU, DDP or DeepSpeed ZeRO-2 (configs/deepspeed_zero2_8gpu.yaml): FSDP and "
+             "ZeRO-3 shard the base weights the adapters are merged into at the end")
+    layers = language_linear_layers(model)
+    if args.lora_targets.strip() != "all-linear":
+        wanted = {t.strip() for t in args.lora_targets.split(",") if t.strip()}
+        known = {name.rsplit(".", 1)[-1] for name in layers}
+        if not wanted or wanted - known:
+            fail(f"--lora-targets: {', '.join(sorted(wanted - known)) or 'no name given'} is not a linear layer of "
+                 f"the language model; its linear layers are {', '.join(sorted(known))} (or all-linear)")
+        layers = [name for name in layers if name.rsplit(".", 1)[-1] in wanted]
+    # Full module names, not suffixes: a VLM's vision tower has layers of the same short names.
+    config = peft.LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                             target_modules=layers, bias="none")
+    lora = peft.get_peft_model(model, config)
+    checkpoint_trainable_only(accelerator)
+    return lora
+
+
+def checkpoint_trainable_only(accelerator):
+    """Checkpoints hold the trainable weights alone: the adapters are megabytes, the frozen base is
+    gigabytes that a resumed run loads from --model anyway. (DeepSpeed writes its own format.)"""
+    def trainable(model):
+        return {name for name, p in model.named_parameters() if p.requires_grad}
+
+    def on_save(models, weights, output_dir):
+        for model, state in zip(models, weights):
+            keep = trainable(model)
+            for key in [k for k in state if k not in keep]:
+                del state[key]
+
+    def on_load(models, input_dir):
+        from safetensors.torch import load_file
+
+        for i, model in enumerate(models):
+            path = Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
+            state = load_file(str(path))
+            _, unexpected = model.load_state_dict(state, strict=False)
+            missing = trainable(model) - set(state)
+            if unexpected or missing:
+                raise ResumeMismatch(f"{path} does not hold this run's adapters ({len(missing)} missing, "
+                                     f"{len(unexpected)} unexpected); use another output folder")
+        models.clear()  # loaded here: accelerate's own strict load would ask for the frozen base too
+
+    accelerator.register_save_state_pre_hook(on_save)
+    accelerator.register_load_state_pre_hook(on_load)
+
+
+def save_adapter(accelerator, lora, folder):
+    """The adapters alone as peft's folder (PeftModel.from_pretrained(base, folder) loads it),
+    written into a temporary folder and renamed like every output."""
+    folder = Path(folder)
+    if accelerator.is_main_process:
+        tmp = folder.with_name(".tmp-" + folder.name)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        lora.save_pretrained(tmp, safe_serialization=True)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
     accelerator.wait_for_everyone()

@@ -1,0 +1,114 @@
+"""Export preferences.jsonl (consensus.py's output) to the formats people train with elsewhere, so the
+official `swift rlhf` step or TRL's DPOTrainer can run on this project's consensus for comparison.
+
+    python export_preferences.py --data runs/preferences.jsonl --format swift --out runs/dpo_swift.jsonl
+    python export_preferences.py --data runs/preferences.jsonl --format trl --out runs/dpo_trl.jsonl
+
+Both formats are pairwise (DPO), so each instance gives one line per (consensus, negative) pair,
+the negatives in the order apo.py trains them (--max-negatives as in apo.py).
+
+swift  ms-swift's DPO JSONL, as the official APO scripts consume it (`swift rlhf --rlhf_type dpo
+       --dataset FILE`): `messages` (system, the user turn with one <image> tag per image before the
+       prompt, the consensus as the assistant turn), `images`, `rejected_response`. `id`, `source` and
+       `rejected_source` ride along, so `collect.py --import-swift FILE` reads the file back to the
+       same instances (labels are not exported: no training stage reads them).
+trl    TRL's conversational preference format: `prompt` (the chat apo.py trains on, system and user
+       turn, images as {"type": "image"} parts), `chosen` and `rejected` (one assistant message
+       each) and, when any instance has images, `images`.
+
+Image paths are written absolute, so the file works from any working directory.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from modeling import messages_for
+from records import JsonlAppender, RecordError, fail, load_preferences, resolve_image
+
+FORMATS = ("swift", "trl")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="preferences.jsonl written by consensus.py")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="swift: ms-swift DPO JSONL; trl: TRL's "
+                        "conversational preference format")
+    parser.add_argument("--out", required=True, help="the JSONL file to write (replaced if it exists)")
+    parser.add_argument("--max-negatives", type=int, default=None,
+                        help="keep at most this many negatives per instance, chosen as apo.py chooses them "
+                             "(highest drift first); default: all")
+    parser.add_argument("--seed", type=int, default=0, help="unused (the export is deterministic); for the "
+                        "common interface of the scripts")
+    args = parser.parse_args(argv)
+    if args.max_negatives is not None and args.max_negatives < 1:
+        parser.error("--max-negatives must be at least 1")
+    return args
+
+
+def pairs(record, max_negatives, data_path):
+    """(negative text, its source name) in apo.py's training order."""
+    from apo import select_negatives
+
+    names = record.get("rejected_sources") or [None] * len(record["rejected"])
+    return [(record["rejected"][i], names[i]) for i in select_negatives(record, max_negatives, data_path)]
+
+
+def absolute_images(record, data_path):
+    return [str(resolve_image(data_path, p).resolve()) for p in record.get("images") or []]
+
+
+def swift_rows(record, max_negatives, data_path):
+    images = absolute_images(record, data_path)
+    messages = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+    messages += [{"role": "user", "content": "<image>" * len(images) + record["prompt"]},
+                 {"role": "assistant", "content": record["chosen"]}]
+    for text, source in pairs(record, max_negatives, data_path):
+        row = {"id": record["id"], "messages": messages, "images": images, "rejected_response": text,
+               "source": "consensus"}
+        if source:
+            row["rejected_source"] = source
+        yield row
+
+
+def trl_rows(record, max_negatives, data_path, with_images):
+    prompt = messages_for(record)  # exactly the chat apo.py encodes
+    for text, _ in pairs(record, max_negatives, data_path):
+        row = {"prompt": prompt, "chosen": [{"role": "assistant", "content": record["chosen"]}],
+               "rejected": [{"role": "assistant", "content": text}]}
+        if with_images:
+            row["images"] = absolute_images(record, data_path)
+        yield row
+
+
+def export(data_path, fmt, out, max_negatives=None):
+    """Write the export; returns (instances, lines)."""
+    records = load_preferences(data_path)
+    with_images = any(r.get("images") for r in records)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    lines = 0
+    with JsonlAppender(tmp) as sink:
+        for record in records:
+            rows = (swift_rows(record, max_negatives, data_path) if fmt == "swift"
+                    else trl_rows(record, max_negatives, data_path, with_images))
+            for row in rows:
+                sink.write(row)
+                lines += 1
+    tmp.replace(out)
+    return len(records), lines
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        instances, lines = export(args.data, args.format, args.out, args.max_negatives)
+    except RecordError as e:
+        fail(str(e))
+    print(f"export_preferences: {instances} instances -> {lines} {args.format} pairs in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
