@@ -173,3 +173,49 @@ def test_a_world_size_accelerate_did_not_join_is_refused(tmp_path, tiny_text_mod
     assert result.returncode != 0
     assert "the launcher started 2 processes (WORLD_SIZE) but accelerate runs this one as 1 of 1" in result.stderr
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed settings (ZeRO-3 itself is not run here: deepspeed JIT-compiles a C++ op on first use)
+
+
+def test_auto_accumulation_in_a_config_takes_the_runs_own(tmp_path, monkeypatch):
+    import bootstrap
+    import training
+
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "auto")  # what `accelerate launch` sets for 'auto'
+    args = bootstrap.parse_args(["--model", "m", "--data", "d", "--out", str(tmp_path), "--global-batch", "8",
+                                 "--batch-size", "2"])
+    accelerator = training.build_accelerator(args, tmp_path)
+    assert args.grad_accum == 4 and accelerator.gradient_accumulation_steps == 4
+
+
+def test_deepspeed_settings_come_from_the_run_and_a_fixed_clipping_must_match(capsys):
+    import argparse
+
+    import training
+
+    args = argparse.Namespace(batch_size=2, grad_accum=4, max_grad_norm=0.5)
+    config = {"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": "auto", "zero_optimization": {"stage": 3}}
+    training.configure_deepspeed(config, args, num_processes=8)
+    assert (config["train_micro_batch_size_per_gpu"], config["train_batch_size"], config["gradient_clipping"]) == (
+        2, 64, 0.5)
+    with pytest.raises(SystemExit) as exit_:
+        training.configure_deepspeed({"gradient_clipping": 1.0}, args, num_processes=8)
+    assert exit_.value.code == 2 and "clips gradients at 1.0, but this run asks --max-grad-norm 0.5" in capsys.readouterr().err
+
+
+def test_weight_decay_groups_use_the_real_shape_of_zero3_shards():
+    import training
+
+    model = torch.nn.Linear(4, 3)
+    # ZeRO-3 init replaces every parameter by a 1-D shard and keeps its shape in ds_shape.
+    for p in model.parameters():
+        p.ds_shape = p.shape
+        p.data = p.data.flatten()
+    optimizer = training.build_optimizer(model, lr=1e-3, weight_decay=0.1)
+    assert [(len(g["params"]), g["weight_decay"]) for g in optimizer.param_groups] == [(1, 0.1), (1, 0.0)]
+    frozen_bias = torch.nn.Linear(4, 3)
+    frozen_bias.bias.requires_grad_(False)
+    # Never an empty group: DeepSpeed drops it and the scheduler then has one learning rate too many.
+    assert len(training.build_optimizer(frozen_bias, lr=1e-3, weight_decay=0.1).param_groups) == 1
