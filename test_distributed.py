@@ -148,7 +148,7 @@ def test_fsdp2_apo_vlm_frozen_tower_and_checkpointing_equals_one_process(tiny_vl
 def test_fsdp2_bf16_log_probs_and_rewards_stay_fp32(tiny_vl_model, vl_data, vl_one, tmp_path):
     out = tmp_path / "bf16"
     two_processes("apo.py", "--model", tiny_vl_model, "--data", vl_data, "--out", out, "--batch-size", 1,
-                  *APO[:-2], "--max-steps", "1", mixed_precision="bf16")
+                  *APO[:-2], "--max-steps", "1", "--grad-accum", "2", mixed_precision="bf16")
     reference, exact = load_file(str(out / apo.REFERENCE_FILE)), load_file(str(vl_one / apo.REFERENCE_FILE))
     chosen = reference["chosen"]
     assert chosen.dtype == torch.float32

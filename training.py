@@ -189,17 +189,18 @@ def configure_deepspeed(config, args, num_processes):
 
 
 def keep_fsdp2_reductions_in_fp32(plugin):
-    """accelerate's FSDP2 policy for bf16 casts the root module's outputs and the gradient
-    reduction to bf16 too. The root is modeling.ResponseLogps, whose outputs are summed log-probs
-    (bf16 would round -149.71 to -150.0 and quantise rewards to steps of 1/16), so outputs and
-    gradient reductions stay fp32; parameters are still gathered and used in bf16."""
+    """accelerate's FSDP2 policy for bf16 casts every unit's outputs and the gradient reduction to
+    bf16. The root unit is modeling.ResponseLogps, whose outputs are summed log-probs (bf16 would
+    round -149.71 to -150.0 and quantise rewards to steps of 1/16): outputs are left as computed
+    (bf16 from the decoder and vision blocks, fp32 from the log-prob sum; an fp32 output_dtype
+    would feed fp32 into the VLM's bf16 patch merger) and gradients are reduced in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     policy = plugin.mixed_precision_policy
     if policy is None or policy.param_dtype in (None, torch.float32):
         return
     plugin.mixed_precision_policy = MixedPrecisionPolicy(
-        param_dtype=policy.param_dtype, reduce_dtype=torch.float32, output_dtype=torch.float32,
+        param_dtype=policy.param_dtype, reduce_dtype=torch.float32, output_dtype=None,
         cast_forward_inputs=policy.cast_forward_inputs)
 
 
