@@ -553,8 +553,8 @@ def run(args):
                 if accelerator.sync_gradients:
                     totals = accelerator.reduce(totals, reduction="sum")
                     training.check_finite(totals[STATS.index("loss")], step + 1, out)
-                    grad_norm = accelerator.clip_grad_norm_(module.parameters(), args.max_grad_norm or float("inf"))
-                    if not torch.isfinite(grad_norm):
+                    grad_norm = training.clip_gradients(accelerator, module, args.max_grad_norm)
+                    if grad_norm is not None and not torch.isfinite(grad_norm):
                         raise training.NonFiniteLoss(
                             f"gradient norm is {grad_norm.item()} at step {step + 1}; stopping before the update, "
                             f"nothing is saved after it: check the data, or lower --lr in a new output folder.")
@@ -567,7 +567,7 @@ def run(args):
         progress.update(1)
         progress.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['reward_accuracy']:.2f}")
         if done % args.log_every == 0 or done == total:
-            metrics.log(done, dict(last, lr=lr, grad_norm=float(grad_norm), epoch=done * args.grad_accum / per_epoch))
+            metrics.log(done, dict(last, lr=lr, grad_norm=None if grad_norm is None else float(grad_norm), epoch=done * args.grad_accum / per_epoch))
         if args.save_every and done % args.save_every == 0 and done < total:
             training.save_checkpoint(accelerator, out, done, {"config": config}, keep=args.keep_checkpoints)
     progress.close()

@@ -99,10 +99,16 @@ class _ChunkedTokenLogps(torch.autograd.Function):
 
     Saves only the inputs and one fp32 logsumexp per token; peak extra memory is a few
     [chunk_size, V] fp32 buffers instead of [tokens, V].
+
+    Backward recomputes the logits under the autocast state of forward (autograd runs backward
+    with autocast off): logits recomputed in fp32 against a logsumexp of bf16 logits would make
+    the gradient something other than the gradient of the forward.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk_size):
+        device = hidden.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         # hidden [M, H], weight [V, H], bias [V] or None, labels [M] -> [M]
         acc = torch.promote_types(weight.dtype, torch.float32)  # fp32 softmax even for bf16 weights
         out = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
@@ -117,6 +123,12 @@ class _ChunkedTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            return _ChunkedTokenLogps._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         acc = lse.dtype

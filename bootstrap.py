@@ -264,7 +264,7 @@ def train(args):
                 if accelerator.sync_gradients:
                     loss = accelerator.reduce(nll_sum, reduction="sum") / step_tokens
                     check_finite(loss, step + 1, out, {records[examples[i].record]["id"] for b in micro for i in b})
-                    grad_norm = accelerator.clip_grad_norm_(module.parameters(), args.max_grad_norm or float("inf"))
+                    grad_norm = training.clip_gradients(accelerator, module, args.max_grad_norm)
                     lr = scheduler.get_last_lr()[0]
                     optimizer.step()
                     scheduler.step()

@@ -241,6 +241,11 @@ class ResponseLogps(nn.Module):
         # this, a wrapped ResponseLogps would be one unsharded unit.
         self._no_split_modules = getattr(model, "_no_split_modules", None)
 
+    def tie_weights(self, *args, **kwargs):
+        # accelerate's FSDP2 cpu_ram_efficient_loading moves the model to meta, which unties tied
+        # embeddings, and calls the wrapped module's tie_weights to tie them again.
+        return self.model.tie_weights(*args, **kwargs)
+
     def forward(self, input_ids, attention_mask, labels, **vision):
         base = getattr(self.model, self.model.base_model_prefix)
         hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **vision).last_hidden_state

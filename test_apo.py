@@ -293,6 +293,28 @@ def test_sequence_logps_bf16():
     torch.testing.assert_close(gw.double(), rw.to(torch.bfloat16).double(), atol=0.1, rtol=0.05)
 
 
+def test_backward_under_bf16_autocast_is_the_gradient_of_its_forward():
+    """accelerate's bf16 runs the forward under autocast and the backward outside it (fp32 weights)."""
+    hidden, weight, b, labels = make_lm_inputs(H=32, V=101)
+    h, w, bb = (t.clone().requires_grad_(True) for t in (hidden, weight, b))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sequence_logps(h, w, labels, chunk_size=7, lm_head_bias=bb)
+    out.sum().backward()
+    # d logp_y / d logits = onehot(y) - softmax sums to exactly 0 over the vocabulary, so the bias
+    # gradient does too, if backward's softmax is the forward's (logits rounded to bf16 alike).
+    assert abs(bb.grad.sum().item()) < 1e-5, bb.grad.sum()
+    # The same maths by plain autograd: bf16 matmul (autocast), fp32 bias and softmax.
+    ref = [t.clone().requires_grad_(True) for t in (hidden, weight, b)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = (ref[0] @ ref[1].t()).float() + ref[2]
+        token = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+        expected = (token * (labels != -100)).sum(-1)
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-5)
+    for got, want in zip((h.grad, w.grad, bb.grad), (t.grad for t in ref)):
+        torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+
+
 def test_sequence_logps_shape_validation():
     hidden, weight, b, labels = make_lm_inputs()
     with pytest.raises(ValueError, match="labels"):

@@ -129,8 +129,13 @@ def build_accelerator(args, out_dir, find_unused_parameters=False):
     # The process count decides --grad-accum, which the Accelerator needs at construction. cpu=
     # as AcceleratorState would read it, or a CPU launch would be taken for a single process.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    check_world_size(state)
     resolve_grad_accum(args, state.num_processes)
     report_to = trackers(args.report_to)
+    if os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS") == "auto":
+        # A config's `gradient_accumulation_steps: auto` means "the script decides"; accelerate 1.15
+        # would call int() on it in Accelerator.__init__.
+        os.environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] = str(args.grad_accum)
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
     accelerator = Accelerator(
         gradient_accumulation_steps=args.grad_accum,
@@ -150,7 +155,53 @@ def build_accelerator(args, out_dir, find_unused_parameters=False):
         fail(f"the accelerate config sets gradient accumulation to {sorted(configured)}, but this run needs "
              f"{args.grad_accum} (--global-batch / --grad-accum); set gradient_accumulation_steps to 'auto' "
              f"or {args.grad_accum} in the config")
+    if deepspeed is not None:
+        configure_deepspeed(deepspeed.deepspeed_config, args, accelerator.num_processes)
+    if accelerator.is_fsdp2:
+        keep_fsdp2_reductions_in_fp32(accelerator.state.fsdp_plugin)
     return accelerator
+
+
+def check_world_size(state):
+    """Refuse a launch whose processes did not join one group (e.g. a multi-GPU config on a
+    machine where accelerate falls back to one process each): N independent trainings would
+    write to one --out and each exit 0."""
+    launched = os.environ.get("WORLD_SIZE")
+    if launched is not None and int(launched) != state.num_processes:
+        fail(f"the launcher started {launched} processes (WORLD_SIZE) but accelerate runs this one as "
+             f"{state.num_processes} of {state.num_processes} ({state.distributed_type}); on a machine without "
+             f"GPUs set ACCELERATE_USE_CPU=1 for gloo, or launch with --num_processes {state.num_processes}")
+
+
+def configure_deepspeed(config, args, num_processes):
+    """Fill what DeepSpeed needs from the run's flags: no dataloader goes through prepare, so
+    accelerate cannot infer the micro-batch; the clipping norm is DeepSpeed's, so it must be the run's."""
+    if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        config["train_micro_batch_size_per_gpu"] = args.batch_size
+    if config.get("train_batch_size", "auto") == "auto":
+        config["train_batch_size"] = args.batch_size * args.grad_accum * num_processes
+    clipping = config.get("gradient_clipping", "auto")
+    if clipping == "auto":
+        config["gradient_clipping"] = args.max_grad_norm
+    elif float(clipping) != args.max_grad_norm:
+        fail(f"the DeepSpeed config clips gradients at {clipping}, but this run asks --max-grad-norm "
+             f"{args.max_grad_norm}; set gradient_clipping to 'auto' or {args.max_grad_norm} in the config")
+
+
+def keep_fsdp2_reductions_in_fp32(plugin):
+    """accelerate's FSDP2 policy for bf16 casts every unit's outputs and the gradient reduction to
+    bf16. The root unit is modeling.ResponseLogps, whose outputs are summed log-probs (bf16 would
+    round -149.71 to -150.0 and quantise rewards to steps of 1/16): outputs are left as computed
+    (bf16 from the decoder and vision blocks, fp32 from the log-prob sum; an fp32 output_dtype
+    would feed fp32 into the VLM's bf16 patch merger) and gradients are reduced in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = plugin.mixed_precision_policy
+    if policy is None or policy.param_dtype in (None, torch.float32):
+        return
+    plugin.mixed_precision_policy = MixedPrecisionPolicy(
+        param_dtype=policy.param_dtype, reduce_dtype=torch.float32, output_dtype=None,
+        cast_forward_inputs=policy.cast_forward_inputs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,10 +268,19 @@ def global_count(accelerator, count):
 
 def build_optimizer(model, lr, weight_decay):
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]  # biases and norms are not decayed
+    # ZeRO-3 init leaves every parameter a 1-D shard; ds_shape is its real shape.
+    decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]
+    no_decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) < 2]  # biases and norms
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr)
+    # DeepSpeed drops an empty group, and a scheduler built on the optimizer then has one lr too many.
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def clip_gradients(accelerator, module, max_norm):
+    """accelerator.clip_grad_norm_ as a float tensor whatever the backend: DeepSpeed, which clips
+    inside its own step, returns a Python float (or None when it has no norm to report)."""
+    norm = accelerator.clip_grad_norm_(module.parameters(), max_norm or float("inf"))
+    return None if norm is None else torch.as_tensor(norm, dtype=torch.float32)
 
 
 def lr_lambda(schedule, warmup_steps, total_steps):
@@ -294,6 +354,8 @@ def save_checkpoint(accelerator, out_dir, step, state, keep=2):
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    # Every rank writes its own shards and RNG state: rename only once all of them are done.
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json_atomic(tmp / "trainer_state.json", dict(state, step=step, saved_at=time.time()))
         if final.exists():
@@ -410,6 +472,17 @@ def check_finite(loss, step, out_dir):
             f"the same loss: check the data, or lower --lr in a new output folder.")
 
 
+def without_tied_copies(model, state):
+    """The state dict without the second name of a tied parameter (lm_head.weight of tied
+    embeddings). FSDP and DeepSpeed gather every name into its own tensor, so save_pretrained
+    would write both, and the folder would differ from a one-process run's."""
+    first = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        first.setdefault(id(param), name)
+    copies = {name for name, param in model.named_parameters(remove_duplicate=False) if first[id(param)] != name}
+    return {k: v for k, v in state.items() if k not in copies}
+
+
 def save_hf_folder(accelerator, model, processor, out_dir, lora=None):
     """The final model as a folder from_pretrained loads: safetensors, config, tokenizer/processor.
 
@@ -432,6 +505,7 @@ def save_hf_folder(accelerator, model, processor, out_dir, lora=None):
         if not hasattr(unwrapped, "save_pretrained"):  # a wrapper such as modeling.ResponseLogps
             unwrapped = unwrapped.model
             state = {k.removeprefix("model."): v for k, v in state.items()}
+        state = without_tied_copies(unwrapped, state)
         unwrapped.config.use_cache = True
         unwrapped.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         processor.save_pretrained(tmp)

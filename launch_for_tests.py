@@ -1,0 +1,66 @@
+"""TEST-ONLY launcher: run a training stage on CPU processes (gloo) as an FSDP2 GPU run would run.
+
+    ACCELERATE_USE_CPU=1 accelerate launch --config_file configs/fsdp_8gpu.yaml --num_processes 2 \
+        launch_for_tests.py bootstrap.py --model M ...
+
+Users never need it: on GPUs, `accelerate launch --config_file configs/fsdp_8gpu.yaml bootstrap.py …`
+is all. It works around accelerate 1.15, where AcceleratorState.__init__ turns the distributed type
+into FSDP only for the GPU-like types (MULTI_GPU, MULTI_NPU, …) and keeps MULTI_CPU as plain DDP even
+with ACCELERATE_USE_FSDP set, dropping the FSDP plugin. Under an FSDP config the shim switches the
+type to FSDP after the state is built and hands it the plugin, as the GPU branch does (in
+AcceleratorState and in PartialState, which every later AcceleratorState() copies from); FSDP2's
+fully_shard then runs on gloo and the stage takes the code path of an FSDP2 GPU run.
+
+APO_TEST_SLOW_SAVE_RANK=R:S makes rank R write its share of every checkpoint S seconds late (the
+checkpoint race of RELIABILITY.md), under any config.
+"""
+
+import os
+import runpy
+import sys
+import time
+
+
+def switch_multi_cpu_to_fsdp():
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    build = AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        build(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            if self._mixed_precision != "no":
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
+            self.fsdp_plugin = fsdp_plugin
+            PartialState._shared_state["distributed_type"] = self.distributed_type
+
+    AcceleratorState.__init__ = init
+
+
+def slow_down_checkpoint_writes(rank, seconds):
+    """Delay this rank's RNG-state and scheduler write, the last part of Accelerator.save_state."""
+    import accelerate.accelerator
+    import accelerate.checkpointing
+
+    write = accelerate.checkpointing.save_accelerator_state
+
+    def late(*args, **kwargs):
+        if int(os.environ.get("RANK", 0)) == rank:
+            time.sleep(seconds)
+        return write(*args, **kwargs)
+
+    accelerate.accelerator.save_accelerator_state = late  # the name save_state calls
+
+
+if __name__ == "__main__":
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        switch_multi_cpu_to_fsdp()
+    if os.environ.get("APO_TEST_SLOW_SAVE_RANK"):
+        rank, seconds = os.environ["APO_TEST_SLOW_SAVE_RANK"].split(":")
+        slow_down_checkpoint_writes(int(rank), float(seconds))
+    script = sys.argv[1]
+    sys.argv = sys.argv[1:]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    runpy.run_path(script, run_name="__main__")
