@@ -20,3 +20,33 @@ def tiny_text_model(tmp_path_factory):
 def tiny_vl_model(tmp_path_factory):
     """Folder of a random tiny Qwen2.5-VL with its processor (image processor + tokenizer)."""
     return str(tiny_models.build_vl_model(tmp_path_factory.mktemp("tiny") / "qwen2_5_vl"))
+
+
+@pytest.fixture
+def chat_server():
+    """make(behave, models=()) -> a loopback_servers.ChatServer, closed after the test."""
+    from loopback_servers import ChatServer
+
+    servers = []
+
+    def make(behave, models=()):
+        servers.append(ChatServer(behave, models))
+        return servers[-1]
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+@pytest.fixture(scope="session")
+def transformers_serve(tmp_path_factory):
+    """One real `transformers serve` on loopback for every test module (loopback_servers.Serve); a
+    test that kills it calls ensure_running() first, so the next test finds it up."""
+    from loopback_servers import Serve, free_port
+
+    server = Serve(free_port(), tmp_path_factory.mktemp("serve") / "serve.log")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.kill()

@@ -1,6 +1,7 @@
 """Stage 3 of APO: consensus synthesis, and the source trajectories as negative constraints.
 
     accelerate launch consensus.py --model runs/bootstrap --data trajectories.jsonl --out preferences.jsonl
+    python consensus.py --server http://127.0.0.1:8000/v1 --model runs/bootstrap ...   # `vllm serve runs/bootstrap`
     python consensus.py --consensus vote --data trajectories.jsonl --out preferences.jsonl   # no model
 
 For every train instance the bootstrapped model reads the question (and its images) and all source
@@ -47,6 +48,13 @@ prompts, where the chosen came from, and per source: how often it was a negative
 (the distance of its answers from the chosen answer, over the written instances) and, where the
 records have labels, its accuracy beside the consensus' (answers.score, macro over findings).
 
+--server: an OpenAI-compatible server (vLLM, SGLang, transformers serve) generates the consensuses
+instead of a model loaded here: the same conversation (system, the consensus prompt, images as
+data URLs), the sampling flags as request fields, --concurrency requests in flight, retries with
+backoff on 429/5xx/timeouts. The tokenizer (to fit prompts) comes from --model, which the server
+must serve (refused otherwise), or from the folder the server names. A request that still fails is
+counted and written nowhere: the same command asks it again (exit 3 until none fails).
+
 Output: preferences.jsonl (DESIGN) with one extra field, `consensus_by` ("model", "vote",
 "vote:<reason>" for an unclean consensus, or "vote:disagreed": where the chosen came from). Lines are appended as instances
 are done; the same command resumes an interrupted run and the final file equals an uninterrupted
@@ -56,12 +64,14 @@ are passed through and printed beside the sources' accuracies, never used.
 """
 
 import argparse
+import os
 import random
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import answers
+import chat_client
 import records
 from records import RecordError
 
@@ -122,9 +132,17 @@ def parse_args(argv=None):
     p.add_argument("--save-prompts", help="model modes: also write the consensus prompts, as the model sees "
                                           "them, to this JSONL file ({id, prompt, tokens, shortened})")
     p.add_argument("--summary", help="also write the summary as JSON to this file")
+    server = chat_client.add_server_options(p, "runs/bootstrap")
+    server.add_argument("--served-model", metavar="NAME",
+                        help="the server's name for the model, where it differs from --model (vLLM's "
+                             "--served-model-name); default: the one model the server lists")
     args = p.parse_args(argv)
-    if args.consensus != "vote" and not args.model:
-        p.error(f"--model is required with --consensus {args.consensus}")
+    if args.consensus != "vote" and not (args.model or args.server):
+        p.error(f"--model (or --server) is required with --consensus {args.consensus}")
+    if args.server and args.consensus == "vote":
+        p.error("--server generates consensuses; --consensus vote asks no model")
+    if args.concurrency < 1:
+        p.error("--concurrency must be at least 1")
     if args.save_prompts and args.consensus == "vote":
         p.error("--save-prompts needs a model mode (vote builds no prompt)")
     if not 0.0 <= args.min_agreement <= 1.0:
@@ -443,11 +461,85 @@ def print_summary(summary):
 # ---------------------------------------------------------------------------------------------
 
 
+def load_generator(args, accelerator):
+    """(processor, model or None, chat_client.Served or None, prompt budget in tokens).
+
+    With --server only the processor is loaded here, to fit the prompts: from --model, which the
+    server must serve, or else from the folder or hub id the server names."""
+    import transformers
+
+    import modeling
+
+    transformers.utils.logging.disable_progress_bar()
+    model = served = None
+    if args.server:
+        if accelerator.num_processes > 1:
+            raise RecordError("--server", None, None, "the server generates: run consensus.py with python, "
+                                                      "not with several processes")
+        served = served_model(args)
+        path = args.model or served.root or served.name
+    else:
+        path = args.model
+    try:
+        processor = modeling.load_processor(path)
+        if served is None:
+            model = modeling.load_model(path, dtype=modeling.default_dtype(accelerator))
+            model.to(accelerator.device).eval()
+    except (OSError, ValueError) as e:
+        what = "the model" if served is None else "the served model's tokenizer (give --model, its folder)"
+        raise RecordError(path, None, None, f"cannot load {what} ({e})") from None
+    budget = args.max_prompt_tokens
+    if budget is None:
+        config = model.config if model is not None else transformers.AutoConfig.from_pretrained(path)
+        positions = (served and served.max_model_len) or getattr(config.get_text_config(), "max_position_embeddings",
+                                                                   None)
+        if positions is None:
+            raise RecordError(path, None, None, "config has no max_position_embeddings: give --max-prompt-tokens")
+        budget = positions - args.max_new_tokens
+    return processor, model, served, budget
+
+
+def served_model(args):
+    """The server's model for this run: the one --model names, refused if it serves another."""
+    if not chat_client.have_openai():
+        raise RecordError("--server", None, None, "the `openai` package is needed: pip install openai")
+    client = chat_client.make_client(args.server, os.environ.get(args.api_key_env), args.timeout)
+    try:
+        return chat_client.served_model(client, args.server, want=args.model, name=args.served_model,
+                                        max_retries=args.max_retries, backoff=args.backoff)
+    finally:
+        client.close()
+
+
+def ask_server(args, served, todo, prompts):
+    """(record, (consensus text, ended), error) from the server as requests finish, what
+    modeling.generate gives in-process (an empty answer is kept: it falls back to the vote)."""
+    import sources
+
+    api_key = os.environ.get(args.api_key_env)
+    sampling = args.temperature > 0
+    # repetition_penalty is sent only when set: `transformers serve` refuses the field
+    request = chat_client.request_fields(args.max_new_tokens, args.temperature, args.top_p if sampling else None,
+                                         args.repetition_penalty if args.repetition_penalty != 1.0 else None)
+
+    def request_of(record):  # a seed per instance: a resumed sampled run asks exactly what the first did
+        return {**request, "seed": sources.seed_for(args.seed, record["id"])} if sampling else request
+
+    client = chat_client.make_client(served.url, api_key, args.timeout)
+    try:
+        yield from chat_client.answer_all(
+            client, served.name, todo,
+            lambda r: chat_client.api_messages(consensus_chat(r, prompts[r["id"]]), args.data), request_of,
+            args.concurrency, args.max_retries, args.backoff, secrets=[api_key], generation=True)
+    finally:
+        client.close()
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
         run(args)
-    except RecordError as e:
+    except (RecordError, chat_client.ServerError) as e:
         records.fail(str(e))
 
 
@@ -474,26 +566,12 @@ def run(args):
             skips[record["id"]] = "no trajectories"
 
     # Model and prompts (model modes): each process holds the whole model and generates its share.
-    prompts, shortened = {}, 0
+    prompts, shortened, served = {}, 0, None
     if args.consensus != "vote":
-        import transformers
-
         import modeling
 
-        transformers.utils.logging.disable_progress_bar()
-        try:
-            processor = modeling.load_processor(args.model)
-            model = modeling.load_model(args.model, dtype=modeling.default_dtype(accelerator))
-        except (OSError, ValueError) as e:
-            raise RecordError(args.model, None, None, f"cannot load the model ({e})") from None
-        model.to(accelerator.device).eval()
+        processor, model, served, budget = load_generator(args, accelerator)
         tok = modeling.tokenizer_of(processor)
-        budget = args.max_prompt_tokens
-        if budget is None:
-            positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-            if positions is None:
-                raise RecordError(args.model, None, None, "config has no max_position_embeddings: give --max-prompt-tokens")
-            budget = positions - args.max_new_tokens
         saved = []
         for record in tqdm(train, desc="prompts", disable=not is_main):
             if record["id"] in skips:
@@ -535,7 +613,26 @@ def run(args):
     round_size = args.batch_size * accelerator.num_processes
     progress = tqdm(total=len(todo), initial=sum(r["id"] in settled for r in todo), desc="consensus",
                     disable=not is_main)
-    for start in range(0, len(todo), round_size):
+
+    def write_outcome(record, consensus):  # consensus: (text, ended), None in vote mode
+        result = settle(record, consensus, args)
+        if isinstance(result, str):
+            skip_file.write({"id": record["id"], "reason": result})
+        else:
+            out_file.write(result)
+
+    # With --server every instance still to do is asked at once (the server batches them); each
+    # answer is written as it comes, a failure is counted and left for the next run.
+    failed = Counter()
+    if served is not None:
+        for record, consensus, error in ask_server(args, served, [r for r in todo if r["id"] not in settled],
+                                                   prompts):
+            if error:
+                failed[error] += 1
+            else:
+                write_outcome(record, consensus)
+            progress.update(1)
+    for start in range(0, len(todo), round_size) if served is None else ():
         batch = todo[start:start + round_size]
         if all(r["id"] in settled for r in batch):
             continue
@@ -555,11 +652,7 @@ def run(args):
             for record in batch:
                 if record["id"] in settled:
                     continue
-                result = settle(record, generated.get(record["id"]), args)
-                if isinstance(result, str):
-                    skip_file.write({"id": record["id"], "reason": result})
-                else:
-                    out_file.write(result)
+                write_outcome(record, generated.get(record["id"]))
             progress.update(sum(r["id"] not in settled for r in batch))
     progress.close()
     accelerator.wait_for_everyone()
@@ -583,6 +676,10 @@ def run(args):
 
     summary = summarize(train, written, Counter(r["reason"] for r in skipped), shortened)
     summary["processes"] = accelerator.num_processes
+    # what wrote the consensuses: the model folder loaded here, or the server and the model it serves
+    summary["generator"] = (served.record() if served is not None else
+                            {"model": args.model} if args.consensus != "vote" else None)
+    summary["failed"] = sum(failed.values())
     print_summary(summary)
     if args.summary:
         records.write_json_atomic(args.summary, summary)
@@ -592,7 +689,15 @@ def run(args):
             f"{args.out}, " + (f"{len(skipped)} instances skipped ({skipped_text})" if skipped else "none skipped"))
     if args.consensus != "vote":
         line += f", {shortened} shortened, {fallbacks} fell back to the vote"
+    if served is not None:
+        line += f"; generated by {served.name} at {served.url}"
+    if failed:
+        line += f"; {summary['failed']} failed (run the same command again to ask them again)"
     print(line)
+    if failed:
+        for reason, n in failed.most_common():
+            print(f"  {n} failed: {reason}")
+        raise SystemExit(3)
     if not written:
         records.fail(f"{args.data}: no preference written: every train instance was skipped ({skipped_text})")
 

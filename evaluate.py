@@ -3,6 +3,7 @@ held-out instances.
 
     accelerate launch evaluate.py --models runs/bootstrap apo=runs/apo --data trajectories.jsonl --out runs/eval
     python evaluate.py --sources-only --data trajectories.jsonl --out runs/eval_sources
+    python evaluate.py --models boot=runs/bootstrap@http://127.0.0.1:8000/v1 apo=runs/apo@http://127.0.0.1:8001/v1 ...
 
 Sources are scored from the trajectories already in the file; each model answers every instance of
 the split (greedy, batched, the chat format of training) and is scored the same way. Presence
@@ -17,6 +18,12 @@ Outputs in --out:
     table.md           the Markdown table, also printed
     accuracy.png       per-finding accuracy bars (skipped with a note without matplotlib)
 
+A model given as DIR@URL (or every model, with --server URL) answers through that OpenAI-compatible
+server (`vllm serve runs/apo`) instead of being loaded here: the same conversation, greedy, up to
+--concurrency requests in flight, retries with backoff. The server must serve DIR (refused
+otherwise); models.json records the server and the model id it serves. A request that still fails
+is counted, written nowhere and asked again by the next run (exit 3 until none fails).
+
 Predictions are appended as they are generated; the same command after an interruption skips the
 (model, id) pairs already in predictions.jsonl and recomputes the metrics from the file.
 """
@@ -25,6 +32,9 @@ import argparse
 import gc
 import json
 import math
+import os
+import re
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -33,6 +43,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
+import chat_client
 import modeling
 from answers import CHANGE_FINDINGS, FINDINGS, normalize, parse_answer, score, task_of
 from records import (SPLITS, JsonlAppender, RecordError, fail, load_instances, read_jsonl,
@@ -43,9 +54,10 @@ TASK_FINDINGS = {"presence": FINDINGS, "change": CHANGE_FINDINGS}
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=[], metavar="DIR|NAME=DIR",
+    p.add_argument("--models", nargs="+", default=[], metavar="DIR|NAME=DIR[@URL]",
                    help="model folders to evaluate (or hub ids); the table names a row after the folder, "
-                        "or NAME when given as NAME=DIR")
+                        "or NAME when given as NAME=DIR; DIR@URL: the OpenAI-compatible server at URL serves "
+                        "DIR and answers for it")
     p.add_argument("--data", required=True, help="trajectories.jsonl with `labels` on the instances to score")
     p.add_argument("--out", required=True, help="output folder (predictions.jsonl, metrics.json, table.md, accuracy.png)")
     p.add_argument("--split", default="test", choices=SPLITS, help="split to score (default test)")
@@ -58,11 +70,12 @@ def parse_args(argv=None):
                         "in the prompt or the answer; default 1.0: off). Part of the decoding protocol: compare "
                         "models only under the same one")
     p.add_argument("--seed", type=int, default=0, help="random seed (decoding is greedy; set for completeness)")
+    chat_client.add_server_options(p, "runs/apo")
     args = p.parse_args(argv)
     if not args.models and not args.sources_only:
         p.error("give --models DIR [DIR ...], or --sources-only to score the sources alone")
-    if args.batch_size < 1 or args.max_new_tokens < 1:
-        p.error("--batch-size and --max-new-tokens must be at least 1")
+    if args.batch_size < 1 or args.max_new_tokens < 1 or args.concurrency < 1:
+        p.error("--batch-size, --max-new-tokens and --concurrency must be at least 1")
     return args
 
 
@@ -112,10 +125,18 @@ def source_texts(instances, source):
 # Models
 
 
-def parse_models(specs):
-    """[(name, path)] from "DIR" or "NAME=DIR"; a folder must hold a Hugging Face model."""
-    models = []
+# A server URL starts at the last "@http(s)://", as in collect.py's openai: sources.
+_SERVED_RE = re.compile(r"^(?P<spec>.+?)@(?P<url>https?://\S+)$")
+
+
+def parse_models(specs, server=None):
+    """([(name, path)], {name: server URL}) from "DIR" or "NAME=DIR", each with an optional
+    "@URL" (else --server, if given). A folder must hold a Hugging Face model; a served DIR may
+    also be a folder on the server's machine or the server's name for it."""
+    models, urls = [], {}
     for spec in specs:
+        m = _SERVED_RE.match(spec)
+        spec, url = (m["spec"], m["url"]) if m else (spec, server)
         name, sep, path = spec.partition("=")
         if not sep or "/" in name:  # a path that merely contains "="
             name, path = Path(spec.rstrip("/")).name, spec
@@ -125,6 +146,8 @@ def parse_models(specs):
         if folder.exists():
             if not (folder / "config.json").is_file():
                 raise RecordError("--models", None, None, f"{path}: no config.json (not a Hugging Face model folder)")
+        elif url:
+            pass  # a folder on the server's machine or the server's name: served_model checks it
         elif path.startswith((".", "/", "~")) or path.count("/") != 1:
             raise RecordError("--models", None, None, f"{path}: no such model folder")
         else:  # "org/name": a hub id, which must resolve now rather than after hours of generation
@@ -136,12 +159,16 @@ def parse_models(specs):
         if any(name == n for n, _ in models):
             raise RecordError("--models", None, None, f"two models named {name!r}; name them with NAME=DIR")
         models.append((name, path))
-    return models
+        if url:
+            urls[name] = url
+    return models, urls
 
 
-def check_text_models(models, instances, data_path):
+def check_text_models(models, instances, data_path, served=()):
     with_images = sum(bool(r.get("images")) for r in instances)
     for name, path in models:
+        if name in served and not Path(path).is_dir():
+            continue  # a folder of the server's machine: the server refuses images its model cannot read
         if with_images and not modeling.is_vision_model(path):
             raise RecordError(data_path, None, "images",
                               f"{with_images} instances have images but model {name!r} ({path}) is a text model")
@@ -165,16 +192,41 @@ def read_predictions(path):
     return rows
 
 
-def check_manifest(out, models, existing, args):
+def connect(models, urls, args):
+    """{name: chat_client.Served} of the models answered by a server, each checked to serve its DIR."""
+    served = {}
+    for name, path in models:
+        if name in urls:
+            client = chat_client.make_client(urls[name], os.environ.get(args.api_key_env), args.timeout)
+            try:
+                served[name] = chat_client.served_model(client, urls[name], want=path, max_retries=args.max_retries,
+                                                        backoff=args.backoff)
+            finally:
+                client.close()
+    return served
+
+
+def fingerprint(path, served=None):
+    """What predictions are tied to: the folder's fingerprint when it is here (whether loaded here or
+    served from it), else the model id the server reports."""
+    if served is not None and not Path(path).is_dir():
+        return f"served:{served.root or served.name}"
+    return modeling.model_fingerprint(path)
+
+
+def check_manifest(out, models, existing, args, served=None):
     """Refuse to mix predictions of other weights or settings into a model's rows; record ours."""
+    served = served or {}
     manifest_path = out / "models.json"
     try:
         manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     except json.JSONDecodeError:
         raise RecordError(manifest_path, None, None, "corrupt; move the output folder away to start over") from None
     for name, path in models:
-        entry = {"path": path, "fingerprint": modeling.model_fingerprint(path), "max_new_tokens": args.max_new_tokens,
+        entry = {"path": path, "fingerprint": fingerprint(path, served.get(name)), "max_new_tokens": args.max_new_tokens,
                  "repetition_penalty": args.repetition_penalty}
+        if name in served:
+            entry["generator"] = served[name].record()
         old = manifest.get(name)
         if old and any(m == name for m, _ in existing):
             made_with = None
@@ -224,6 +276,32 @@ def check_context(model, processor, instances, args):
             raise RecordError(args.data, r.get("_line"), "prompt",
                               f"{length} tokens + --max-new-tokens {args.max_new_tokens} exceed the model's "
                               f"{limit} positions")
+
+
+def ask_missing(name, served, instances, done, appender, failed, args):
+    """generate_missing through a server (one process): each answer is appended as it comes, a
+    failure is counted in `failed` and left for the next run."""
+    todo = [r for r in instances if (name, r["id"]) not in done]
+    api_key = os.environ.get(args.api_key_env)
+    # repetition_penalty is sent only when set: `transformers serve` refuses the field
+    request = chat_client.request_fields(args.max_new_tokens, 0.0, repetition_penalty=(
+        args.repetition_penalty if args.repetition_penalty != 1.0 else None))
+    client = chat_client.make_client(served.url, api_key, args.timeout)
+    bar = tqdm(total=len(todo), desc=name)
+    try:
+        for r, text, error in chat_client.answer_all(
+                client, served.name, todo, lambda r: chat_client.api_messages(r, args.data), lambda r: request,
+                args.concurrency, args.max_retries, args.backoff, secrets=[api_key], generation=True):
+            if error:
+                failed[error] += 1
+            else:
+                appender.write(prediction_row(name, r["id"], *text))
+                done.add((name, r["id"]))
+            bar.update(1)
+    finally:
+        bar.close()
+        client.close()
+    return len(todo) - sum(failed.values())
 
 
 def generate_missing(accelerator, name, path, instances, done, appender, args):
@@ -361,18 +439,22 @@ def main(argv=None):
     set_seed(args.seed)
     out = Path(args.out)
     predictions_path = out / "predictions.jsonl"
-    models = []
+    models, served, failed = [], {}, Counter()
     try:
         instances, unlabelled = load_eval_instances(args.data, args.split, check_images=not args.sources_only)
         sources = source_names(instances)
         if not args.sources_only:
-            models = parse_models(args.models)
-            check_text_models(models, instances, args.data)
+            models, urls = parse_models(args.models, args.server)
+            if urls and accelerator.num_processes > 1:
+                raise RecordError("--models", None, None, "a server answers for " + ", ".join(urls) + ": run "
+                                  "evaluate.py with python, not with several processes")
+            served = connect(models, urls, args)
+            check_text_models(models, instances, args.data, served)
             clash = sorted({n for n, _ in models} & set(sources))
             if clash:
                 raise RecordError("--models", None, None, f"model name(s) {clash} are also source names in "
                                                           f"{args.data}; name the models with NAME=DIR")
-    except RecordError as e:
+    except (RecordError, chat_client.ServerError) as e:
         stop(accelerator, str(e))
 
     # The main process alone touches the output files; the others learn from it what is done.
@@ -381,7 +463,7 @@ def main(argv=None):
         try:
             out.mkdir(parents=True, exist_ok=True)
             existing = read_predictions(predictions_path)
-            check_manifest(out, models, existing, args)
+            check_manifest(out, models, existing, args, served)
             shared = [None, set(existing)]  # the keys only: texts stay on disk
         except RecordError as e:
             shared = [str(e), set()]
@@ -395,7 +477,10 @@ def main(argv=None):
     appender = JsonlAppender(predictions_path) if accelerator.is_main_process and models else None
     try:
         for name, path in models:
-            generated += generate_missing(accelerator, name, path, instances, done, appender, args)
+            if name in served:
+                generated += ask_missing(name, served[name], instances, done, appender, failed, args)
+            else:
+                generated += generate_missing(accelerator, name, path, instances, done, appender, args)
     except RecordError as e:  # every process checks the same prompts, so all stop together
         stop(accelerator, str(e))
     if appender:
@@ -421,7 +506,14 @@ def main(argv=None):
         if not plot_accuracy(rows, out / "accuracy.png"):
             print("note: matplotlib is not installed; accuracy.png skipped (pip install matplotlib)")
         print(summary(rows, tasks, unlabelled, len(sources), len(models), generated, reused, args))
+        if failed:
+            print(f"{sum(failed.values())} answers failed (run the same command again to ask them again; "
+                  "their rows count them as missing):")
+            for reason, n in failed.most_common():
+                print(f"  {n} failed: {reason}")
     accelerator.end_training()
+    if failed:
+        raise SystemExit(3)
 
 
 if __name__ == "__main__":

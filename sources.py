@@ -18,14 +18,9 @@ Importers turn dumps made elsewhere into instance records with `trajectories`: m
 JSONL (the format of the official APO scripts) and any JSONL through a field mapping.
 """
 
-import base64
-import contextlib
 import hashlib
 import json
-import mimetypes
 import re
-import socket
-import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -33,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import records
+# the OpenAI-compatible client, shared with consensus.py and evaluate.py --server
+from chat_client import api_client, api_messages, ask, image_data_url  # noqa: F401 (image_data_url: sources.*)
 from records import RecordError
 
 KINDS = ("hf", "openai", "sim")
@@ -176,232 +173,6 @@ def is_text_model(source):
 
 # ---------------------------------------------------------------------------------------------
 # openai: OpenAI-compatible chat endpoints
-
-
-def image_data_url(path):
-    """An image file as a base64 data URL, the one image form every compatible endpoint accepts."""
-    mime = mimetypes.guess_type(str(path))[0]
-    if not mime or not mime.startswith("image/"):
-        from PIL import Image
-
-        with Image.open(path) as img:
-            mime = Image.MIME.get(img.format, "image/png")
-    return f"data:{mime};base64,{base64.b64encode(Path(path).read_bytes()).decode('ascii')}"
-
-
-def api_messages(record, data_path=None, allow_outside_images=False):
-    """The chat of one instance in the OpenAI format: images first, as modeling.messages_for does.
-
-    Images leave the machine here, so their folder is checked again at the moment they are read:
-    a symlink changed since validation must not send a file from elsewhere.
-    """
-    messages = [{"role": "system", "content": record["system"]}] if record.get("system") else []
-    if record.get("images"):
-        if not allow_outside_images:
-            records.check_images_inside(record, data_path)
-        content = [{"type": "image_url", "image_url": {"url": image_data_url(records.resolve_image(data_path, p))}}
-                   for p in record["images"]]
-        content.append({"type": "text", "text": record["prompt"]})
-    else:
-        content = record["prompt"]
-    messages.append({"role": "user", "content": content})
-    return messages
-
-
-# Shorter values are placeholders ("EMPTY", "x" for a local server), not secrets, and replacing
-# them would mangle answers.
-MIN_SECRET_LENGTH = 8
-
-
-def redact(text, secrets):
-    for s in secrets:
-        if s and len(s) >= MIN_SECRET_LENGTH:
-            text = text.replace(s, "***")
-    return text
-
-
-def _retry_after(error):
-    """Seconds a 429/503 answer asks us to wait (Retry-After), or None."""
-    response = getattr(error, "response", None)
-    value = response.headers.get("retry-after") if response is not None else None
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
-
-
-def _short(message, limit=300):
-    message = " ".join(str(message).split())
-    return message if len(message) <= limit else message[: limit - 1] + "…"
-
-
-def _reason(message, secrets):
-    """A failure reason for the journal and the summary: redacted first, then cut, so a key that
-    straddles the cut cannot leave a piece of itself behind."""
-    return _short(redact(str(message), secrets))
-
-
-class RequestDeadline:
-    """A total deadline for each request of one HTTP client, however slowly the server answers.
-
-    httpx timeouts bound each network operation, so a server that trickles a byte every half
-    second never times out. Instead a timer shuts the request's socket down when its time is up,
-    which ends the read in progress. The socket comes from httpx's `trace` extension when the
-    connection is opened (and again when TLS wraps it); `Connection: close` gives every request a
-    connection of its own, so none runs on a socket the timer cannot see (a handshake is small
-    next to a model's answer). The client takes as_event_hooks(); each request is made inside
-    attempt(), in the thread that sends it (the sync client sends in the caller's thread, hence
-    the thread-local).
-    """
-
-    def __init__(self, seconds=None):
-        self.seconds = seconds
-        self._local = threading.local()
-
-    def as_event_hooks(self):
-        return {"request": [self._on_request]}
-
-    def _on_request(self, request):
-        request.headers["Connection"] = "close"
-        watch = getattr(self._local, "watch", None)
-        if watch is not None:
-            request.extensions["trace"] = watch.trace
-            watch.start()
-
-    @contextlib.contextmanager
-    def attempt(self):
-        """One request: its time runs from when it is handed to httpx (the client's own work on
-        the body before that is not the server's time); the watch's `passed` says whether it ran out."""
-        watch = _Watch(self.seconds)
-        self._local.watch = watch
-        try:
-            yield watch
-        finally:
-            self._local.watch = None
-            watch.stop()
-
-
-class _Watch:
-    def __init__(self, seconds):
-        self.seconds, self.lock, self.sock, self.passed, self.timer = seconds, threading.Lock(), None, False, None
-
-    def start(self):
-        if self.seconds is not None and self.timer is None:
-            self.timer = threading.Timer(self.seconds, self._cut)
-            self.timer.daemon = True
-            self.timer.start()
-
-    def trace(self, event, info):
-        # TLS wraps the TCP socket into a new one and detaches the first, so the socket to shut
-        # down is the last one opened
-        if event in ("connection.connect_tcp.complete", "connection.start_tls.complete") and info.get("return_value"):
-            with self.lock:
-                self.sock = info["return_value"].get_extra_info("socket")
-                if self.passed:  # connecting took the whole time
-                    self._shutdown()
-
-    def _cut(self):
-        with self.lock:
-            self.passed = True
-            self._shutdown()
-
-    def _shutdown(self):
-        if self.sock is not None:
-            try:
-                self.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:  # already closed: the request ended on its own
-                pass
-
-    def stop(self):
-        if self.timer is not None:
-            self.timer.cancel()
-
-
-def api_client(base_url, api_key, timeout):
-    """An OpenAI client that never follows a redirect and ends every request after `timeout` s.
-
-    A 307/308 would re-send the request, images included, to wherever the server points; a
-    redirect therefore comes back as an HTTP status and is counted as a failure (see ask). The
-    client's own retries are off: ask() retries, so that failures are counted and backed off the
-    same way whatever the client version does. Returns (client, deadline) for ask().
-    """
-    import openai
-
-    deadline = RequestDeadline(timeout)
-    http = openai.DefaultHttpxClient(timeout=timeout, follow_redirects=False, event_hooks=deadline.as_event_hooks())
-    client = openai.OpenAI(api_key=api_key or "EMPTY", base_url=base_url, timeout=timeout, max_retries=0,
-                           http_client=http)
-    return client, deadline
-
-
-def completion_text(raw, secrets=()):
-    """(text, None) or (None, reason) from a raw 2xx chat completion response.
-
-    The body is parsed here rather than by the client, which passes an HTML page or a JSON list
-    through as a string or list and leaves the error to whoever touches it next.
-    """
-    body = raw.text
-    try:
-        payload = json.loads(body)
-    except ValueError:
-        kind = raw.headers.get("content-type", "no content type").split(";")[0]
-        return None, _reason(f"malformed response: HTTP {raw.status_code} with a body that is not JSON ({kind}: "
-                             f"{body[:120]!r}); is the base URL an OpenAI-compatible endpoint ending in /v1?", secrets)
-    choices = payload.get("choices") if isinstance(payload, dict) else None
-    choice = choices[0] if isinstance(choices, list) and choices else None
-    message = choice.get("message") if isinstance(choice, dict) else None
-    content = message.get("content") if isinstance(message, dict) else None
-    if not isinstance(message, dict) or not isinstance(content, (str, type(None))):
-        return None, _reason(f"malformed response: no choices[0].message.content string in {body[:160]!r}", secrets)
-    text = redact((content or "").strip(), secrets)
-    if text:
-        return text, None
-    return None, f"empty answer (finish_reason={choice.get('finish_reason')})"
-
-
-def _status_reason(error, secrets):
-    if 300 <= error.status_code < 400:
-        location = error.response.headers.get("location", "(no Location header)")
-        return _reason(f"HTTP {error.status_code}: redirect to {location} not followed: a redirect would re-send "
-                       "the request, images included; give the final URL as the base URL", secrets)
-    return _reason(f"HTTP {error.status_code}: {error.message}", secrets)
-
-
-def ask(client, model, messages, request, max_retries=5, backoff=1.0, max_backoff=60.0, sleep=time.sleep,
-        secrets=(), deadline=None):
-    """One chat completion with retries; returns (text, None) or (None, reason), never raises
-    for an API fault. `secrets` are replaced by *** in both; `deadline` is api_client's.
-
-    429, 408, 409, 5xx, timeouts (the deadline included) and refused connections are retried
-    with exponential backoff (backoff, 2·backoff, 4·backoff … capped at max_backoff, or the
-    server's Retry-After); other statuses (400 bad request, 401 bad key, 404 unknown model, a
-    redirect) and a 2xx body that is not a chat completion fail at once: asking again would not
-    help. An empty answer is a failure too, kept for the next run to retry.
-    """
-    import openai
-
-    deadline = deadline or RequestDeadline()
-    error = None
-    for attempt in range(max_retries + 1):
-        wait = None
-        try:
-            with deadline.attempt() as watch:
-                raw = client.chat.completions.with_raw_response.create(model=model, messages=messages, **request)
-            if not watch.passed:
-                return completion_text(raw, secrets)
-            error = "timeout"  # the timer found no socket to cut, but the answer came after the deadline
-        except openai.APIStatusError as e:
-            error = _status_reason(e, secrets)
-            if not (e.status_code in (408, 409, 429) or e.status_code >= 500):
-                return None, error
-            wait = _retry_after(e)
-        except (openai.APITimeoutError, openai.APIConnectionError) as e:
-            # a connection the deadline shut down reads as a dropped connection: it was a timeout
-            timed_out = isinstance(e, openai.APITimeoutError) or watch.passed
-            error = "timeout" if timed_out else _reason(f"connection error: {e.__cause__ or e}", secrets)
-        if attempt < max_retries:
-            sleep(min(max_backoff, wait if wait is not None else backoff * 2 ** attempt))
-    return None, f"{error} (after {max_retries + 1} attempts)"
 
 
 def openai_answers(source, instances, data_path=None, api_key=None, concurrency=8, max_retries=5, timeout=120.0,

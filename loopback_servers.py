@@ -1,0 +1,172 @@
+"""Real servers on 127.0.0.1 for the tests of every stage that asks one (collect.py's `openai:`
+sources, the --server of consensus.py and evaluate.py): a real `transformers serve` process, and a
+small stdlib HTTP server that speaks just enough of the OpenAI API to misbehave on purpose (429,
+5xx, stalls, echoed keys)."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+def server_env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+    # One thread: these models are tiny, and on shared cores two threads only wait on each other.
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.update(extra)
+    return env
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def completion(text, model="m"):
+    return {"id": "c", "object": "chat.completion", "created": 0, "model": model,
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+
+
+def prompt_of(body):
+    content = body["messages"][-1]["content"]
+    return content if isinstance(content, str) else next(p["text"] for p in content if p["type"] == "text")
+
+
+class ChatServer:
+    """A real HTTP server on 127.0.0.1 that speaks just enough of /v1/chat/completions.
+
+    behave(prompt, n, body) -> (status, payload, headers, delay) decides each answer; n counts the
+    requests seen for that prompt so far (1 for the first). GET /v1/models lists `models`, each
+    {"id", "root"?, "max_model_len"?} as vLLM lists them.
+    """
+
+    def __init__(self, behave, models=()):
+        self.behave, self.models, self.requests, self.lock = behave, list(models), [], threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                if self.path.rstrip("/").endswith("/models"):
+                    self.reply(200, {"object": "list", "data": [{"object": "model", "created": 0, "owned_by": "test",
+                                                                 **m} for m in server.models]}, {})
+                else:
+                    self.reply(404, {"error": {"message": "not found"}}, {})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                prompt = prompt_of(body)
+                with server.lock:
+                    server.requests.append({"prompt": prompt, "auth": self.headers.get("Authorization"), "body": body})
+                    n = sum(r["prompt"] == prompt for r in server.requests)
+                status, payload, headers, delay = server.behave(prompt, n, body)
+                if delay:
+                    time.sleep(delay)
+                self.reply(status, payload, headers)
+
+            def reply(self, status, payload, headers):
+                data = json.dumps(payload).encode()
+                try:
+                    self.send_response(status)
+                    for k, v in headers.items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def count(self, prompt):
+        return sum(r["prompt"] == prompt for r in self.requests)
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class Serve:
+    """`transformers serve` on 127.0.0.1, unpinned: a request's model (a local folder) is loaded on
+    demand. Each request it takes leaves a "[Request received]" line in its log."""
+
+    def __init__(self, port, log):
+        self.port, self.log, self.proc = port, Path(log), None
+        self.url = f"http://127.0.0.1:{port}/v1"
+
+    def start(self):
+        cli = Path(sys.executable).with_name("transformers")
+        command = [str(cli)] if cli.exists() else [sys.executable, "-c", "from transformers.cli.transformers "
+                                                                          "import main; main()"]
+        with open(self.log, "a") as log:
+            self.proc = subprocess.Popen(command + ["serve", "--host", "127.0.0.1", "--port", str(self.port),
+                                                    "--device", "cpu"], env=server_env(), stdout=log, stderr=log)
+        start = time.monotonic()
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"transformers serve exited: {self.log.read_text()[-2000:]}")
+            if time.monotonic() - start > 240:
+                self.kill()  # not left running for the next test's start to find its port taken
+                raise RuntimeError("transformers serve did not answer /health within 240 s")
+            time.sleep(0.25)
+
+    def kill(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    def ensure_running(self):
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+
+    def requests_received(self):
+        return self.log.read_text(errors="replace").count("[Request received]") if self.log.exists() else 0
+
+
+def varied_copy(src, dst, std=0.3, seed=1):
+    """A copy of a tiny random model whose greedy output depends on the whole prompt.
+
+    The tiny models' default initialisation (std 0.02) makes them repeat one newline whatever they
+    read; weights drawn with a wider spread give a different text for every prompt and image, so
+    equal outputs mean the same conversation reached the model. Special tokens other than the end
+    of turn are suppressed (in the generation config, which the in-process path and the server both
+    read), as a trained model never writes them mid-answer: `transformers serve` runs Qwen answers
+    through its response parser, which keeps special tokens in the content, where the in-process
+    path decodes with skip_special_tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+
+    shutil.copytree(src, dst)
+    vision = "vision_config" in json.loads((Path(src) / "config.json").read_text())
+    model = (AutoModelForImageTextToText if vision else AutoModelForCausalLM).from_pretrained(src)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for weight in model.parameters():
+            if weight.dim() >= 2:
+                weight.copy_(torch.randn(weight.shape, generator=generator) * std)
+    tok = AutoTokenizer.from_pretrained(src)
+    end = model.generation_config.eos_token_id
+    model.generation_config.suppress_tokens = sorted(set(tok.all_special_ids) - {end})
+    model.save_pretrained(dst)
+    return str(dst)
