@@ -11,7 +11,8 @@ DIR receives the fine-tuned model as a Hugging Face folder (the reference and st
 consensus.py and apo.py), checkpoints/ (exact resume), metrics.jsonl and training_summary.json.
 After an interruption, run the same command again: it continues from the last checkpoint in DIR
 (weights, optimizer, schedule, RNG and data position) and ends with the weights an uninterrupted
-run would have had. A finished run, rerun, does nothing.
+run would have had. A finished run, rerun, does nothing. SIGTERM or Ctrl-C stops it after the
+optimizer step in flight, with a checkpoint, exit status 75 (training.STOPPED_EXIT): rerun to resume.
 
 Defaults follow the paper's official recipe (1 epoch, 2 examples per device, global batch 32, max
 length 2304, warmup 0.05, bf16 on GPU). By default every weight is trained, at lr 1e-5 (the usual

@@ -53,6 +53,12 @@ are done; the same command resumes an interrupted run and the final file equals 
 run's (generation runs in fixed rounds, and an unfinished round is generated again whole; keep
 --batch-size and the number of processes). Labels
 are passed through and printed beside the sources' accuracies, never used.
+
+The output is tied to what decides it, in <out>.run.json: the train instances' content, the model
+(path and fingerprint), the prompt and the flags in OUTPUT_ARGS / MODEL_ARGS. A rerun on an existing
+output with any of them changed is refused, naming what changed (a resume would mix two runs'
+lines). One consensus.py at a time writes an output (<out>.lock); --out may not be --data, nor lie
+in the model folder.
 """
 
 import argparse

@@ -387,6 +387,11 @@ def check_output_paths(files=(), folders=(), inputs=None, model_dirs=None):
 
     models = [(flag, Path(folder)) for flag, folder in (model_dirs or {}).items()
               if folder is not None and Path(folder).is_dir()]
+    for out in map(Path, filter(None, folders)):
+        for flag, folder in models:
+            if same(out, folder):
+                raise RecordError(out, None, None, f"is the model folder {flag} {folder}, which this stage reads; "
+                                                   "choose another output folder")
     for out in map(Path, filter(None, files)):
         for flag, path in (inputs or {}).items():
             if path is not None and same(out, Path(path)):
@@ -396,11 +401,6 @@ def check_output_paths(files=(), folders=(), inputs=None, model_dirs=None):
             if same(out.parent, folder):
                 raise RecordError(out, None, None, f"lies in the model folder {flag} {folder}, which this stage "
                                                    "reads; choose an output outside it")
-    for out in map(Path, filter(None, folders)):
-        for flag, folder in models:
-            if same(out, folder):
-                raise RecordError(out, None, None, f"is the model folder {flag} {folder}, which this stage reads; "
-                                                   "choose another output folder")
 
 
 def settings_mismatch(saved, now):
@@ -423,6 +423,8 @@ def tie_to_run(out, manifest, entries, stage, advice, used=None):
     all. An output that exists without its manifest is not this stage's and is refused too.
     Returns the merged manifest to write with write_json_atomic once the run may go ahead."""
     out, manifest = Path(out), Path(manifest)
+    if out.is_dir():
+        raise RecordError(out, None, None, "is a folder; the output is a file (e.g. out.jsonl)")
     if not manifest.is_file():
         if out.is_file() and out.stat().st_size:
             raise RecordError(out, None, None, f"exists and was not written by {stage} (no {manifest.name} beside "

@@ -59,7 +59,8 @@ def add_training_args(parser, lr, max_length, batch_size=2, grad_accum=16, warmu
     g.add_argument("--max-length", type=int, default=max_length, help="tokens per prompt+response; responses are cut, prompts never (default: %(default)s)")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward to save memory")
     g.add_argument("--freeze-vision", action="store_true", help="VLMs: keep the vision tower frozen")
-    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N optimizer steps (0: only at the end)")
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N optimizer steps (0: only at the end, and when SIGTERM / "
+                        "Ctrl-C stops the run)")
     g.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept on disk (default: %(default)s)")
     g.add_argument("--log-every", type=int, default=1, help="write metrics every N optimizer steps (default: %(default)s)")
     g.add_argument("--report-to", default=None,
