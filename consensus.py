@@ -102,7 +102,7 @@ ANSWER_FORMATS = {
 # values is refused (it would mix two runs' lines). A new flag that changes the output goes here;
 # MODEL_ARGS count only when a model writes the consensus.
 OUTPUT_ARGS = ("consensus", "negatives", "min_agreement", "seed")
-MODEL_ARGS = ("max_new_tokens", "max_prompt_tokens", "temperature", "top_p")
+MODEL_ARGS = ("max_new_tokens", "max_prompt_tokens", "temperature", "top_p", "repetition_penalty")
 
 SKIP_REASONS = ("no trajectories", "prompt too long", "no answer to vote on", "no negatives")
 CUT_MARK = " [...] "
