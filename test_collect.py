@@ -278,7 +278,9 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted_run(tmp_path):
     proc = start_collect(*args, "--out", killed, "--sim-delay", 0.1)
     try:
         wait_for(lambda: len(answered_lines(killed)) >= 8, "8 journalled answers")
-        # a second run on the same --out is refused while the first holds the journal
+        # paused, so that it still runs (and holds its lock) however slowly the second one starts
+        proc.send_signal(signal.SIGSTOP)
+        # a second run on the same --out is refused while the first holds the lock
         second = run_collect(*args, "--out", killed)
         assert second.returncode == 2 and "another collect.py is writing" in second.stderr
         proc.send_signal(signal.SIGKILL)
