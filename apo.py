@@ -453,6 +453,7 @@ def run(args):
 
     accelerator = training.build_accelerator(
         args, out, find_unused_parameters=vision and not (args.freeze_vision or args.lora_rank) and text_only_rows)
+    training.claim_output(accelerator, out, "apo.py", inputs={"--data": data_path}, model_dirs={"--model": args.model})
     is_main = accelerator.is_main_process
     training.seed_everything(args.seed)
     data_sha256 = file_hash(data_path)
@@ -532,6 +533,7 @@ def run(args):
     pad_id = tokenizer_of(processor).pad_token_id
 
     last = None
+    stop = training.stop_on_signal()
     progress = tqdm(total=total, initial=start, desc="apo", disable=not accelerator.is_local_main_process)
     for step in range(start, total):
         began = time.perf_counter()
@@ -567,9 +569,9 @@ def run(args):
         progress.update(1)
         progress.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['reward_accuracy']:.2f}")
         if done % args.log_every == 0 or done == total:
-            metrics.log(done, dict(last, lr=lr, grad_norm=None if grad_norm is None else float(grad_norm), epoch=done * args.grad_accum / per_epoch))
-        if args.save_every and done % args.save_every == 0 and done < total:
-            training.save_checkpoint(accelerator, out, done, {"config": config}, keep=args.keep_checkpoints)
+            metrics.log(done, dict(last, lr=lr, grad_norm=None if grad_norm is None else float(grad_norm),
+                                   epoch=done * args.grad_accum / per_epoch))
+        training.end_of_step(accelerator, out, done, total, {"config": config}, args, stop)
     progress.close()
 
     if start < total or not training.checkpoint_dirs(out):

@@ -11,7 +11,8 @@ DIR receives the fine-tuned model as a Hugging Face folder (the reference and st
 consensus.py and apo.py), checkpoints/ (exact resume), metrics.jsonl and training_summary.json.
 After an interruption, run the same command again: it continues from the last checkpoint in DIR
 (weights, optimizer, schedule, RNG and data position) and ends with the weights an uninterrupted
-run would have had. A finished run, rerun, does nothing.
+run would have had. A finished run, rerun, does nothing. SIGTERM or Ctrl-C stops it after the
+optimizer step in flight, with a checkpoint, exit status 75 (training.STOPPED_EXIT): rerun to resume.
 
 Defaults follow the paper's official recipe (1 epoch, 2 examples per device, global batch 32, max
 length 2304, warmup 0.05, bf16 on GPU). By default every weight is trained, at lr 1e-5 (the usual
@@ -35,7 +36,7 @@ from tqdm.auto import tqdm
 import training
 from answers import parse_answer
 from modeling import (PromptTooLong, ResponseLogps, collate, encode, is_vision_model, load_model, load_processor,
-                      tokenizer_of)
+                      model_fingerprint, tokenizer_of)
 from records import RecordError, file_hash, load_instances, write_json_atomic
 
 SUMMARY = "training_summary.json"
@@ -146,6 +147,7 @@ def run_config(args, accelerator):
     model = Path(args.model)
     return {
         "model": str(model.resolve()) if model.exists() else args.model,
+        "model_fingerprint": model_fingerprint(args.model),
         "data_sha256": file_hash(args.data),
         "drop_unanswered": args.drop_unanswered,
         "max_length": args.max_length,
@@ -196,6 +198,8 @@ def train(args):
 
     accelerator = training.build_accelerator(
         args, out, find_unused_parameters=vision and not (args.freeze_vision or args.lora_rank) and text_only_rows)
+    training.claim_output(accelerator, out, "bootstrap.py", inputs={"--data": args.data},
+                          model_dirs={"--model": args.model})
     config = run_config(args, accelerator)
     done = finished_run(out, config)
     if done is not None:
@@ -244,6 +248,7 @@ def train(args):
 
     micro_batch = training.MicroBatches(lengths, micro_global, args.seed)
 
+    stop = training.stop_on_signal()
     progress = tqdm(total=total, initial=start, desc="bootstrap", disable=not accelerator.is_local_main_process)
     for step in range(start, total):
         began = time.perf_counter()
@@ -280,8 +285,7 @@ def train(args):
                 "tokens_per_s": sum(lengths[i] for b in micro for i in b) / (time.perf_counter() - began),
                 "examples_seen": seen, "epoch": seen / (per_epoch * micro_global),
             })
-        if args.save_every and done_steps % args.save_every == 0 and done_steps < total:
-            training.save_checkpoint(accelerator, out, done_steps, {"config": config}, keep=args.keep_checkpoints)
+        training.end_of_step(accelerator, out, done_steps, total, {"config": config}, args, stop)
     progress.close()
 
     if start < total or not training.checkpoint_dirs(out):

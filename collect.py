@@ -15,6 +15,7 @@ instance with the trajectories it had plus one per source, in --sources order.
 """
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -41,8 +42,11 @@ resume:
   every finished (instance, source) answer is appended at once to OUT.parts.jsonl; running the
   same command again after a crash or Ctrl-C skips the pairs already there and asks only the
   rest. Pairs that failed (API errors after all retries, empty answers) are asked again on the
-  next run. A finished command run again asks nothing and rewrites the same file. Delete
-  OUT.parts.jsonl to ask every source afresh.
+  next run. A finished command run again asks nothing and rewrites the same file. Each source
+  name is tied to its spec and the settings that decide its answers (seed, model, sampling flags;
+  OUT.run.json): a rerun that changes them for a name is refused before anything is asked. Delete
+  OUT.parts.jsonl and OUT.run.json to ask every source afresh. One collect.py at a time writes an
+  OUT (OUT.lock); an OUT that exists without its OUT.run.json, or that is an input, is refused.
 
 exit status: 0 all pairs answered; 2 bad input or options (nothing asked); 3 some pairs failed
 (the file is written without them; run the same command again to retry them); 130 interrupted.
@@ -218,24 +222,44 @@ def api_key(source, key_envs):
 # The journal: one line per finished (instance, source), the resume state
 
 
-def content_key(record, images):
-    """What was asked; a journal answer to an instance since edited is not reused."""
-    asked = json.dumps([record["prompt"], record.get("system"), images], ensure_ascii=False)
-    return hashlib.sha256(asked.encode()).hexdigest()[:16]
+def source_settings(source, args):
+    """What decides a source's answers besides the instance it is asked, recorded per source name in
+    OUT.run.json: journal answers of a name asked under other values are refused, never reused."""
+    settings = {"spec": str(source)}
+    if source.kind == "sim":
+        profile = json.dumps(dataclasses.asdict(source.profile), sort_keys=True, default=str)
+        settings.update(seed=args.seed, profile_sha256=hashlib.sha256(profile.encode()).hexdigest()[:16])
+    elif source.kind == "hf":
+        from modeling import model_fingerprint
+
+        settings.update(seed=args.seed, model_fingerprint=model_fingerprint(source.target), **hf_generation(args))
+    else:  # API endpoints are not seeded; they get only the flags given
+        settings["request"] = api_request(args)
+    return settings
 
 
-def lock(path):
-    """Hold an exclusive lock on the journal: two runs on one --out would ask every pair twice."""
-    handle = open(path, "a", encoding="utf-8")
-    try:
-        import fcntl
+def hf_generation(args):
+    return {"max_new_tokens": 1024 if args.max_new_tokens is None else args.max_new_tokens,
+            "temperature": args.temperature or 0.0, "top_p": 1.0 if args.top_p is None else args.top_p}
 
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except ImportError:  # no fcntl (Windows): run one collect per --out yourself
-        pass
-    except OSError:
-        raise SourceError(f"another collect.py is writing {path}; wait for it or use another --out") from None
-    return handle
+
+def api_request(args):
+    return {k: v for k, v in (("max_completion_tokens", args.max_new_tokens), ("temperature", args.temperature),
+                              ("top_p", args.top_p)) if v is not None}
+
+
+def claim_output(out, journal_path, srcs, keys, args):
+    """Lock OUT and tie it to each source's settings, before any source is asked; returns the
+    journal's answers that still match their instance."""
+    records.OutputLock(out, "collect.py")
+    have = read_journal(journal_path, keys)
+    manifest = records.manifest_path(out)
+    saved = records.tie_to_run(
+        out, manifest, {s.name: source_settings(s, args) for s in srcs}, "collect.py",
+        f"its answers are in {journal_path}: rerun with those settings, give the source another NAME=, or delete "
+        f"{journal_path} and {manifest} to ask every source afresh", used={source for _, source in have})
+    records.write_json_atomic(manifest, saved)
+    return have
 
 
 def read_journal(path, keys):
@@ -256,16 +280,12 @@ def answers_of(source, instances, todo, origin, positions, args, key_envs):
     """The backend's (id, text, error) stream for the pairs still to do."""
     todo_records = [r for r in instances if r["id"] in todo]
     if source.kind == "hf":
-        return sources.hf_answers(
-            source, instances, todo, data_path=origin, batch_size=args.batch_size,
-            max_new_tokens=1024 if args.max_new_tokens is None else args.max_new_tokens,
-            temperature=args.temperature or 0.0, top_p=1.0 if args.top_p is None else args.top_p, seed=args.seed)
+        return sources.hf_answers(source, instances, todo, data_path=origin, batch_size=args.batch_size,
+                                  seed=args.seed, **hf_generation(args))
     if source.kind == "openai":
-        request = {k: v for k, v in (("max_completion_tokens", args.max_new_tokens), ("temperature", args.temperature),
-                                     ("top_p", args.top_p)) if v is not None}
         return sources.openai_answers(source, todo_records, data_path=origin, api_key=api_key(source, key_envs),
                                       concurrency=args.concurrency, max_retries=args.max_retries,
-                                      timeout=args.timeout, backoff=args.backoff, request=request,
+                                      timeout=args.timeout, backoff=args.backoff, request=api_request(args),
                                       allow_outside_images=args.allow_outside_images)
     return sources.sim_answers(source, todo_records, positions, seed=args.seed, delay=args.sim_delay)
 
@@ -385,7 +405,13 @@ def print_summary(rows, srcs, failures):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    try:
+        return collect_all(parse_args(argv))
+    finally:
+        records.release_locks()
+
+
+def collect_all(args):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         records.fail("collect.py runs as one process (python collect.py …): an hf: model is spread over all "
                      "visible GPUs by itself, and one journal must have one writer")
@@ -394,18 +420,21 @@ def main(argv=None):
     try:
         srcs = sources.parse_sources(args.sources, args.sim_profiles)
         key_envs = parse_key_envs(args.api_key_env, srcs)
+        records.check_output_paths(
+            files=[out, journal_path, records.manifest_path(out)],
+            inputs={"--data": args.data, "--import-swift": args.import_swift, "--import-jsonl": args.import_jsonl,
+                    "--sim-profiles": args.sim_profiles},
+            model_dirs={f"--sources {s.name}": s.target for s in srcs if s.kind == "hf"})
         instances, origin = load_stream(args)
         check_sources(srcs, instances, origin, key_envs, args.allow_outside_images)
         if any(s.kind == "hf" for s in srcs):
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        held = lock(journal_path)
         output_images = {r["id"]: records.rebase_images(r.get("images") or [], origin, out) if origin else []
                          for r in instances}
-        keys = {r["id"]: content_key(r, output_images[r["id"]]) for r in instances}
-        have = read_journal(journal_path, keys)
+        keys = {r["id"]: records.content_key(r, output_images[r["id"]]) for r in instances}
+        have = claim_output(out, journal_path, srcs, keys, args)
         reused = len(have)
         for r in instances:
             for t in r.get("trajectories") or []:
@@ -432,7 +461,6 @@ def main(argv=None):
         journal.close()
     rows = assemble(instances, srcs, have, origin, out)
     records.write_jsonl_atomic(out, rows)
-    held.close()
     failed = print_summary(rows, srcs, failures)
     n_train = sum(r["split"] == "train" for r in rows)
     print(f"\ncollect: {len(rows)} instances ({n_train} train, {len(rows) - n_train} test), "

@@ -61,9 +61,17 @@ are done; the same command resumes an interrupted run and the final file equals 
 run's (generation runs in fixed rounds, and an unfinished round is generated again whole; keep
 --batch-size and the number of processes). Labels
 are passed through and printed beside the sources' accuracies, never used.
+
+The output is tied to what decides it, in <out>.run.json: the train instances' content, the model
+(path and fingerprint), the prompt and the flags in OUTPUT_ARGS / MODEL_ARGS. A rerun on an existing
+output with any of them changed is refused, naming what changed (a resume would mix two runs'
+lines). One consensus.py at a time writes an output (<out>.lock); --out may not be --data, nor lie
+in the model folder.
 """
 
 import argparse
+import hashlib
+import json
 import os
 import random
 import re
@@ -99,6 +107,12 @@ ANSWER_FORMATS = {
     "change": 'one final line: "Answer:" followed by each finding and its change as "<finding>: <improving, '
               'stable or worsening>", separated by semicolons',
 }
+
+# The flags that change what is written, as recorded in <out>.run.json: a resume under other
+# values is refused (it would mix two runs' lines). A new flag that changes the output goes here;
+# MODEL_ARGS count only when a model writes the consensus.
+OUTPUT_ARGS = ("consensus", "negatives", "min_agreement", "seed")
+MODEL_ARGS = ("max_new_tokens", "max_prompt_tokens", "temperature", "top_p", "repetition_penalty")
 
 SKIP_REASONS = ("no trajectories", "prompt too long", "no answer to vote on", "no negatives")
 CUT_MARK = " [...] "
@@ -387,6 +401,31 @@ def settle(record, consensus, args):
 # Resume and summary
 
 
+def run_settings(args, train, template):
+    """What decides the output: the train instances' content, the model, the prompt and the flags."""
+    content = json.dumps([records.public(r) for r in train], ensure_ascii=False, sort_keys=True)
+    settings = {"train_sha256": hashlib.sha256(content.encode()).hexdigest(),
+                **{k: getattr(args, k, None) for k in OUTPUT_ARGS}}
+    if args.consensus != "vote":
+        from modeling import model_fingerprint
+
+        settings.update({"model": str(Path(args.model).resolve()), "model_fingerprint": model_fingerprint(args.model),
+                         "prompt_sha256": hashlib.sha256(template.encode()).hexdigest()},
+                        **{k: getattr(args, k, None) for k in MODEL_ARGS})
+    return settings
+
+
+def claim_output(args, settings):
+    """Lock the output and tie it to these settings (main process), before any model work."""
+    out = Path(args.out)
+    records.OutputLock(out, "consensus.py")
+    manifest = records.manifest_path(out)
+    saved = records.tie_to_run(out, manifest, {"run": settings}, "consensus.py",
+                               f"rerun with those settings to resume, or use another --out (or delete {out}, "
+                               f"{skipped_path(out)} and {manifest} to start over)")
+    records.write_json_atomic(manifest, saved)
+
+
 def skipped_path(out):
     out = Path(out)
     return out.with_name((out.stem if out.suffix == ".jsonl" else out.name) + ".skipped.jsonl")
@@ -541,6 +580,8 @@ def main(argv=None):
         run(args)
     except (RecordError, chat_client.ServerError) as e:
         records.fail(str(e))
+    finally:
+        records.release_locks()
 
 
 def run(args):
@@ -557,6 +598,12 @@ def run(args):
     train = [r for r in data if r["split"] == "train"]
     if not train:
         raise RecordError(args.data, None, "split", "no instance of split train")
+    out = Path(args.out)
+    records.check_output_paths(
+        files=[out, skipped_path(out), records.manifest_path(out), args.save_prompts, args.summary],
+        inputs={"--data": args.data, "--prompt-file": args.prompt_file}, model_dirs={"--model": args.model})
+    settings = run_settings(args, train, template)
+    records.on_main_process(accelerator, lambda: claim_output(args, settings))
     skips = {}  # id -> reason
     for record in train:
         record["trajectories"] = [t for t in record["trajectories"] if t["text"].strip()]

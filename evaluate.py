@@ -25,7 +25,11 @@ otherwise); models.json records the server and the model id it serves. A request
 is counted, written nowhere and asked again by the next run (exit 3 until none fails).
 
 Predictions are appended as they are generated; the same command after an interruption skips the
-(model, id) pairs already in predictions.jsonl and recomputes the metrics from the file.
+(model, id) pairs already in predictions.jsonl and recomputes the metrics from the file. Each
+prediction carries a key of what its instance asked (prompt, system, image paths): an instance
+edited since, under the same id, is answered again. Predictions of other weights or decoding
+settings (models.json) are refused, never mixed in. --out may not be a model folder it reads, and
+one evaluate.py at a time writes it (a lock).
 """
 
 import argparse
@@ -46,10 +50,16 @@ from tqdm.auto import tqdm
 import chat_client
 import modeling
 from answers import CHANGE_FINDINGS, FINDINGS, normalize, parse_answer, score, task_of
-from records import (SPLITS, JsonlAppender, RecordError, fail, load_instances, read_jsonl,
-                     repair_torn_tail, write_json_atomic, write_jsonl_atomic)
+from records import (SPLITS, JsonlAppender, OutputLock, RecordError, check_output_paths, content_key, fail,
+                     load_instances, read_jsonl, release_locks, repair_torn_tail, write_json_atomic,
+                     write_jsonl_atomic)
 
 TASK_FINDINGS = {"presence": FINDINGS, "change": CHANGE_FINDINGS}
+# The flags that change a model's answers, recorded per model in models.json: predictions made
+# under other values are never mixed in. A new decoding flag goes here.
+# Each with the value it had before it was recorded (None: always recorded).
+DECODING_ARGS = {"max_new_tokens": None, "repetition_penalty": 1.0}
+OUTPUT_FILES = ("predictions.jsonl", "models.json", "metrics.json", "table.md", "accuracy.png")
 
 
 def parse_args(argv=None):
@@ -178,8 +188,10 @@ def check_text_models(models, instances, data_path, served=()):
 # Predictions file
 
 
-def read_predictions(path):
-    """{(model, id): row} from predictions.jsonl after cutting a torn last line; first row wins."""
+def read_predictions(path, keys):
+    """{(model, id): row} from predictions.jsonl after cutting a torn last line; first row wins.
+    A row answering an instance of `keys` ({id: content_key}) that has changed since is dropped,
+    so it is generated again."""
     repair_torn_tail(path)
     if not path.exists():
         return {}
@@ -188,6 +200,8 @@ def read_predictions(path):
         for field in ("id", "model", "text"):
             if not isinstance(row.get(field), str):
                 raise RecordError(path, lineno, field, "missing or not a string")
+        if row["id"] in keys and row.get("h") != keys[row["id"]]:
+            continue
         rows.setdefault((row["model"], row["id"]), row)
     return rows
 
@@ -214,6 +228,10 @@ def fingerprint(path, served=None):
     return modeling.model_fingerprint(path)
 
 
+def decoding_settings(args):
+    return {k: getattr(args, k) for k in DECODING_ARGS}
+
+
 def check_manifest(out, models, existing, args, served=None):
     """Refuse to mix predictions of other weights or settings into a model's rows; record ours."""
     served = served or {}
@@ -223,18 +241,21 @@ def check_manifest(out, models, existing, args, served=None):
     except json.JSONDecodeError:
         raise RecordError(manifest_path, None, None, "corrupt; move the output folder away to start over") from None
     for name, path in models:
-        entry = {"path": path, "fingerprint": fingerprint(path, served.get(name)), "max_new_tokens": args.max_new_tokens,
-                 "repetition_penalty": args.repetition_penalty}
+        entry = {"path": path, "fingerprint": fingerprint(path, served.get(name)), **decoding_settings(args)}
         if name in served:
             entry["generator"] = served[name].record()
         old = manifest.get(name)
-        if old and any(m == name for m, _ in existing):
-            made_with = None
-            if old.get("fingerprint") != entry["fingerprint"]:
+        if any(m == name for m, _ in existing):
+            # a setting an older models.json lacks had its default then
+            changed = [k for k, default in DECODING_ARGS.items() if (old or {}).get(k, default) != entry[k]]
+            if old is None:
+                made_with = "no record of the weights or settings (no entry in models.json)"
+            elif old.get("fingerprint") != entry["fingerprint"]:
                 made_with = f"other weights ({old.get('path')} when it ran)"
-            for setting in ("max_new_tokens", "repetition_penalty"):
-                if made_with is None and old.get(setting, 1.0) != entry[setting]:
-                    made_with = f"--{setting.replace('_', '-')} {old.get(setting, 1.0)}"
+            elif changed:
+                made_with = ", ".join(f"--{k.replace('_', '-')} {old.get(k, DECODING_ARGS[k])}" for k in changed)
+            else:
+                made_with = None
             if made_with:
                 raise RecordError(out / "predictions.jsonl", None, None,
                                   f"holds predictions of model {name!r} made with {made_with}; use another "
@@ -243,9 +264,10 @@ def check_manifest(out, models, existing, args, served=None):
     write_json_atomic(manifest_path, manifest)
 
 
-def prediction_row(model, record_id, text, ended=None):
-    """ended: the answer stopped on its own (False: cut at --max-new-tokens; None: not known)."""
-    return {"id": record_id, "model": model, "text": text, "answer": parse_answer(text), "ended": ended}
+def prediction_row(model, record_id, text, key, ended=None):
+    """key: records.content_key of the instance answered; ended: the answer stopped on its own
+    (False: cut at --max-new-tokens; None: not known)."""
+    return {"id": record_id, "model": model, "text": text, "answer": parse_answer(text), "ended": ended, "h": key}
 
 
 def rewrite_in_order(path, rows, model_order, id_order):
@@ -257,7 +279,7 @@ def rewrite_in_order(path, rows, model_order, id_order):
         return (model_order.get(m, len(model_order)), m if m not in model_order else "",
                 id_order.get(i, len(id_order)), i)
 
-    write_jsonl_atomic(path, [prediction_row(r["model"], r["id"], r["text"], r.get("ended"))
+    write_jsonl_atomic(path, [prediction_row(r["model"], r["id"], r["text"], r.get("h"), r.get("ended"))
                               for r in sorted(rows, key=key)])
 
 
@@ -323,7 +345,8 @@ def generate_missing(accelerator, name, path, instances, done, appender, args):
         texts, ended = modeling.generate(model, processor, batch, data_path=args.data, batch_size=args.batch_size,
                                          max_new_tokens=args.max_new_tokens, return_ended=True,
                                          repetition_penalty=args.repetition_penalty) if batch else ([], [])
-        rows = gather_object([prediction_row(name, r["id"], t, e) for r, t, e in zip(batch, texts, ended)])
+        rows = gather_object([prediction_row(name, r["id"], t, content_key(r), e)
+                              for r, t, e in zip(batch, texts, ended)])
         if accelerator.is_main_process:
             for row in rows:
                 appender.write(row)
@@ -433,7 +456,13 @@ def summary(rows, tasks, unlabelled, n_sources, n_models, generated, reused, arg
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    try:
+        evaluate(parse_args(argv))
+    finally:
+        release_locks()
+
+
+def evaluate(args):
     transformers.utils.logging.disable_progress_bar()
     accelerator = Accelerator()
     set_seed(args.seed)
@@ -454,17 +483,21 @@ def main(argv=None):
             if clash:
                 raise RecordError("--models", None, None, f"model name(s) {clash} are also source names in "
                                                           f"{args.data}; name the models with NAME=DIR")
+        check_output_paths(files=[out / name for name in OUTPUT_FILES], folders=[out], inputs={"--data": args.data},
+                           model_dirs={f"--models {name}": path for name, path in models})
     except (RecordError, chat_client.ServerError) as e:
         stop(accelerator, str(e))
+    keys = {r["id"]: content_key(r) for r in instances}
 
     # The main process alone touches the output files; the others learn from it what is done.
     shared = [None, set()]
-    if accelerator.is_main_process and models:
+    if accelerator.is_main_process:
         try:
-            out.mkdir(parents=True, exist_ok=True)
-            existing = read_predictions(predictions_path)
-            check_manifest(out, models, existing, args, served)
-            shared = [None, set(existing)]  # the keys only: texts stay on disk
+            OutputLock(out, "evaluate.py", folder=True)
+            if models:
+                existing = read_predictions(predictions_path, keys)
+                check_manifest(out, models, existing, args, served)
+                shared = [None, set(existing)]  # the keys only: texts stay on disk
         except RecordError as e:
             shared = [str(e), set()]
     broadcast_object_list(shared)
@@ -490,7 +523,7 @@ def main(argv=None):
     if accelerator.is_main_process:
         rows = [{"name": s, "kind": "source", **score_row(instances, source_texts(instances, s))} for s in sources]
         if models:
-            predictions = read_predictions(predictions_path)
+            predictions = read_predictions(predictions_path, keys)
             for name, path in models:
                 texts = {i: row["text"] for (m, i), row in predictions.items() if m == name}
                 rows.append({"name": name, "kind": "model", "path": path, **score_row(instances, texts)})

@@ -22,20 +22,28 @@ import sys
 import time
 from pathlib import Path
 
-# Per size: (train instances, test instances, bootstrap steps, APO steps, generation tokens).
+# Per size: (train instances, test instances, bootstrap steps, APO steps, generation tokens, steps
+# between checkpoints of the training stages: an interruption loses at most that many steps).
 SIZES = {
-    "ci": dict(n_train=8, n_test=8, boot_steps=3, apo_steps=2, new_tokens=48),
-    "default": dict(n_train=16, n_test=20, boot_steps=12, apo_steps=6, new_tokens=128),
-    "full": dict(n_train=2000, n_test=500, boot_steps=None, apo_steps=None, new_tokens=512),
+    "ci": dict(n_train=8, n_test=8, boot_steps=3, apo_steps=2, new_tokens=48, save_every=0),
+    "default": dict(n_train=16, n_test=20, boot_steps=12, apo_steps=6, new_tokens=128, save_every=4),
+    "full": dict(n_train=2000, n_test=500, boot_steps=None, apo_steps=None, new_tokens=512, save_every=25),
 }
+STOPPED_EXIT = 75  # training.STOPPED_EXIT: a stage stopped by a signal after writing its checkpoint
 
 
 def run(cmd):
     print("\n$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
     start = time.time()
-    result = subprocess.run(cmd)
-    if result.returncode != 0:
-        raise SystemExit(f"error: stage failed with exit code {result.returncode}; fix the cause and rerun to resume")
+    proc = subprocess.Popen(cmd)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached the stage too: let it finish its step and checkpoint
+        code = proc.wait()
+    if code in (STOPPED_EXIT, 130, 128 + 15) or code < 0:
+        raise SystemExit(f"interrupted (exit code {code}); run the same command again to resume")
+    if code != 0:
+        raise SystemExit(f"error: stage failed with exit code {code}; fix the cause and rerun to resume")
     print(f"  ({time.time() - start:.0f} s)", flush=True)
 
 
@@ -59,18 +67,19 @@ def main():
     seed = ["--seed", str(args.seed)]
     steps = lambda n: [] if n is None else ["--max-steps", str(n)]  # noqa: E731
     tokens = ["--max-new-tokens", str(size["new_tokens"])]
+    save = ["--save-every", str(size["save_every"])] if size["save_every"] else []
     t0 = time.time()
 
     run([py, "collect.py", "--sources", "sim:all", "--n-train", str(size["n_train"]), "--n-test", str(size["n_test"]),
          "--out", str(out / "trajectories.jsonl"), *seed])
     run([py, "bootstrap.py", "--model", args.model, "--data", str(out / "trajectories.jsonl"),
          "--out", str(out / "bootstrap"), "--lr", "5e-5", "--batch-size", "4", "--grad-accum", "1",
-         "--max-length", "384", *steps(size["boot_steps"]), *seed])
+         "--max-length", "384", *steps(size["boot_steps"]), *save, *seed])
     run([py, "consensus.py", "--model", str(out / "bootstrap"), "--data", str(out / "trajectories.jsonl"),
          "--out", str(out / "preferences.jsonl"), "--consensus", "model+vote", *tokens, *seed])
     run([py, "apo.py", "--model", str(out / "bootstrap"), "--data", str(out / "preferences.jsonl"),
          "--out", str(out / "apo"), "--lr", "1e-5", "--batch-size", "1", "--grad-accum", "2",
-         "--max-negatives", "3", "--max-length", "384", *steps(size["apo_steps"]), *seed])
+         "--max-negatives", "3", "--max-length", "384", *steps(size["apo_steps"]), *save, *seed])
     run([py, "evaluate.py", "--models", f"bootstrap={out / 'bootstrap'}", f"apo={out / 'apo'}",
          "--data", str(out / "trajectories.jsonl"), "--out", str(out / "eval"), *tokens, *seed])
     print(f"\nquickstart: done in {(time.time() - t0) / 60:.1f} min; table in {out / 'eval' / 'table.md'}")

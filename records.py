@@ -29,6 +29,29 @@ class RecordError(ValueError):
         super().__init__(f"{where}: field '{field}': {message}" if field else f"{where}: {message}")
 
 
+def on_main_process(accelerator, fn):
+    """fn() on the main process only (the one that owns the output files); when it raises
+    RecordError, every process ends with exit 2, the main one with the message, so no process is
+    left waiting in a collective for one that has gone. Returns fn's result on the main process."""
+    error, result = None, None
+    if accelerator.is_main_process:
+        try:
+            result = fn()
+        except RecordError as e:
+            error = str(e)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        box = [error]
+        broadcast_object_list(box)
+        error = box[0]
+    if error is not None:
+        if accelerator.is_main_process:
+            fail(error)
+        raise SystemExit(2)
+    return result
+
+
 def read_jsonl(path):
     """Yield (line number, object) for each non-blank line; bad JSON or bytes name their line."""
     path = Path(path)
@@ -283,6 +306,14 @@ def write_jsonl_atomic(path, rows):
     os.replace(tmp, path)
 
 
+def content_key(record, images=None):
+    """What an instance asks (prompt, system, image paths): a stored answer to an instance whose
+    key has changed since is never reused, even under the same id."""
+    images = record.get("images") or [] if images is None else images
+    asked = json.dumps([record["prompt"], record.get("system"), images], ensure_ascii=False)
+    return hashlib.sha256(asked.encode()).hexdigest()[:16]
+
+
 def file_hash(*paths):
     """sha256 over files' bytes: the key that tells a cache whether its inputs changed."""
     h = hashlib.sha256()
@@ -291,6 +322,125 @@ def file_hash(*paths):
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs: one writer at a time, never over an input, and tied to what decided them
+
+
+class OutputLock:
+    """An exclusive lock on a stage's output, held until the process ends: two runs on one --out
+    would interleave their lines and each take the other's for its own.
+
+    The lock is a separate file (<out>.lock, or <out>/.lock for a folder), because outputs are
+    replaced by rename and a lock on a replaced file protects nothing. It is left in place: removing
+    it would race with a run that is just opening it.
+    """
+
+    def __init__(self, out, stage, folder=False):
+        out = Path(out)
+        self.path = out / ".lock" if folder else out.with_name(out.name + ".lock")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.handle = open(self.path, "a", encoding="utf-8")
+        except OSError as e:  # checked before any model work: a read-only folder fails here, not at the end
+            raise RecordError(out, None, None, f"cannot write the output here ({e.strerror or e})") from None
+        try:
+            import fcntl
+
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # no fcntl (Windows): run one stage per --out yourself
+            pass
+        except OSError:
+            self.handle.close()
+            raise RecordError(out, None, None, f"another {stage} is writing this output (lock {self.path}); "
+                                               "wait for it to finish or use another --out") from None
+        _HELD_LOCKS.append(self)  # held until the process ends, whether or not the caller keeps it
+
+    def release(self):
+        if self in _HELD_LOCKS:
+            _HELD_LOCKS.remove(self)
+        self.handle.close()
+
+
+_HELD_LOCKS = []
+
+
+def release_locks():
+    """Release every OutputLock this process holds: a stage's main() called again in the same
+    process (tests, notebooks) must be able to lock the same output again."""
+    for held in list(_HELD_LOCKS):
+        held.release()
+
+
+def check_output_paths(files=(), folders=(), inputs=None, model_dirs=None):
+    """Refuse, before anything is loaded, outputs that would overwrite an input or write into a
+    model folder the stage reads. files / folders: the paths the stage writes; inputs: {flag: file};
+    model_dirs: {flag: model folder}. A file output may not be an input nor lie directly in a model
+    folder (its top-level files are what from_pretrained and model_fingerprint read); a folder
+    output may not be a model folder."""
+    def same(a, b):
+        try:
+            return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+        except OSError:
+            return False
+
+    models = [(flag, Path(folder)) for flag, folder in (model_dirs or {}).items()
+              if folder is not None and Path(folder).is_dir()]
+    for out in map(Path, filter(None, folders)):
+        for flag, folder in models:
+            if same(out, folder):
+                raise RecordError(out, None, None, f"is the model folder {flag} {folder}, which this stage reads; "
+                                                   "choose another output folder")
+    for out in map(Path, filter(None, files)):
+        for flag, path in (inputs or {}).items():
+            if path is not None and same(out, Path(path)):
+                raise RecordError(out, None, None, f"is also the input {flag} {path}: a stage never writes over "
+                                                   "its input; choose another output path")
+        for flag, folder in models:
+            if same(out.parent, folder):
+                raise RecordError(out, None, None, f"lies in the model folder {flag} {folder}, which this stage "
+                                                   "reads; choose an output outside it")
+
+
+def settings_mismatch(saved, now):
+    """'key: saved -> now' for each setting that differs, or '' when they agree."""
+    keys = sorted(set(saved) | set(now))
+    return "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k))
+
+
+def manifest_path(out):
+    """Where a file output's run manifest lives: next to it, <out>.run.json."""
+    out = Path(out)
+    return out.with_name(out.name + ".run.json")
+
+
+def tie_to_run(out, manifest, entries, stage, advice, used=None):
+    """Tie an output to what decides it, before any work: manifest is a JSON file {name: settings}
+    (one entry per run, source or model the output holds); an entry already there with other
+    settings is refused, naming every setting that changed, so a resume never mixes old lines with
+    new ones. used: the names the output still holds lines of (others are simply replaced); None:
+    all. An output that exists without its manifest is not this stage's and is refused too.
+    Returns the merged manifest to write with write_json_atomic once the run may go ahead."""
+    out, manifest = Path(out), Path(manifest)
+    if out.is_dir():
+        raise RecordError(out, None, None, "is a folder; the output is a file (e.g. out.jsonl)")
+    if not manifest.is_file():
+        if out.is_file() and out.stat().st_size:
+            raise RecordError(out, None, None, f"exists and was not written by {stage} (no {manifest.name} beside "
+                                               "it); move it away or choose another --out")
+        return dict(entries)
+    try:
+        saved = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RecordError(manifest, None, None, f"unreadable run manifest ({e}); move the output away to start over") from None
+    for name, settings in entries.items():
+        if name in saved and (used is None or name in used):
+            diff = settings_mismatch(saved[name], settings)
+            if diff:
+                what = "" if name == "run" else f" for {name!r}"
+                raise RecordError(out, None, None, f"was written with other settings{what} ({diff}); {advice}")
+    return {**saved, **entries}
 
 
 def fail(message):

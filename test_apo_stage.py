@@ -331,3 +331,29 @@ def test_share_prompt_run_starts_at_the_reference(tiny_text_model, data, straigh
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
     with safe_open(str(out / apo.REFERENCE_FILE), framework="pt") as f:
         assert f.metadata()["share_prompt"] == "True"
+
+
+# ---------------------------------------------------------------------------------------------
+# The output: never the model folder read, one writer at a time
+
+
+def test_out_equal_to_model_or_locked_is_refused_before_any_model_work(tiny_text_model, data, tmp_path, capsys):
+    import fcntl
+    import shutil
+
+    model = Path(shutil.copytree(tiny_text_model, tmp_path / "bootstrap"))
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in model.iterdir())
+    with pytest.raises(SystemExit) as exit_:
+        apo.main(["--model", str(model), "--data", str(data), "--out", str(model), *TRAIN])
+    assert exit_.value.code == 2
+    assert f"is the model folder --model {model}, which this stage reads" in capsys.readouterr().err
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in model.iterdir()) == before
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lock", "a") as held:  # what a running apo.py holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(SystemExit) as exit_:
+            apo.main(["--model", str(model), "--data", str(data), "--out", str(out), *TRAIN])
+    assert exit_.value.code == 2 and "another apo.py is writing this output" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]

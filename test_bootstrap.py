@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import bootstrap
+import training
 import tiny_models
 from modeling import IGNORE_INDEX, ResponseLogps, load_model, load_processor, tokenizer_of
 from records import load_instances
@@ -339,3 +340,79 @@ def test_missing_model_unknown_tracker_and_prompts_that_never_fit_exit_2(tmp_pat
                         "--max-length", "16"])
     assert exit_.value.code == 2
     assert "0 usable training examples" in capsys.readouterr().err
+
+
+def wait_for(condition, what, proc, timeout=600):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def steps_logged(out):
+    path = Path(out) / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_the_rerun_resumes(tmp_path, straight, tiny_text_model):
+    """A cluster's preemption (SIGTERM) mid-run with the default --save-every 0: the step in flight
+    finishes, a checkpoint of it is written, exit 75; a second run on the same --out meanwhile is
+    refused by the lock; the same command then resumes from the checkpoint, not from step 0."""
+    data, _, _ = straight
+    out = tmp_path / "preempted"
+    args = train_args(tiny_text_model, data, out, "--max-steps", "60")
+    with open(tmp_path / "stderr", "w") as err:
+        proc = subprocess.Popen([sys.executable, "bootstrap.py", *args], cwd=REPO, env=env(),
+                                stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            wait_for(lambda: steps_logged(out) >= 1, "a logged step", proc)
+            proc.send_signal(signal.SIGSTOP)  # paused mid-run (tiny steps are fast), still holding its lock
+            second = run(args, check=False)  # a concurrent run on the same --out
+            assert second.returncode == 2 and "another bootstrap.py is writing this output" in second.stderr
+            proc.send_signal(signal.SIGTERM)  # delivered as the run continues
+            proc.send_signal(signal.SIGCONT)
+            proc.wait(timeout=600)
+        finally:
+            proc.kill()
+    stderr = (tmp_path / "stderr").read_text()
+    assert proc.returncode == training.STOPPED_EXIT, stderr[-2000:]
+    stopped_at = steps_logged(out)
+    assert 1 <= stopped_at < 60 and "Traceback" not in stderr
+    assert f"stopped by a signal after step {stopped_at} of 60" in stderr and "Run the same command again" in stderr
+    assert [p.name for p in training.checkpoint_dirs(out)] == [f"step-{stopped_at}"]
+    assert not (out / "model.safetensors").exists()
+
+    resumed = run(args)
+    assert f"resuming from step {stopped_at}" in resumed.stdout
+    assert [m["step"] for m in metrics(out)] == list(range(1, 61))
+
+
+def test_a_second_signal_stops_at_once(tmp_path, straight, tiny_text_model):
+    """Ctrl-C, then SIGTERM before the step is done: the run ends at once (128 + 15), without a
+    traceback and without the checkpoint the first signal asked for."""
+    data, _, _ = straight
+    out = tmp_path / "twice"
+    err_path = tmp_path / "stderr"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, "bootstrap.py", *train_args(tiny_text_model, data, out, "--max-steps", "60")],
+                                cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            wait_for(lambda: steps_logged(out) >= 1, "a logged step", proc)
+            # Both pending while paused: Python handles SIGINT (2) first, then SIGTERM (15) right after.
+            proc.send_signal(signal.SIGSTOP)
+            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGCONT)
+            proc.wait(timeout=600)
+        finally:
+            proc.kill()
+    stderr = err_path.read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "SIGINT: finishing this optimizer step" in stderr and "SIGTERM: stopping at once" in stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert training.checkpoint_dirs(out) == [] and not (out / "model.safetensors").exists()

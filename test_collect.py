@@ -278,7 +278,9 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted_run(tmp_path):
     proc = start_collect(*args, "--out", killed, "--sim-delay", 0.1)
     try:
         wait_for(lambda: len(answered_lines(killed)) >= 8, "8 journalled answers")
-        # a second run on the same --out is refused while the first holds the journal
+        # paused, so that it still runs (and holds its lock) however slowly the second one starts
+        proc.send_signal(signal.SIGSTOP)
+        # a second run on the same --out is refused while the first holds the lock
         second = run_collect(*args, "--out", killed)
         assert second.returncode == 2 and "another collect.py is writing" in second.stderr
         proc.send_signal(signal.SIGKILL)
@@ -982,3 +984,53 @@ def test_import_mapped_errors(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"i": 1, "q": "Q", "r": "R", "m": "a"}, {"i": 1, "q": "Q2", "r": "S", "m": "b"}])
     with pytest.raises(RecordError, match=r"d.jsonl:2: field 'prompt': differs from line 1"):
         sources.import_mapped(path, mapping)
+
+
+# ---------------------------------------------------------------------------------------------
+# resume tied to each source's settings; --out never over an input or a file of another tool
+
+
+def labelled_rows(n):
+    return [dict(r, labels={"Pleural Effusion": 1}) for r in text_rows(n)]
+
+
+def test_a_rerun_with_other_source_settings_is_refused_before_any_source_is_asked(tmp_path, chat_server, capsys):
+    data, out = write_jsonl(tmp_path / "data.jsonl", labelled_rows(4)), tmp_path / "t.jsonl"
+    code, _, err = collect_in_process(capsys, "--data", data, "--sources", "x=sim:concise", "--out", out)
+    assert code == 0, err
+    before = out.read_bytes()
+    code, _, err = collect_in_process(capsys, "--data", data, "--sources", "x=sim:concise", "--seed", 1, "--out", out)
+    assert code == 2 and "was written with other settings for 'x' (seed: 0 -> 1)" in err
+    code, _, err = collect_in_process(capsys, "--data", data, "--sources", "x=sim:refuser", "--out", out)
+    assert code == 2 and "spec: 'sim:concise' -> 'sim:refuser'" in err and "give the source another NAME=" in err
+    assert out.read_bytes() == before
+    # another source beside it is fine: only a name's own settings are tied
+    code, _, err = collect_in_process(capsys, "--data", data, "--sources", "x=sim:concise", "y=sim:refuser", "--out", out)
+    assert code == 0, err
+    assert [t["source"] for t in read_jsonl(out)[0]["trajectories"]] == ["x", "y"]
+
+    server = chat_server(lambda prompt, n, body: (200, completion("Answer: No Finding"), {}, 0))
+    api = ["--data", data, "--sources", f"api=openai:m@{server.url}", "--out", tmp_path / "api.jsonl"]
+    assert collect_in_process(capsys, *api, "--temperature", 0.3, "--max-new-tokens", 64)[0] == 0
+    asked = len(server.requests)
+    code, _, err = collect_in_process(capsys, *api, "--temperature", 0.9, "--max-new-tokens", 64)
+    assert code == 2 and "'temperature': 0.3" in err and "'temperature': 0.9" in err
+    code, _, err = collect_in_process(capsys, *api, "--temperature", 0.3)
+    assert code == 2 and "'max_completion_tokens': 64" in err
+    assert len(server.requests) == asked  # refused before a single request
+
+
+def test_out_over_an_input_or_a_file_of_another_tool_is_refused_untouched(tmp_path, capsys, tiny_text_model):
+    data = write_jsonl(tmp_path / "data.jsonl", labelled_rows(2))
+    before = data.read_bytes()
+    code, _, err = collect_in_process(capsys, "--data", data, "--sources", "sim:concise", "--out", data)
+    assert code == 2 and "is also the input --data" in err and data.read_bytes() == before
+
+    weights = Path(tiny_text_model) / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    code, _, err = collect_in_process(capsys, "--data", data, "--sources", "sim:concise", "--out", weights)
+    assert code == 2 and "exists and was not written by collect.py" in err
+    assert weights.stat().st_mtime_ns == stamp and not Path(f"{weights}.parts.jsonl").exists()
+    code, _, err = collect_in_process(capsys, "--data", data, "--sources", f"hf:{tiny_text_model}",
+                                      "--out", Path(tiny_text_model) / "t.jsonl")
+    assert code == 2 and "lies in the model folder --sources" in err

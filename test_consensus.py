@@ -491,3 +491,76 @@ def test_two_processes_split_and_gather_each_instance_once(tmp_path, edema_model
     two = (tmp_path / "two" / "prefs.jsonl").read_bytes()
     assert two == (tmp_path / "one" / "prefs.jsonl").read_bytes()
     assert [p["consensus_by"] for p in records.load_preferences(tmp_path / "two" / "prefs.jsonl")] == ["model"] * 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume tied to what decides the output; outputs never over inputs; one writer per output
+
+
+def refused(capsys, *argv):
+    with pytest.raises(SystemExit) as exit_:
+        run(*argv)
+    assert exit_.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_a_rerun_with_other_settings_or_data_is_refused_not_mixed(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "traj.jsonl", many_instances(12))
+    out = tmp_path / "prefs.jsonl"
+    run("--consensus", "vote", "--data", data, "--out", out)
+    before = out.read_bytes()
+    assert json.loads((tmp_path / "prefs.jsonl.run.json").read_text())["run"]["negatives"] == "all"
+
+    err = refused(capsys, "--consensus", "vote", "--negatives", "drifting", "--data", data, "--out", out)
+    assert "was written with other settings (negatives: 'all' -> 'drifting')" in err
+    assert "seed: 0 -> 1" in refused(capsys, "--consensus", "vote", "--seed", 1, "--data", data, "--out", out)
+    # the same ids, other trajectories: a resume would keep the stale chosen texts
+    changed = many_instances(12)
+    changed[3]["trajectories"][0]["text"] = "Something else.\nAnswer: Edema"
+    write_jsonl(data, changed)
+    assert "train_sha256: " in refused(capsys, "--consensus", "vote", "--data", data, "--out", out)
+    assert out.read_bytes() == before
+
+    write_jsonl(data, many_instances(12))  # back to the original: the same command is a no-op resume
+    run("--consensus", "vote", "--data", data, "--out", out)
+    assert out.read_bytes() == before
+
+
+def test_model_settings_are_part_of_the_run(tmp_path, capsys, tiny_text_model, one_thread):
+    data = write_jsonl(tmp_path / "traj.jsonl", many_instances(2))
+    args = ["--model", tiny_text_model, "--data", data, "--out", tmp_path / "prefs.jsonl", "--batch-size", 2]
+    run(*args, "--max-new-tokens", 4)
+    assert "max_new_tokens: 4 -> 5" in refused(capsys, *args, "--max-new-tokens", 5)
+    assert "temperature: 0.0 -> 0.7" in refused(capsys, *args, "--max-new-tokens", 4, "--temperature", 0.7)
+
+
+def test_out_over_the_input_or_in_the_model_folder_is_refused_untouched(tmp_path, capsys, tiny_text_model):
+    rows = many_instances(3)
+    data = tmp_path / "traj.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))  # no final newline: a torn tail to a JsonlAppender
+    before = data.read_bytes()
+    err = refused(capsys, "--consensus", "vote", "--data", data, "--out", data)
+    assert "is also the input --data" in err and data.read_bytes() == before
+
+    model_files = sorted(p.name for p in Path(tiny_text_model).iterdir())
+    err = refused(capsys, "--model", tiny_text_model, "--data", data, "--out", Path(tiny_text_model) / "prefs.jsonl")
+    assert "lies in the model folder --model" in err
+    assert sorted(p.name for p in Path(tiny_text_model).iterdir()) == model_files
+
+    foreign = tmp_path / "notes.jsonl"
+    foreign.write_text('{"mine": 1}\n')
+    err = refused(capsys, "--consensus", "vote", "--data", data, "--out", foreign)
+    assert "exists and was not written by consensus.py" in err and foreign.read_text() == '{"mine": 1}\n'
+
+
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(tmp_path, capsys):
+    import fcntl
+
+    data = write_jsonl(tmp_path / "traj.jsonl", many_instances(3))
+    out = tmp_path / "prefs.jsonl"
+    with open(tmp_path / "prefs.jsonl.lock", "a") as held:  # what a running consensus.py holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        err = refused(capsys, "--consensus", "vote", "--data", data, "--out", out)
+    assert "another consensus.py is writing this output" in err and not out.exists()
+    run("--consensus", "vote", "--data", data, "--out", out)  # released: the same command runs
+    assert len(read_jsonl(out)) == 3

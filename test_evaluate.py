@@ -14,6 +14,7 @@ import pytest
 import evaluate
 from answers import FINDINGS, parse_answer, task_of
 from modeling import model_fingerprint
+from records import content_key
 from tiny_models import build_scripted_model, write_test_image
 
 REPO = Path(__file__).resolve().parent
@@ -383,3 +384,41 @@ def test_prompt_without_room_for_the_answer_names_its_line(tmp_path, capsys, tin
     assert message.startswith(f"error: {data}:2: field 'prompt': ")
     assert "exceed the model's 4096 positions" in message
     assert not (tmp_path / "out" / "predictions.jsonl").exists() or not (tmp_path / "out" / "predictions.jsonl").read_text()
+
+
+def test_an_instance_edited_under_the_same_id_is_answered_again(text_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("predictions.jsonl", "models.json"):
+        (out / name).write_bytes((text_run["out"] / name).read_bytes())
+    data = hand_written(tmp_path / "data.jsonl")
+    edited = lines(data)
+    edited[1]["prompt"] = "Study p2, new film: what do you see?"  # p2, its id unchanged
+    write_jsonl(data, edited)
+    command = text_run["command"]
+    model_a = command[1]
+    evaluate.main(["--models", model_a, "--data", str(data), "--out", str(out), *GEN])
+    assert "1 answers generated, 6 reused" in capsys.readouterr().out.strip().splitlines()[-1]
+    preds = lines(out / "predictions.jsonl")
+    p2 = [p for p in preds if p["id"] == "p2"]
+    assert [p["model"] for p in p2] == ["a"] and p2[0]["h"] == content_key(edited[1])
+    # model b's stale answer to the old p2 is gone; its other answers stay
+    assert sorted(p["id"] for p in preds if p["model"] == "b") == ["c1", "c2", "c3", "p1", "p3", "p4"]
+
+
+def test_out_a_model_folder_or_a_locked_out_is_refused(text_run, tmp_path, capsys, tiny_text_model):
+    import fcntl
+
+    data = text_run["command"][text_run["command"].index("--data") + 1]
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in Path(tiny_text_model).iterdir())
+    message = fails(capsys, "--models", f"m={tiny_text_model}", "--data", data, "--out", tiny_text_model, *GEN)
+    assert message == f"error: {tiny_text_model}: is the model folder --models m {tiny_text_model}, which this stage " \
+                      "reads; choose another output folder"
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in Path(tiny_text_model).iterdir()) == before
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lock", "a") as held:  # what a running evaluate.py holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        message = fails(capsys, "--sources-only", "--data", data, "--out", out)
+    assert "another evaluate.py is writing this output" in message and not (out / "metrics.json").exists()

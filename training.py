@@ -11,6 +11,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from records import RecordError, fail, write_json_atomic
+from records import (OutputLock, RecordError, check_output_paths, fail, on_main_process, release_locks,
+                     settings_mismatch, write_json_atomic)
 
 CHECKPOINTS = "checkpoints"
 
@@ -57,7 +59,8 @@ def add_training_args(parser, lr, max_length, batch_size=2, grad_accum=16, warmu
     g.add_argument("--max-length", type=int, default=max_length, help="tokens per prompt+response; responses are cut, prompts never (default: %(default)s)")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward to save memory")
     g.add_argument("--freeze-vision", action="store_true", help="VLMs: keep the vision tower frozen")
-    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N optimizer steps (0: only at the end)")
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N optimizer steps (0: only at the end, and when SIGTERM / "
+                        "Ctrl-C stops the run)")
     g.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept on disk (default: %(default)s)")
     g.add_argument("--log-every", type=int, default=1, help="write metrics every N optimizer steps (default: %(default)s)")
     g.add_argument("--report-to", default=None,
@@ -368,9 +371,21 @@ def save_checkpoint(accelerator, out_dir, step, state, keep=2):
     return final
 
 
+# Exit status of a stage stopped by SIGTERM / SIGINT after writing a checkpoint: EX_TEMPFAIL,
+# "try again", because the same command resumes exactly where it stopped.
+STOPPED_EXIT = 75
+
+
+class Stopped(Exception):
+    """A signal stopped the run after a checkpoint (the message is already printed)."""
+
+
 def run_stage(stage, args):
     """Run a training stage's main function: bad input or settings end it with the message and
-    exit 2, a non-finite loss with exit 1 (its message names the intact checkpoint)."""
+    exit 2, a non-finite loss with exit 1 (its message names the intact checkpoint), a stop on
+    SIGTERM / SIGINT with STOPPED_EXIT after its checkpoint."""
+    global _SIGNALS
+    _SIGNALS = SignalStop()
     try:
         stage(args)
     except (RecordError, ResumeMismatch) as e:
@@ -378,16 +393,85 @@ def run_stage(stage, args):
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1)
+    except Stopped:
+        raise SystemExit(STOPPED_EXIT) from None
+    finally:
+        _SIGNALS.restore()
+        _SIGNALS = None
+        release_locks()
+
+
+class SignalStop:
+    """SIGTERM (a cluster's preemption) and SIGINT (Ctrl-C) stop a training stage cleanly once its
+    loop runs (armed): the current optimizer step finishes, a checkpoint is written, and the stage
+    exits STOPPED_EXIT. Before the loop there is nothing to save and the signal ends the run at
+    once, as does a second signal (status 128 + signal number, no traceback)."""
+
+    def __init__(self):
+        self.signum, self.armed = 0, False
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.signum or not self.armed:
+            print(f"\n{name}: stopping at once" + ("" if self.signum else " (no training step was done yet)")
+                  + "; run the same command again to resume from the last checkpoint", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signum = signum
+        print(f"\n{name}: finishing this optimizer step, then writing a checkpoint (send it again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def requested(self, accelerator):
+        """Whether any process got a signal: reduced, so every process stops after the same step."""
+        if accelerator.num_processes == 1:
+            return bool(self.signum)
+        return global_count(accelerator, bool(self.signum)) > 0
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+_SIGNALS = None
+
+
+def stop_on_signal():
+    """Arm the signal handling for the training loop (installed by run_stage, or here when a
+    stage function is called on its own)."""
+    global _SIGNALS
+    if _SIGNALS is None:
+        _SIGNALS = SignalStop()
+    _SIGNALS.armed = True
+    return _SIGNALS
+
+
+def end_of_step(accelerator, out_dir, done, total, state, args, stop):
+    """After optimizer step `done`: checkpoint when --save-every is due or a signal asked to stop;
+    a stop then ends the run (Stopped) with the message to rerun."""
+    stopping = done < total and stop.requested(accelerator)
+    due = args.save_every and done % args.save_every == 0 and done < total
+    if not (due or stopping):
+        return
+    path = save_checkpoint(accelerator, out_dir, done, state, keep=args.keep_checkpoints)
+    if stopping:
+        accelerator.print(f"stopped by a signal after step {done} of {total}; checkpoint {path}. Run the same "
+                          f"command again to resume from it (exit status {STOPPED_EXIT}).", file=sys.stderr, flush=True)
+        raise Stopped()
+
+
+def claim_output(accelerator, out_dir, stage, inputs, model_dirs):
+    """Before any model work: the output folder overwrites no input and is not the model folder
+    read, is writable, and is locked (main process) against a second run on it; the lock is held
+    until the process ends."""
+    check_output_paths(folders=[out_dir], inputs=inputs, model_dirs=model_dirs)
+    return on_main_process(accelerator, lambda: OutputLock(out_dir, stage, folder=True))
 
 
 class ResumeMismatch(ValueError):
     """The output folder holds a run with other settings; resuming it would mix two runs."""
 
 
-def config_mismatch(saved, config):
-    """'key: saved -> now' for each setting that differs, or '' when they agree."""
-    keys = sorted(set(saved) | set(config))
-    return "; ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in keys if saved.get(k) != config.get(k))
+config_mismatch = settings_mismatch  # 'key: saved -> now' for each setting that differs
 
 
 def resume_from_checkpoint(accelerator, out_dir, config=None):
