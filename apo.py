@@ -43,7 +43,7 @@ import training
 from apo_loss import LOSSES, sequence_logps
 from modeling import (IGNORE_INDEX, PromptTooLong, ResponseLogps, collate, encode, is_vision_model, load_model,
                       load_processor, model_fingerprint, tokenizer_of)
-from records import RecordError, fail, file_hash, load_preferences
+from records import RecordError, disk_full_reported, fail, file_hash, load_preferences
 
 REFERENCE_FILE = "reference_logps.safetensors"
 # Bump when the log-prob computation changes, so caches written by older code are recomputed.
@@ -348,8 +348,9 @@ def save_reference(path, tensors, key):
     from safetensors.torch import save_file
 
     tmp = Path(path).with_name(Path(path).name + ".tmp")
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=key)
-    os.replace(tmp, path)
+    with disk_full_reported(path, leftovers=[tmp], resumes="the same command computes the reference pass again"):
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=key)
+        os.replace(tmp, path)
 
 
 @torch.no_grad()

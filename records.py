@@ -13,9 +13,12 @@ Every problem is reported as `file:line: field 'x': message` through RecordError
 is loaded, so a bad line never surfaces as a traceback from deep inside torch.
 """
 
+import errno
 import hashlib
 import json
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 SPLITS = ("train", "val", "test")
@@ -65,13 +68,34 @@ def read_jsonl(path):
                 raise RecordError(path, lineno, None, f"not UTF-8 ({e.reason} at byte {e.start})") from None
             if not text.strip():
                 continue
+            non_finite = []
             try:
-                obj = json.loads(text)
+                obj = json.loads(text, parse_constant=lambda name: non_finite.append(name) or _NonFinite(name))
             except json.JSONDecodeError as e:
                 raise RecordError(path, lineno, None, f"malformed JSON ({e.msg}, column {e.colno})") from None
+            if non_finite:
+                field, name = _first_non_finite(obj)
+                raise RecordError(path, lineno, field or None, f"{name} is not valid JSON (NaN and Infinity are not "
+                                                               "numbers JSON allows; write a finite number or null)")
             if not isinstance(obj, dict):
                 raise RecordError(path, lineno, None, f"expected a JSON object, got {type(obj).__name__}")
             yield lineno, obj
+
+
+class _NonFinite(str):
+    """Stands in for a NaN / Infinity while a line is parsed, so the field holding it can be named."""
+
+
+def _first_non_finite(value, where=""):
+    """(field path such as 'drift[1]' or 'labels.Edema', constant) of the first NaN / Infinity."""
+    if isinstance(value, _NonFinite):
+        return where, str(value)
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _first_non_finite(item, f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}" if where else key)
+        if found:
+            return found
+    return None
 
 
 def _require_str(obj, field, path, lineno, allow_empty=False):
@@ -159,9 +183,23 @@ def _validate_common(obj, path, lineno, check_images):
     if system is not None and not isinstance(system, str):
         raise RecordError(path, lineno, "system", "must be a string")
     obj["images"] = _check_images(obj, path, lineno, check_images)
+    check_labels(obj, path, lineno)
+
+
+def check_labels(obj, path, lineno):
+    """Labels must read as answers (known finding names, valid classes): every stage that scores
+    them would otherwise fail after its work is done and its output written."""
     labels = obj.get("labels")
-    if labels is not None and not isinstance(labels, dict):
+    if labels is None:
+        return
+    if not isinstance(labels, dict):
         raise RecordError(path, lineno, "labels", "must be an object {finding: class}")
+    import answers
+
+    try:
+        answers.normalize(labels)
+    except ValueError as e:
+        raise RecordError(path, lineno, "labels", str(e)) from None
 
 
 def _check_unique(seen, obj, path, lineno):
@@ -190,9 +228,15 @@ def load_instances(path, require_trajectories=False, check_images=True):
         if trajectories is not None:
             if not isinstance(trajectories, list):
                 raise RecordError(path, lineno, "trajectories", "must be a list of {source, text}")
+            first = {}  # source -> index of its trajectory
             for i, t in enumerate(trajectories):
                 if not isinstance(t, dict) or not isinstance(t.get("source"), str) or not isinstance(t.get("text"), str):
                     raise RecordError(path, lineno, f"trajectories[{i}]", "must be {\"source\": str, \"text\": str}")
+                if t["source"] in first:  # a second answer from one source would count twice in the vote
+                    raise RecordError(path, lineno, f"trajectories[{i}].source",
+                                      f"duplicate source {t['source']!r} (also trajectories[{first[t['source']]}]); "
+                                      "each source answers an instance once")
+                first[t["source"]] = i
         _check_unique(seen, obj, path, lineno)
         obj["_line"] = lineno
         records.append(obj)
@@ -246,10 +290,28 @@ class JsonlAppender:
         self.file = open(self.path, "a", encoding="utf-8")
 
     def write(self, obj):
-        self.file.write(json.dumps(obj, ensure_ascii=False) + "\n")
-        self.file.flush()
-        if self.fsync:
-            os.fsync(self.file.fileno())
+        line = json.dumps(obj, ensure_ascii=False) + "\n"
+        end = self.file.tell()
+        try:
+            self.file.write(line)
+            self.file.flush()
+            if self.fsync:
+                os.fsync(self.file.fileno())
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            self._cut_back(end)  # no half line left behind: the file ends after its last whole record
+            raise DiskFull(self.path, "the lines before this one are kept, and the same command resumes after "
+                                      "them") from None
+
+    def _cut_back(self, end):
+        try:
+            self.file.close()  # drops what is still buffered (the close's own flush fails too)
+        except OSError:
+            pass
+        with open(self.path, "r+b") as f:
+            f.truncate(end)
+        self.file = open(self.path, "a", encoding="utf-8")
 
     def close(self):
         self.file.close()
@@ -286,24 +348,70 @@ def write_json_atomic(path, obj):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with disk_full_reported(path, leftovers=[tmp]):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def write_jsonl_atomic(path, rows):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with disk_full_reported(path, leftovers=[tmp]):
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk
+
+
+class DiskFull(RecordError):
+    """The disk filled while an output was written: what was half-written is removed, the message
+    names the path and says that the same command resumes once there is space."""
+
+    def __init__(self, path, resumes="the same command resumes from what was completely written"):
+        super().__init__(path, None, None, f"the disk is full (No space left on device) while writing this; nothing "
+                                           f"half-written was kept. Free some space and run again: {resumes}")
+
+
+def is_disk_full(error):
+    """ENOSPC / EDQUOT, also when torch or safetensors wrap it in their own error: torch.save's
+    zip writer says only 'unexpected pos' when a write came up short."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(error)
+        if "No space left on device" in text or "StorageFull" in text or (
+                isinstance(error, RuntimeError) and "unexpected pos" in text):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+@contextmanager
+def disk_full_reported(path, leftovers=(), resumes=None):
+    """Turn a full disk inside the block into DiskFull(path), after removing leftovers (the
+    temporary files or folders the block was writing), so a rerun finds no stray half output."""
+    try:
+        yield
+    except Exception as e:
+        if not is_disk_full(e):  # a DiskFull from a writer inside is renamed for the whole output
+            raise
+        for item in map(Path, leftovers):
+            if item.is_dir() and not item.is_symlink():
+                shutil.rmtree(item, ignore_errors=True)
+            else:
+                item.unlink(missing_ok=True)
+        raise (DiskFull(path, resumes) if resumes else DiskFull(path)) from None
 
 
 def content_key(record, images=None):

@@ -247,6 +247,7 @@ def test_vlm_path_with_an_image(tiny_vl_model, tmp_path):
 @pytest.mark.parametrize("bad, field", [
     (dict(PREFERENCES[1], rejected=[], drift=None, rejected_sources=None), "rejected"),
     (dict(PREFERENCES[1], images=["cxr.png"]), "images"),  # a text model cannot read images
+    (dict(PREFERENCES[1], drift=[float("nan")] * len(PREFERENCES[1]["rejected"])), "drift[0]"),  # json.dumps: NaN
 ])
 def test_bad_preference_names_file_line_field(tiny_text_model, tmp_path, bad, field):
     tiny_models.write_test_image(tmp_path / "cxr.png")

@@ -304,6 +304,10 @@ GOOD = json.dumps({"id": "a", "split": "train", "prompt": "p", "trajectories": [
      "bad.jsonl:1: field 'images': no such image file"),
     (GOOD + "\n" + GOOD, "bad.jsonl:2: field 'id': duplicate id"),
     (GOOD.encode() + b"\n\xff\xfe\n", "bad.jsonl:2: not UTF-8"),
+    (GOOD + '\n{"id": "b", "split": "train", "prompt": "p", "trajectories": [], "weight": Infinity}',
+     "bad.jsonl:2: field 'weight': Infinity is not valid JSON"),
+    (json.dumps({"id": "a", "split": "train", "prompt": "p", "trajectories": [{"source": "s", "text": "x"}] * 2}),
+     "bad.jsonl:1: field 'trajectories[1].source': duplicate source 's'"),
     (json.dumps({"id": "a", "split": "test", "prompt": "p", "trajectories": [{"source": "s", "text": "x"}]}),
      "no training examples"),
 ])

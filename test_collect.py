@@ -823,6 +823,12 @@ BAD_INPUTS = {
     "non-UTF-8": ([b'{"id": "a", "prompt": "p"}', b'{"id": "b", "prompt": "\xff\xfe"}'], 2, None, "not UTF-8"),
     "bad labels": ([b'{"id": "a", "prompt": "p", "labels": {"Pleural Effusion": 2}}'], 1, "labels",
                    "presence value must be 0 or 1"),
+    "unknown finding": ([b'{"id": "a", "prompt": "p", "labels": {"Edemaa": 1}}'], 1, "labels",
+                        "unknown finding 'Edemaa'"),
+    "NaN": ([b'{"id": "a", "prompt": "p"}', b'{"id": "b", "prompt": "p", "meta": {"age": NaN}}'], 2, "meta.age",
+            "NaN is not valid JSON"),
+    "a source twice": ([b'{"id": "a", "prompt": "p", "trajectories": [{"source": "s", "text": "x"}, '
+                        b'{"source": "s", "text": "y"}]}'], 1, "trajectories[1].source", "duplicate source 's'"),
 }
 
 

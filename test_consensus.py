@@ -419,11 +419,31 @@ def test_bad_input_names_file_line_and_field(tmp_path, capsys):
     stale = write_jsonl(tmp_path / "stale.jsonl", [{"id": "from-another-run", "chosen": "x"}])
     with pytest.raises(SystemExit) as e:
         run("--consensus", "vote", "--data", data, "--out", stale)
-    assert e.value.code == 2 and "stale.jsonl:1: field 'id'" in capsys.readouterr().err
+    assert e.value.code == 2 and "stale.jsonl: exists and was not written by consensus.py" in capsys.readouterr().err
 
     with pytest.raises(SystemExit) as e:  # every instance skipped: the next stage would have nothing
         run("--consensus", "vote", "--negatives", "drifting", "--data", data, "--out", tmp_path / "none.jsonl")
     assert e.value.code == 2 and "no preference written" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("row, field, message", [
+    # used to crash in the accuracy summary after every preference was written
+    (instance("a", ["Answer: Edema"] * 3, labels={"Edemaa": 1}), "labels", "unknown finding 'Edemaa'"),
+    # a source answering twice used to count twice in the vote
+    (dict(instance("a", ["Answer: Edema", "Answer: Cardiomegaly", "Answer: Cardiomegaly"]),
+          trajectories=[{"source": s, "text": t} for s, t in
+                        [("src-alpha", "Answer: Edema"), ("src-beta", "Answer: Cardiomegaly"), ("src-alpha", "Answer: Edema")]]),
+     "trajectories[2].source", "duplicate source 'src-alpha' (also trajectories[0])"),
+    (instance("a", ["Answer: Edema"] * 3, score=float("nan")), "score", "NaN is not valid JSON"),
+])
+def test_bad_labels_a_source_twice_or_nan_are_refused_before_any_output(tmp_path, capsys, row, field, message):
+    data = write_jsonl(tmp_path / "traj.jsonl", [instance("z", ["Answer: Edema"] * 3, labels={"Edema": 1}), row])
+    out = tmp_path / "p.jsonl"
+    with pytest.raises(SystemExit) as e:
+        run("--consensus", "vote", "--data", data, "--out", out, "--summary", tmp_path / "summary.json")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: {data}:2: field '{field}': {message}"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["traj.jsonl"]
 
 
 def test_prompt_file_replaces_the_prompt(tmp_path, edema_model):

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from records import (OutputLock, RecordError, check_output_paths, fail, on_main_process, release_locks,
-                     settings_mismatch, write_json_atomic)
+from records import (OutputLock, RecordError, check_output_paths, disk_full_reported, fail, on_main_process,
+                     release_locks, settings_mismatch, write_json_atomic)
 
 CHECKPOINTS = "checkpoints"
 
@@ -356,19 +356,27 @@ def save_checkpoint(accelerator, out_dir, step, state, keep=2):
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    # Every rank writes its own shards and RNG state: rename only once all of them are done.
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json_atomic(tmp / "trainer_state.json", dict(state, step=step, saved_at=time.time()))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+    previous = checkpoint_dirs(out_dir)
+    resumes = (f"the same command resumes from {previous[-1]}" if previous
+               else "no checkpoint was complete yet, so the same command starts from step 0")
+    with disk_full_reported(final, leftovers=[tmp], resumes=resumes):
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        # Every rank writes its own shards and RNG state: rename only once all of them are done.
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_json_atomic(tmp / "trainer_state.json", dict(state, step=step, saved_at=time.time()))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
         for old in checkpoint_dirs(out_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.print(f"checkpoint: step {step} -> {final}", flush=True)
     return final
+
+
+# A full disk at the final save: the last checkpoint is the finished run's, so nothing is trained again.
+RESUMES_FROM_LAST_CHECKPOINT = "the same command resumes from the last checkpoint"
 
 
 # Exit status of a stage stopped by SIGTERM / SIGINT after writing a checkpoint: EX_TEMPFAIL,
@@ -530,7 +538,8 @@ class Metrics:
     def log(self, step, values):
         values = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in values.items()}
         if self.accelerator.is_main_process:
-            with open(self.path, "a") as f:
+            # a line torn by a full disk is dropped on resume (_step_of), with the steps it follows
+            with disk_full_reported(self.path, resumes=RESUMES_FROM_LAST_CHECKPOINT), open(self.path, "a") as f:
                 f.write(json.dumps({"step": step, **values}) + "\n")
         self.accelerator.log(values, step=step)
 
@@ -591,8 +600,9 @@ def save_hf_folder(accelerator, model, processor, out_dir, lora=None):
             state = {k.removeprefix("model."): v for k, v in state.items()}
         state = without_tied_copies(unwrapped, state)
         unwrapped.config.use_cache = True
-        unwrapped.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        processor.save_pretrained(tmp)
+        with disk_full_reported(out_dir, leftovers=[tmp], resumes=RESUMES_FROM_LAST_CHECKPOINT):
+            unwrapped.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            processor.save_pretrained(tmp)
         for item in tmp.iterdir():
             os.replace(item, out_dir / item.name)
         tmp.rmdir()
@@ -751,7 +761,8 @@ def save_adapter(accelerator, lora, folder):
         tmp = folder.with_name(".tmp-" + folder.name)
         if tmp.exists():
             shutil.rmtree(tmp)
-        lora.save_pretrained(tmp, safe_serialization=True)
+        with disk_full_reported(folder, leftovers=[tmp], resumes=RESUMES_FROM_LAST_CHECKPOINT):
+            lora.save_pretrained(tmp, safe_serialization=True)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
