@@ -50,3 +50,27 @@ def transformers_serve(tmp_path_factory):
         yield server
     finally:
         server.kill()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """run(size, script, env) -> CompletedProcess of a bash script that runs with a tmpfs of `size`
+    (e.g. "640k") mounted at run.disk: a disk that really fills. The mount lives in a private user and
+    mount namespace (unshare -rm), so it needs no root and goes away with the script; the script
+    writes what the test reads back outside run.disk."""
+    import shlex
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("needs unshare -rm (user namespaces) to mount a small tmpfs")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+
+    def run(size, script, env=None):
+        script = f"set -e\nmount -t tmpfs -o size={size} tmpfs {shlex.quote(str(disk))}\n{script}"
+        return subprocess.run(["unshare", "-rm", "bash", "-c", script], cwd=os.path.dirname(__file__), env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    run.disk = disk
+    return run

@@ -396,6 +396,42 @@ def test_sigterm_finishes_the_step_checkpoints_and_the_rerun_resumes(tmp_path, s
     assert [m["step"] for m in metrics(out)] == list(range(1, 61))
 
 
+def test_a_full_disk_at_a_checkpoint_is_named_leaves_no_temporaries_and_the_rerun_resumes(
+        tmp_path, straight, tiny_text_model, small_disk):
+    """A real full disk (a 640 KiB tmpfs: room for step-3's ~420 KiB checkpoint, not for step-6's
+    beside it). torch.save used to fail with "RuntimeError: [enforce fail at inline_container.cc:672]
+    . unexpected pos" and leave .tmp-step-6 behind. Now: exit 2 naming the checkpoint, the disk and
+    the resume, no temporary left; with space again the same command resumes from step 3 to the
+    straight run's weights."""
+    import shlex
+
+    data, reference, _ = straight
+    out = small_disk.disk / "out"
+    command = shlex.join([sys.executable, "bootstrap.py", *train_args(tiny_text_model, data, out, *RESUME_ARGS)])
+    host = shlex.quote(str(tmp_path))
+    result = small_disk("640k", f"""
+        {command} > {host}/first.out 2> {host}/first.err || echo $? > {host}/first.rc
+        (cd {shlex.quote(str(out))} && find . | sort) > {host}/after-first.txt
+        mount -o remount,size=8m {shlex.quote(str(small_disk.disk))}
+        {command} > {host}/second.out 2> {host}/second.err
+        cp {shlex.quote(str(out))}/model.safetensors {shlex.quote(str(out))}/metrics.jsonl {host}/
+        """, env=env())
+    assert result.returncode == 0, (tmp_path / "second.err").read_text()[-3000:] if (tmp_path / "second.err").exists() else result.stderr
+    err = (tmp_path / "first.err").read_text()
+    assert (tmp_path / "first.rc").read_text().strip() == "2" and "Traceback" not in err, err[-3000:]
+    assert (f"error: {out}/checkpoints/step-6: the disk is full (No space left on device) while writing this; nothing "
+            f"half-written was kept. Free some space and run again: the same command resumes from "
+            f"{out}/checkpoints/step-3") in err
+    after = (tmp_path / "after-first.txt").read_text().split()
+    assert "./checkpoints/step-3/trainer_state.json" in after and not any("tmp" in p or "step-6" in p for p in after)
+    assert "resuming from step 3" in (tmp_path / "second.out").read_text()
+    a, b = weights(reference), weights(tmp_path)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    assert [m["step"] for m in metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
+
+
 def test_a_second_signal_stops_at_once(tmp_path, straight, tiny_text_model):
     """Ctrl-C, then SIGTERM before the step is done: the run ends at once (128 + 15), without a
     traceback and without the checkpoint the first signal asked for."""

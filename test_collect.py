@@ -1040,3 +1040,39 @@ def test_out_over_an_input_or_a_file_of_another_tool_is_refused_untouched(tmp_pa
     code, _, err = collect_in_process(capsys, "--data", data, "--sources", f"hf:{tiny_text_model}",
                                       "--out", Path(tiny_text_model) / "t.jsonl")
     assert code == 2 and "lies in the model folder --sources" in err
+
+
+def test_a_full_disk_while_journalling_is_named_cut_clean_and_the_rerun_resumes(tmp_path, small_disk):
+    """A real full disk (a 12 KiB tmpfs: the run manifest and 8 KiB of journal) used to end collect
+    with a raw Errno 28 traceback and a torn journal line. Now: exit 2 naming the journal, the disk
+    and the resume; the journal holds whole lines only; with space again the same command asks only
+    the rest and writes what an uninterrupted run writes."""
+    import shlex
+
+    args = ["--sources", "sim:all", "--n-train", 40, "--n-test", 0, "--seed", 2]
+    straight = tmp_path / "straight.jsonl"
+    assert run_collect(*args, "--out", straight).returncode == 0
+    out = small_disk.disk / "t.jsonl"
+    command = shlex.join([sys.executable, "collect.py", *map(str, args), "--out", str(out)])
+    host = shlex.quote(str(tmp_path))
+    result = small_disk("12k", f"""
+        {command} > {host}/first.out 2> {host}/first.err || echo $? > {host}/first.rc
+        cp {shlex.quote(str(journal_of(out)))} {host}/journal-first.jsonl
+        ls -a {shlex.quote(str(small_disk.disk))} > {host}/after-first.txt
+        mount -o remount,size=4m {shlex.quote(str(small_disk.disk))}
+        {command} > {host}/second.out 2> {host}/second.err
+        cp {shlex.quote(str(out))} {host}/resumed.jsonl
+        """, env=env_for())
+    assert result.returncode == 0, result.stderr + (tmp_path / "second.err").read_text()
+    err = (tmp_path / "first.err").read_text()
+    assert (tmp_path / "first.rc").read_text().strip() == "2" and "Traceback" not in err, err
+    assert (f"error: {journal_of(out)}: the disk is full (No space left on device) while writing this; nothing "
+            "half-written was kept. Free some space and run again: the lines before this one are kept, and the same "
+            "command resumes after them") in err
+    journal = (tmp_path / "journal-first.jsonl").read_text()
+    kept = [json.loads(line) for line in journal.splitlines()]  # whole lines only, each valid JSON
+    assert journal.endswith("\n") and 4096 < len(journal) <= 8192 and all("text" in k for k in kept)
+    assert (tmp_path / "after-first.txt").read_text().split() == [".", "..", "t.jsonl.lock", "t.jsonl.parts.jsonl",
+                                                                  "t.jsonl.run.json"]
+    assert f"{len(kept)} resumed from the journal" in (tmp_path / "second.out").read_text()
+    assert (tmp_path / "resumed.jsonl").read_text() == straight.read_text()
