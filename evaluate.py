@@ -314,7 +314,8 @@ def ask_missing(name, served, instances, done, appender, failed, args):
             if error:
                 failed[error] += 1
             else:
-                appender.write(prediction_row(name, r["id"], *text))
+                answer, ended = text
+                appender.write(prediction_row(name, r["id"], answer, content_key(r), ended))
                 done.add((name, r["id"]))
             bar.update(1)
     finally:
