@@ -26,22 +26,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-
-def proc_status_bytes(field):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def reset_peak_rss():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := VmRSS
-    except OSError:
-        pass
-    return proc_status_bytes("VmRSS")
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_logps import proc_status_bytes, reset_peak_rss  # noqa: E402  (one RSS reader for the CPU benchmarks)
 
 
 def child(args):
