@@ -205,9 +205,9 @@ def load_rows(data, split):
 
 def model_predictions(eval_dir, names, instances):
     """{model: [(answer, ended, text) per instance]} from evaluate.py's predictions.jsonl."""
-    by_key = {(r["model"], r["id"]): r for _, r in records.read_jsonl(Path(eval_dir) / "predictions.jsonl")}
-    return {m: [(by_key[(m, r["id"])]["answer"], by_key[(m, r["id"])].get("ended"), by_key[(m, r["id"])]["text"])
-                for r in instances] for m in names}
+    by_key = {(row["model"], row["id"]): (row["answer"], row.get("ended"), row["text"])
+              for _, row in records.read_jsonl(Path(eval_dir) / "predictions.jsonl")}
+    return {m: [by_key[(m, r["id"])] for r in instances] for m in names}
 
 
 def score_table(instances, answers_by, predictions, resamples, seed, windows):
@@ -426,7 +426,7 @@ def main(argv=None):
     # 5. The two alternatives, on the chosen preferences with the chosen settings; with several
     # training seeds, the three preference-stage models again (same bootstrap, same consensus).
     chosen_prefs = prefs[best["negatives"]]
-    pref_steps = training_tail(out / best["name"])["steps"]
+    pref_steps = best["training"]["steps"]
     sft_data = out / "consensus_sft.jsonl"
     consensus_as_trajectories(chosen_prefs, sft_data)
     folders = {"bootstrap": boot}
@@ -457,7 +457,7 @@ def main(argv=None):
                      "instances_per_step": PREF_BATCH, "preference_steps": pref_steps},
         "test": score_table(instances, answers_by, predictions, args.resamples, args.seed, size["windows"]),
         "sweep": sweep, "chosen": {"negatives": best["negatives"], "nll_weight": best["nll_weight"]},
-        "training": {"dpo-pairs": training_tail(out / "dpo-pairs"), "apo": training_tail(out / best["name"])},
+        "training": {"dpo-pairs": training_tail(out / "dpo-pairs"), "apo": best["training"]},
         "consensus": consensus_facts(prefs["all"], out / "consensus_summary.json", data),
         "seeds": seeds, "minutes": (time.time() - t0) / 60,
     }
