@@ -1,12 +1,16 @@
-"""APO loss (multi-negative Plackett-Luce, top-1) and memory-efficient sequence log-probs.
+"""APO loss (multi-negative Plackett-Luce, top-1) and the summed sequence log-probs it takes.
 
-Needs only torch; copy this file alone into another project if you like.
+Needs only torch: copy this file alone into another project if you like.
 
-For a prompt x with one positive y+ (the consensus) and K negatives y-_1..y-_K (the sources):
+The paper (Yang, Yu, Duan, Lu, "Turning Drift into Constraint", ICML 2026, arXiv 2510.04142,
+Sec. 2.3) scores a response y to a prompt x by the DPO implicit reward against the frozen
+bootstrapped model pi_ref, Eq. (6), and ranks the consensus y+ above all K source trajectories
+y-_1..y-_K at once with a Plackett-Luce (top-1) probability, Eq. (7); L_APO is its negative
+log-likelihood, Eqs. (8)-(9):
 
-    r(y)  = beta * (log pi_theta(y|x) - log pi_ref(y|x))
-    P     = exp r(y+) / (exp r(y+) + sum_k exp r(y-_k))      (the positive IS in the denominator)
-    loss  = -log P = logsumexp([r+, r-_1, ..., r-_K]) - r+
+    r(y)  = beta * (log pi_theta(y|x) - log pi_ref(y|x))                          (6)
+    P     = exp r(y+) / (exp r(y+) + sum_k exp r(y-_k))    the positive IS in the denominator   (7)
+    L_APO = -log P = logsumexp([r+, r-_1, ..., r-_K]) - r+                         (8)-(9)
 
 log pi(y|x) is the sequence log-prob summed over the response tokens (no length normalisation).
 K = 1 gives DPO exactly: -log sigmoid(r+ - r-).
@@ -14,9 +18,9 @@ K = 1 gives DPO exactly: -log sigmoid(r+ - r-).
 `dpo_pairs_loss` is the pairwise alternative the official scripts run, mean_k -log sigmoid(r+ - r-_k);
 both share one signature, so a caller picks one from LOSSES by name.
 
-`sequence_logps` computes those sums from the final hidden states and the output projection in
-chunks of tokens, so the [sequences, tokens, vocab] logits tensor (152k vocab for Qwen2.5) is never
-materialised, neither in forward nor in backward.
+`sequence_logps_plain` defines log pi(y|x); `sequence_logps` computes the same sums from the final
+hidden states and the output projection in chunks of tokens, so the [sequences, tokens, vocab]
+logits tensor is never materialised, neither in forward nor in backward.
 """
 
 import torch
@@ -25,7 +29,7 @@ import torch.nn.functional as F
 
 def apo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
              reference_rejected_logps, beta=0.1, rejected_mask=None):
-    """Plackett-Luce top-1 loss of one positive against K negatives (the paper's L_APO).
+    """Plackett-Luce top-1 loss of one positive against K negatives: the paper's L_APO, Eqs. (6)-(9).
 
     policy_chosen_logps, reference_chosen_logps: [B]
     policy_rejected_logps, reference_rejected_logps: [B, K]
@@ -94,6 +98,54 @@ def _logged(rejected, rejected_mask):
     return torch.where(rejected_mask, rejected, torch.zeros_like(rejected))
 
 
+# ---------------------------------------------------------------------------------------------
+# log pi(y|x): the definition, then the same sums computed in chunks
+
+
+def sequence_logps_plain(hidden_states, lm_head_weight, labels, lm_head_bias=None, ignore_index=-100):
+    """log pi(y|x) of each sequence: sum over the labelled tokens t of log softmax(W h_t + b)[y_t].
+
+    The definition, written plainly: it materialises the [N, T, V] logits (152k vocab for Qwen2.5,
+    so gigabytes for one batch of long responses). `sequence_logps` computes the same numbers in
+    chunks; arguments as there.
+    """
+    acc = torch.promote_types(lm_head_weight.dtype, torch.float32)
+    logits = F.linear(hidden_states.to(acc), lm_head_weight.to(acc), None if lm_head_bias is None else lm_head_bias.to(acc))
+    keep = labels != ignore_index
+    logps = logits.log_softmax(-1).gather(2, labels.masked_fill(~keep, 0).long()[..., None]).squeeze(2)
+    return (logps * keep).sum(-1)
+
+
+def sequence_logps(hidden_states, lm_head_weight, labels, chunk_size=512, lm_head_bias=None,
+                   ignore_index=-100):
+    """`sequence_logps_plain`, equal to float rounding, without ever holding the full logits tensor.
+
+    hidden_states: [N, T, H], final hidden states (after the last norm), where hidden_states[:, t]
+        predicts labels[:, t]. The caller shifts: for a causal LM pass
+        last_hidden_state[:, :-1] and input_ids-derived labels[:, 1:].
+    lm_head_weight: [V, H]; lm_head_bias: optional [V].
+    labels: [N, T] int, ignore_index where a position does not count (prompt, padding).
+    chunk_size: tokens per chunk; peak extra memory is about 3 * chunk_size * V * 4 bytes.
+    Returns [N] in fp32 (fp64 for fp64 weights); differentiable wrt hidden, weight and bias.
+    """
+    if hidden_states.dim() != 3 or labels.shape != hidden_states.shape[:2]:
+        raise ValueError(f"need hidden_states [N, T, H] and labels [N, T], got "
+                         f"{tuple(hidden_states.shape)} and {tuple(labels.shape)}")
+    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden_states.shape[2]:
+        raise ValueError(f"lm_head_weight must be [V, {hidden_states.shape[2]}], got {tuple(lm_head_weight.shape)}")
+    if lm_head_bias is not None and lm_head_bias.shape != lm_head_weight.shape[:1]:
+        raise ValueError(f"lm_head_bias must be [{lm_head_weight.shape[0]}], got {tuple(lm_head_bias.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    # Gather the labelled positions first: prompt and padding tokens then cost nothing.
+    keep = labels != ignore_index
+    rows = keep.nonzero()[:, 0]
+    token_logps = _ChunkedTokenLogps.apply(hidden_states[keep], lm_head_weight, lm_head_bias,
+                                           labels[keep].long(), chunk_size)
+    out = torch.zeros(labels.shape[0], dtype=token_logps.dtype, device=token_logps.device)
+    return out.index_add(0, rows, token_logps)
+
+
 class _ChunkedTokenLogps(torch.autograd.Function):
     """log softmax(hidden @ weight.T + bias)[label] per token, chunk by chunk, recomputed in backward.
 
@@ -160,42 +212,3 @@ def _chunk_logits(h, weight, bias, acc):
     # weight is never copied; only the [chunk, V] result is upcast for the softmax.
     logits = (h.to(weight.dtype) @ weight.t()).to(acc)  # a fresh tensor: callers modify it in place
     return logits.add_(bias.to(acc)) if bias is not None else logits
-
-
-def sequence_logps(hidden_states, lm_head_weight, labels, chunk_size=512, lm_head_bias=None,
-                   ignore_index=-100):
-    """Summed log-probs of the labelled tokens of each sequence, without the full logits tensor.
-
-    hidden_states: [N, T, H], final hidden states (after the last norm), where hidden_states[:, t]
-        predicts labels[:, t]. The caller shifts: for a causal LM pass
-        last_hidden_state[:, :-1] and input_ids-derived labels[:, 1:].
-    lm_head_weight: [V, H]; lm_head_bias: optional [V].
-    labels: [N, T] int, ignore_index where a position does not count (prompt, padding).
-    chunk_size: tokens per chunk; peak extra memory is about 3 * chunk_size * V * 4 bytes.
-    Returns [N] in fp32 (fp64 for fp64 weights); differentiable wrt hidden, weight and bias.
-    """
-    if hidden_states.dim() != 3 or labels.shape != hidden_states.shape[:2]:
-        raise ValueError(f"need hidden_states [N, T, H] and labels [N, T], got "
-                         f"{tuple(hidden_states.shape)} and {tuple(labels.shape)}")
-    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden_states.shape[2]:
-        raise ValueError(f"lm_head_weight must be [V, {hidden_states.shape[2]}], got {tuple(lm_head_weight.shape)}")
-    if lm_head_bias is not None and lm_head_bias.shape != lm_head_weight.shape[:1]:
-        raise ValueError(f"lm_head_bias must be [{lm_head_weight.shape[0]}], got {tuple(lm_head_bias.shape)}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    # Gather the labelled positions first: prompt and padding tokens then cost nothing.
-    keep = labels != ignore_index
-    rows = keep.nonzero()[:, 0]
-    token_logps = _ChunkedTokenLogps.apply(hidden_states[keep], lm_head_weight, lm_head_bias,
-                                           labels[keep].long(), chunk_size)
-    out = torch.zeros(labels.shape[0], dtype=token_logps.dtype, device=token_logps.device)
-    return out.index_add(0, rows, token_logps)
-
-
-def sequence_logps_reference(hidden_states, lm_head_weight, labels, lm_head_bias=None, ignore_index=-100):
-    """Plain version of `sequence_logps` that materialises all [N, T, V] logits (for tests)."""
-    acc = torch.promote_types(lm_head_weight.dtype, torch.float32)
-    logits = F.linear(hidden_states.to(acc), lm_head_weight.to(acc), None if lm_head_bias is None else lm_head_bias.to(acc))
-    keep = labels != ignore_index
-    logps = logits.log_softmax(-1).gather(2, labels.masked_fill(~keep, 0).long()[..., None]).squeeze(2)
-    return (logps * keep).sum(-1)

@@ -2,7 +2,8 @@
 
 Every (instance, trajectory) pair of split train is one example; the loss is next-token
 cross-entropy on the response tokens only (system, prompt, image tokens and padding are masked),
-averaged over the response tokens of the global batch. Labels are never read: APO is label-free.
+averaged over the response tokens of the global batch: the paper's Eq. (4), which projects the
+target into the union of the sources. Labels are never read: APO is label-free.
 
     accelerate launch bootstrap.py --model Qwen/Qwen2.5-VL-7B-Instruct --data trajectories.jsonl --out runs/bootstrap
     python bootstrap.py --model M --data trajectories.jsonl --out DIR          # one process
@@ -21,6 +22,9 @@ layers of the language model) at its lr 1e-4, and DIR holds the merged model plu
 Batches are length-grouped (examples of similar length together, random order across groups) to
 pad little; sequences are not packed. --max-length cuts long responses at the end, never the
 prompt or its image tokens; an instance whose prompt leaves no room is skipped. Both are counted.
+
+Read in this order: `sft_step_loss`, the objective of one micro-batch; the data; then `train`, the
+stage (the same shape as apo.py's, with the shared steps in training.py).
 """
 
 import argparse
@@ -35,8 +39,7 @@ from tqdm.auto import tqdm
 
 import training
 from answers import parse_answer
-from modeling import (PromptTooLong, ResponseLogps, collate, encode, is_vision_model, load_model, load_processor,
-                      model_fingerprint, tokenizer_of)
+from modeling import PromptTooLong, ResponseLogps, collate, encode, is_vision_model, load_processor, model_fingerprint, tokenizer_of
 from records import RecordError, file_hash, load_instances, write_json_atomic
 
 SUMMARY = "training_summary.json"
@@ -50,10 +53,6 @@ def parse_args(argv=None):
     parser.add_argument("--drop-unanswered", action="store_true",
                         help="drop trajectories without a parseable 'Answer:' line (refusals); by default they are "
                              "kept, as the paper trains on the union of all trajectories. Counted either way")
-    parser.add_argument("--mixed-precision", choices=["auto", "bf16", "fp16", "no"], default="auto",
-                        help="'auto': the accelerate config's setting, else bf16 on GPU, fp32 on CPU. Weights and "
-                             "optimizer state stay fp32 (full fine-tuning updates are below bf16 resolution); "
-                             "bf16 is the compute dtype (default: %(default)s)")
     training.add_training_args(parser, lr=None, max_length=2304, batch_size=2, warmup=0.05, global_batch=32)
     training.add_lora_args(parser, dropout=0.05)
     next(a for a in parser._actions if a.dest == "lr").help = "peak learning rate (default: 1e-5, 1e-4 with --lora-rank)"
@@ -64,12 +63,26 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------
+# The objective of one micro-batch
+
+
+def sft_step_loss(module, batch, device):
+    """Summed negative log-likelihood of the micro-batch's response tokens.
+
+    module is modeling.ResponseLogps (as in apo.py): summed log-probs of each row's labelled tokens,
+    from hidden states in chunks. The loop divides by the global batch's token count.
+    """
+    logps, _ = module(**{k: v.to(device) for k, v in batch.items()})
+    return -logps.sum()
+
+
+# ---------------------------------------------------------------------------------------------
 # Data: one example per (train instance, trajectory)
 
 
 @dataclass
 class Example:
-    record: int  # index into the instance list
+    record: dict  # the instance
     text: str  # the source's full answer, the training target
     source: str
     length: int = 0  # prompt + response tokens, for length-grouped batches
@@ -81,7 +94,7 @@ def collect_examples(records, drop_unanswered):
     examples = []
     counts = Counter(dict.fromkeys(["train_instances", "test_instances", "instances_without_trajectories",
                                     "empty_trajectories", "unanswered"], 0))
-    for r, record in enumerate(records):
+    for record in records:
         if record["split"] != "train":
             counts["test_instances"] += 1
             continue
@@ -97,92 +110,64 @@ def collect_examples(records, drop_unanswered):
                 counts["unanswered"] += 1
                 if drop_unanswered:
                     continue
-            examples.append(Example(r, t["text"], t["source"]))
+            examples.append(Example(record, t["text"], t["source"]))
     return examples, counts
 
 
-def measure_examples(processor, records, examples, max_length, data_path, accelerator):
-    """Token lengths of every example (prompt and images encoded once per instance).
+def measure_examples(processor, examples, args, data_path, accelerator):
+    """The examples that fit, with their lengths; the skipped prompts (messages); responses cut.
 
-    Each process measures a share of the instances and the results are gathered, so images are
-    processed once per GPU count rather than on every GPU. Returns the examples that fit, with
-    their lengths, and the counts of responses cut at max_length and of prompts too long to train.
+    Each process encodes a share of the instances (the prompt and images once for all of an
+    instance's trajectories) and the results are gathered, so images are processed once in all
+    rather than once per GPU. A prompt that leaves no room under --max-length is skipped.
     """
     from accelerate.utils import gather_object
 
-    by_record = defaultdict(list)
+    by_instance = defaultdict(list)
     for i, ex in enumerate(examples):
-        by_record[ex.record].append(i)
-    mine = sorted(by_record)[accelerator.process_index :: accelerator.num_processes]
-    rows = []  # (example index, length, response tokens) or (example index, None, None) when skipped
-    truncated = 0
-    for r in tqdm(mine, desc="tokenizing", disable=not accelerator.is_local_main_process):
-        idx = by_record[r]
+        by_instance[ex.record["_line"]].append(i)
+    mine = sorted(by_instance)[accelerator.process_index :: accelerator.num_processes]
+    rows = []  # (example index, length, response tokens, responses cut or skip message)
+    for line in tqdm(mine, desc="tokenizing", disable=not accelerator.is_local_main_process):
+        idx = by_instance[line]
         try:
-            enc = encode(processor, records[r], [examples[i].text for i in idx], max_length, data_path)
-        except PromptTooLong:
-            rows += [(i, None, None) for i in idx]
+            enc = encode(processor, examples[idx[0]].record, [examples[i].text for i in idx], args.max_length,
+                         data_path)
+        except PromptTooLong as e:
+            rows += [(i, None, None, f"{data_path}:{line}: {e}") for i in idx]
             continue
-        truncated += enc.truncated
-        rows += [(i, len(enc.prompt_ids) + len(ids), len(ids)) for i, ids in zip(idx, enc.responses)]
-    rows = sorted(gather_object(rows))
-    truncated = int(training.global_count(accelerator, truncated))
-    kept = []
-    for i, length, response_tokens in rows:
-        if length is not None:
+        rows += [(i, len(enc.prompt_ids) + len(ids), len(ids), enc.truncated if k == 0 else 0)
+                 for k, (i, ids) in enumerate(zip(idx, enc.responses))]
+    if accelerator.num_processes > 1:
+        rows = gather_object(rows)
+    kept, skipped, truncated = [], [], 0
+    for i, length, response_tokens, extra in sorted(rows, key=lambda row: row[0]):
+        if length is None:
+            if extra not in skipped:  # one message an instance
+                skipped.append(extra)
+        else:
             examples[i].length, examples[i].response_tokens = length, response_tokens
             kept.append(examples[i])
-    return kept, truncated, len(examples) - len(kept)
+            truncated += extra
+    return kept, skipped, truncated
 
 
-def build_batch(processor, records, examples, indices, max_length, data_path, pad_id):
+def encode_examples(processor, examples, args, data_path):
+    # Encoded again when used (cheap next to a forward), so the whole data set's ids and image
+    # tensors never sit in memory at once.
+    return [encode(processor, ex.record, [ex.text], args.max_length, data_path) for ex in examples]
+
+
+def make_batch(encoded_items, pad_id):
     """Right-padded rows of these examples: labels are the response tokens, -100 elsewhere."""
-    encoded = [encode(processor, records[examples[i].record], [examples[i].text], max_length, data_path)
-               for i in indices]
-    return collate(encoded, pad_id)
-
-
-def run_config(args, accelerator):
-    """The settings that decide the trained weights; a checkpoint resumes only under the same ones."""
-    model = Path(args.model)
-    return {
-        "model": str(model.resolve()) if model.exists() else args.model,
-        "model_fingerprint": model_fingerprint(args.model),
-        "data_sha256": file_hash(args.data),
-        "drop_unanswered": args.drop_unanswered,
-        "max_length": args.max_length,
-        "micro_batch": args.batch_size * accelerator.num_processes,  # global, so the GPU count may change
-        "grad_accum": args.grad_accum,
-        "lr": args.lr, "epochs": args.epochs, "max_steps": args.max_steps, "warmup": args.warmup,
-        "schedule": args.schedule, "weight_decay": args.weight_decay, "max_grad_norm": args.max_grad_norm,
-        "freeze_vision": args.freeze_vision, "seed": args.seed, **training.lora_config(args),
-    }
-
-
-def finished_run(out_dir, config):
-    """The summary of a finished run in out_dir with these settings; None if there is none."""
-    path = Path(out_dir) / SUMMARY
-    if not path.is_file():
-        return None
-    summary = json.loads(path.read_text())
-    diff = training.config_mismatch(summary.get("config") or {}, config)
-    if diff:
-        raise training.ResumeMismatch(f"{out_dir} holds a finished run with other settings ({diff}); "
-                                      f"use another --out")
-    return summary
+    return collate(encoded_items, pad_id)
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-def main(argv=None):
-    training.run_stage(train, parse_args(argv))
+# The stage
 
 
 def train(args):
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
     out = Path(args.out)
 
     # Data first: a bad line ends the run before any model is loaded.
@@ -194,12 +179,9 @@ def train(args):
         vision = is_vision_model(args.model)
     except OSError as e:
         raise RecordError(args.model, None, None, f"cannot read the model's config: {e}") from None
-    text_only_rows = any(not records[ex.record].get("images") for ex in examples)
 
-    accelerator = training.build_accelerator(
-        args, out, find_unused_parameters=vision and not (args.freeze_vision or args.lora_rank) and text_only_rows)
-    training.claim_output(accelerator, out, "bootstrap.py", inputs={"--data": args.data},
-                          model_dirs={"--model": args.model})
+    accelerator = training.start_run(args, "bootstrap.py", vision,
+                                     text_only_rows=any(not ex.record.get("images") for ex in examples))
     config = run_config(args, accelerator)
     done = finished_run(out, config)
     if done is not None:
@@ -207,46 +189,30 @@ def train(args):
                           f"({done['steps']} steps, final loss {done['final_loss']})")
         return
     training.checkpoint_state(out, config)  # another run's checkpoints: refuse now, not after loading
-    training.seed_everything(args.seed)
 
     try:
         processor = load_processor(args.model)
     except OSError as e:
         raise RecordError(args.model, None, None, f"cannot load the model's tokenizer/processor: {e}") from None
-    examples, truncated, too_long = measure_examples(processor, records, examples, args.max_length, args.data,
-                                                     accelerator)
+    measured = len(examples)
+    examples, skipped, truncated = measure_examples(processor, examples, args, args.data, accelerator)
+    too_long = measured - len(examples)
     micro_global = args.batch_size * accelerator.num_processes
     if len(examples) < micro_global:
         raise RecordError(args.data, None, None, f"{len(examples)} usable training examples, fewer than one "
                                                  f"micro-batch over all processes ({micro_global})")
     total = training.total_steps(len(examples), micro_global, args)
-    per_epoch = len(examples) // micro_global
+
+    model, lora = training.load_trainable_model(args, accelerator)
+    module, optimizer, scheduler = training.prepare_training(accelerator, ResponseLogps(model), args, total)
+
+    start, metrics = training.resume_run(accelerator, out, config, args, "apo-bootstrap")
+    accelerator.print(f"bootstrap: {len(examples)} examples from {counts['train_instances']} train instances, "
+                      + training.describe_steps(accelerator, args, total, start, unit=" examples"),
+                      flush=True)
     lengths = [ex.length for ex in examples]
-
-    model = training.prepare_model_for_training(
-        load_model(args.model, dtype=training.weights_dtype(args, accelerator.device)), args)
-    lora = training.add_lora(model, args, accelerator)
-    model.train()
-    # The loss module computes log-probs from hidden states in chunks: no [rows, tokens, vocab] logits.
-    module = ResponseLogps(model)
-    optimizer = training.build_optimizer(module, args.lr, args.weight_decay)
-    scheduler = training.build_scheduler(optimizer, args, total)
-    module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
-    pad_id = tokenizer_of(processor).pad_token_id
-
-    state = training.resume_from_checkpoint(accelerator, out, config) or {}
-    start = state.get("step", 0)
-    metrics = training.Metrics(accelerator, out, resumed_step=start)
-    if args.report_to:
-        accelerator.init_trackers("apo-bootstrap", config={k: v for k, v in config.items() if v is not None})
-    accelerator.print(
-        f"bootstrap: {len(examples)} examples from {counts['train_instances']} train instances, "
-        f"{total} steps of {micro_global * args.grad_accum} examples "
-        f"({args.batch_size} x {accelerator.num_processes} processes x {args.grad_accum} accumulation), "
-        f"mixed precision {accelerator.mixed_precision}" + (f", resuming from step {start}" if start else ""),
-        flush=True)
-
     micro_batch = training.MicroBatches(lengths, micro_global, args.seed)
+    pad_id = tokenizer_of(processor).pad_token_id
 
     stop = training.stop_on_signal()
     progress = tqdm(total=total, initial=start, desc="bootstrap", disable=not accelerator.is_local_main_process)
@@ -260,20 +226,15 @@ def train(args):
         scale = accelerator.num_processes * args.grad_accum / step_tokens  # undo DDP's and accelerate's averaging
         nll_sum = torch.zeros((), device=accelerator.device)
         for rows in mine:
-            batch = build_batch(processor, records, examples, rows, args.max_length, args.data, pad_id)
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            batch = make_batch(encode_examples(processor, [examples[i] for i in rows], args, args.data), pad_id)
             with accelerator.accumulate(module):
-                logps, _ = module(**batch)
-                accelerator.backward(-logps.sum() * scale)
-                nll_sum += -logps.detach().sum()
+                nll = sft_step_loss(module, batch, accelerator.device)
+                accelerator.backward(nll * scale)
+                nll_sum += nll.detach()
                 if accelerator.sync_gradients:
                     loss = accelerator.reduce(nll_sum, reduction="sum") / step_tokens
-                    check_finite(loss, step + 1, out, {records[examples[i].record]["id"] for b in micro for i in b})
-                    grad_norm = training.clip_gradients(accelerator, module, args.max_grad_norm)
-                    lr = scheduler.get_last_lr()[0]
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    check_finite(loss, step + 1, out, {examples[i].record["id"] for b in micro for i in b})
+                    lr, grad_norm = training.optimizer_step(accelerator, module, optimizer, scheduler, args, step + 1)
         done_steps = step + 1
         progress.update(1)
         progress.set_postfix(loss=f"{loss.item():.4f}")
@@ -283,14 +244,12 @@ def train(args):
                 "loss": loss.item(), "lr": lr,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "tokens_per_s": sum(lengths[i] for b in micro for i in b) / (time.perf_counter() - began),
-                "examples_seen": seen, "epoch": seen / (per_epoch * micro_global),
+                "examples_seen": seen, "epoch": seen / (micro_batch.per_epoch * micro_global),
             })
         training.end_of_step(accelerator, out, done_steps, total, {"config": config}, args, stop)
     progress.close()
 
-    if start < total or not training.checkpoint_dirs(out):
-        training.save_checkpoint(accelerator, out, total, {"config": config}, keep=args.keep_checkpoints)
-    training.save_hf_folder(accelerator, module, processor, out, lora=lora)
+    training.save_final(accelerator, module, processor, out, total, start, config, args, lora)
     losses = read_losses(out / "metrics.jsonl") if accelerator.is_main_process else []
     summary = {
         "config": config, "steps": total, "examples": len(examples),
@@ -308,6 +267,30 @@ def train(args):
         f"{counts['empty_trajectories']} empty; model in {out}")
 
 
+def run_config(args, accelerator):
+    """The settings that decide the trained weights; a checkpoint resumes only under the same ones."""
+    model = Path(args.model)
+    return {
+        "model": str(model.resolve()) if model.exists() else args.model,
+        "model_fingerprint": model_fingerprint(args.model), "data_sha256": file_hash(args.data),
+        "drop_unanswered": args.drop_unanswered, "max_length": args.max_length,
+        **training.loop_config(args, accelerator),
+    }
+
+
+def finished_run(out_dir, config):
+    """The summary of a finished run in out_dir with these settings; None if there is none."""
+    path = Path(out_dir) / SUMMARY
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    diff = training.config_mismatch(summary.get("config") or {}, config)
+    if diff:
+        raise training.ResumeMismatch(f"{out_dir} holds a finished run with other settings ({diff}); "
+                                      f"use another --out")
+    return summary
+
+
 def check_finite(loss, step, out, instance_ids):
     """training.check_finite, naming the step's instances so the data can be looked at."""
     try:
@@ -318,11 +301,14 @@ def check_finite(loss, step, out, instance_ids):
                                      + (" …" if len(ids) > 10 else "")) from None
 
 
-
 def read_losses(path):
     if not path.is_file():
         return []
     return [json.loads(line)["loss"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def main(argv=None):
+    training.run_stage(train, parse_args(argv))
 
 
 if __name__ == "__main__":

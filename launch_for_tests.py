@@ -11,8 +11,12 @@ type to FSDP after the state is built and hands it the plugin, as the GPU branch
 AcceleratorState and in PartialState, which every later AcceleratorState() copies from); FSDP2's
 fully_shard then runs on gloo and the stage takes the code path of an FSDP2 GPU run.
 
-APO_TEST_SLOW_SAVE_RANK=R:S makes rank R write its share of every checkpoint S seconds late (the
-checkpoint race of RELIABILITY.md), under any config.
+Faults the reliability tests inject from here, so that the stage scripts carry no test hooks:
+- APO_TEST_SLOW_SAVE_RANK=R:S makes rank R write its share of every checkpoint S seconds late (the
+  checkpoint race of RELIABILITY.md), under any config;
+- APO_TEST_SIGKILL_AFTER_BACKWARD=N SIGKILLs the process right after its backward number N
+  (0-based), i.e. inside an optimizer step when N is not the last micro-batch of one. Works with
+  a plain `python launch_for_tests.py apo.py …` too.
 """
 
 import os
@@ -54,12 +58,33 @@ def slow_down_checkpoint_writes(rank, seconds):
     accelerate.accelerator.save_accelerator_state = late  # the name save_state calls
 
 
+def kill_after_backward(n):
+    """SIGKILL right after the n-th (0-based) Accelerator.backward: a crash mid-step, at a point
+    fixed by the data order rather than by timing."""
+    import signal
+
+    from accelerate import Accelerator
+
+    backward = Accelerator.backward
+    calls = [0]
+
+    def counted(self, *args, **kwargs):
+        backward(self, *args, **kwargs)
+        if calls[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        calls[0] += 1
+
+    Accelerator.backward = counted
+
+
 if __name__ == "__main__":
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         switch_multi_cpu_to_fsdp()
     if os.environ.get("APO_TEST_SLOW_SAVE_RANK"):
         rank, seconds = os.environ["APO_TEST_SLOW_SAVE_RANK"].split(":")
         slow_down_checkpoint_writes(int(rank), float(seconds))
+    if os.environ.get("APO_TEST_SIGKILL_AFTER_BACKWARD"):
+        kill_after_backward(int(os.environ["APO_TEST_SIGKILL_AFTER_BACKWARD"]))
     script = sys.argv[1]
     sys.argv = sys.argv[1:]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))

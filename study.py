@@ -250,7 +250,7 @@ def seed_spread(predictions, instances, train_seeds):
 def training_tail(out, last=5):
     """Mean of the last metrics lines of a preference-stage run (reward accuracy, margin ...)."""
     lines = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    keys = ("loss", "reward_accuracy", "margin", "chosen_reward", "rejected_reward", "chosen_nll")
+    keys = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "nll_loss")
     tail = lines[-last:]
     first = lines[0]
     return {"steps": len(lines), "first_loss": first.get("loss"),
@@ -319,8 +319,8 @@ def markdown(report):
     for v in report["sweep"]:
         t = v["training"]
         lines.append(f"| {v['negatives']} | {v['nll_weight']} | {v['preferences']} | {v['val_macro_accuracy']:.3f} | "
-                     f"{v['val_unparsed']}/{v['val_n']} | {t.get('reward_accuracy', float('nan')):.2f} | "
-                     f"{t.get('margin', float('nan')):.3f} | {t.get('chosen_reward', float('nan')):.3f} |")
+                     f"{v['val_unparsed']}/{v['val_n']} | {t.get('rewards/accuracies', float('nan')):.2f} | "
+                     f"{t.get('rewards/margins', float('nan')):.3f} | {t.get('rewards/chosen', float('nan')):.3f} |")
     if any(v["sd"] is not None for v in report["seeds"].values()):
         lines += ["", "Training seeds (same bootstrap and consensus; test macro accuracy, mean ± sd):", ""]
         lines += [f"- {m}: {v['mean']:.3f} ± {v['sd']:.3f} over seeds {v['seeds']} ({', '.join(f'{x:.3f}' for x in v['values'])})"

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from apo_loss import _ChunkedTokenLogps, apo_loss, dpo_pairs_loss, sequence_logps, sequence_logps_reference
+from apo_loss import _ChunkedTokenLogps, apo_loss, dpo_pairs_loss, sequence_logps, sequence_logps_plain
 
 
 def make_logps(B=4, K=3, dtype=torch.float32, scale=50.0, seed=0):
@@ -242,7 +242,7 @@ def test_sequence_logps_matches_full(chunk_size, bias):
     hidden, weight, b, labels = make_lm_inputs(bias=bias)
     out, (gh, gw, gb) = grads(lambda h, w, bb: sequence_logps(h, w, labels, chunk_size=chunk_size, lm_head_bias=bb),
                               hidden, weight, b)
-    ref, (rh, rw, rb) = grads(lambda h, w, bb: sequence_logps_reference(h, w, labels, lm_head_bias=bb),
+    ref, (rh, rw, rb) = grads(lambda h, w, bb: sequence_logps_plain(h, w, labels, lm_head_bias=bb),
                               hidden, weight, b)
     assert out.shape == (3,) and out.dtype == torch.float32
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-6)
@@ -284,7 +284,7 @@ def test_sequence_logps_bf16():
     hidden, weight, b, labels = make_lm_inputs(dtype=torch.bfloat16, H=32, V=101)
     out, (gh, gw, gb) = grads(lambda h, w, bb: sequence_logps(h, w, labels, chunk_size=7, lm_head_bias=bb),
                               hidden, weight, b)
-    ref, (rh, rw, rb) = grads(lambda h, w, bb: sequence_logps_reference(h.double(), w.double(), labels, bb.double()),
+    ref, (rh, rw, rb) = grads(lambda h, w, bb: sequence_logps_plain(h.double(), w.double(), labels, bb.double()),
                               hidden, weight, b)
     assert out.dtype == torch.float32 and gh.dtype == gw.dtype == gb.dtype == torch.bfloat16
     # Logits are rounded to bf16 by the matmul (as the model's own lm_head does); the sum is fp32.

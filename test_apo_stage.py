@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import apo
+import shared_prompt
 import modeling
 import tiny_models
 from apo_loss import apo_loss
@@ -107,11 +108,11 @@ def test_training_raises_margin_and_writes_a_loadable_model(tiny_text_model, dat
     assert "reference log-probs: computed" in proc.stdout
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert set(rows[0]) >= {"loss", "reward_accuracy", "margin", "chosen_reward", "rejected_reward", "chosen_logp",
+    assert set(rows[0]) >= {"loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen",
                             "lr", "tokens_per_s", "grad_norm"}
     # Before the first update the policy IS the reference: every reward is 0, P = 1 / (1 + K).
     assert rows[0]["loss"] == pytest.approx(START_LOSS, abs=1e-5)
-    assert rows[0]["margin"] == pytest.approx(0, abs=1e-5) and rows[0]["reward_accuracy"] == 0
+    assert rows[0]["rewards/margins"] == pytest.approx(0, abs=1e-5) and rows[0]["rewards/accuracies"] == 0
     assert rows[-1]["loss"] < rows[0]["loss"]
 
     # Re-measure the training batch: the final folder (plain from_pretrained) against the cache.
@@ -123,8 +124,8 @@ def test_training_raises_margin_and_writes_a_loadable_model(tiny_text_model, dat
     batch = apo.make_batch([modeling.encode(processor, ex.record, apo.responses_of(ex), 256) for ex in examples],
                            modeling.tokenizer_of(processor).pad_token_id, share_prompt=False)
     with torch.no_grad():
-        pc, pr, mask, _ = apo.response_logps(modeling.ResponseLogps(final), batch, "cpu")
-        rc, rr, _, _ = apo.response_logps(modeling.ResponseLogps(initial), batch, "cpu")
+        pc, pr, mask, _ = apo.concatenated_forward(modeling.ResponseLogps(final), batch, "cpu")
+        rc, rr, _, _ = apo.concatenated_forward(modeling.ResponseLogps(initial), batch, "cpu")
     cache = load_file(str(out / apo.REFERENCE_FILE))
     torch.testing.assert_close(cache["chosen"], rc, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(cache["rejected"][mask], rr[mask], atol=1e-4, rtol=1e-5)
@@ -161,7 +162,8 @@ def test_sigkill_then_rerun_resumes_to_the_same_weights(tiny_text_model, data, s
     out = tmp_path / "killed"
     common = ("--model", tiny_text_model, "--data", data, "--out", out, "--batch-size", 2, *TRAIN)
     # Killed right after the first micro-batch of step 4 (global micro-batch 6), a checkpoint at step 3.
-    killed = run_apo(*common, extra_env={apo.KILL_ENV: "6"}, check=False)
+    killed = run_apo(*common, launcher=(sys.executable, "launch_for_tests.py"),
+                     extra_env={"APO_TEST_SIGKILL_AFTER_BACKWARD": "6"}, check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-3"]
     assert not (out / "model.safetensors").exists()
@@ -196,7 +198,7 @@ def test_two_processes_match_one(tiny_text_model, data, straight, tmp_path):
     assert "(1 x 2 processes x 2 accumulation)" in proc.stdout
     for a, b in zip(metrics(straight[0]), metrics(out), strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
-        assert b["margin"] == pytest.approx(a["margin"], abs=1e-5)
+        assert b["rewards/margins"] == pytest.approx(a["rewards/margins"], abs=1e-5)
     # The reference pass is sharded over the processes and summed: same cache as one process.
     ref1, ref2 = load_file(str(straight[0] / apo.REFERENCE_FILE)), load_file(str(out / apo.REFERENCE_FILE))
     for name in ref1:
@@ -214,7 +216,7 @@ def test_dpo_pairs_loss_starts_at_log2_and_learns(tiny_text_model, data, straigh
     assert "reference log-probs: reused" in proc.stdout, proc.stdout
     rows = metrics(out)
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
-    assert rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["margin"] > 0
+    assert rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["rewards/margins"] > 0
     # Another objective, other weights: the two runs are not the same training.
     a, b = load_file(str(straight[0] / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert any(not torch.equal(a[k], b[k]) for k in a)
@@ -234,7 +236,7 @@ def test_vlm_path_with_an_image(tiny_vl_model, tmp_path):
     assert "apo: 2 steps on 3 preferences" in proc.stdout
     # K = 1, 2, 3 cut to 1, 2, 2; at the start the loss is sum log(1 + K) / 3 plus 0.5 x the chosen NLL.
     first = metrics(out)[0]
-    assert first["loss"] == pytest.approx((math.log(2) + 2 * math.log(3)) / 3 + 0.5 * first["chosen_nll"], abs=1e-5)
+    assert first["loss"] == pytest.approx((math.log(2) + 2 * math.log(3)) / 3 + 0.5 * first["nll_loss"], abs=1e-5)
     assert load_file(str(out / apo.REFERENCE_FILE))["num_negatives"].tolist() == [1, 2, 2]
     model = AutoModelForImageTextToText.from_pretrained(out)
     assert "vision_config" in model.config.to_dict()
@@ -305,7 +307,7 @@ def test_shared_prompt_equals_separate_forwards(tiny_text_model, tmp_path, atten
     model.set_attn_implementation(attention)
     results = []
     for share_prompt, module in ((False, modeling.ResponseLogps(model, chunk_size=7)),
-                                 (True, apo.SharedPromptLogps(model, chunk_size=7))):
+                                 (True, shared_prompt.SharedPromptLogps(model, chunk_size=7))):
         model.zero_grad()
         batch = apo.make_batch(encoded, pad_id, share_prompt)
         logps, counts = module(**batch["inputs"])

@@ -23,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import apo  # noqa: E402
+import shared_prompt  # noqa: E402
 import bench_apo_step as bench  # noqa: E402
 import bench_generation  # noqa: E402
 import training  # noqa: E402
@@ -148,8 +149,8 @@ def test_forward_flops_equal_torch_flop_counter():
 def test_shared_prompt_pairs_are_what_apo_attention_mask_allows():
     k, prompt, response = 7, 9, 4
     items = bench.synthetic_instances(2, prompt, response, k, 300, seed=0)
-    packed = apo.pack_shared_prompt(items, bench.PAD_ID)
-    allowed = apo.block_causal_mask(packed["segments"], "sdpa", torch.float32)
+    packed = shared_prompt.pack_shared_prompt(items, bench.PAD_ID)
+    allowed = shared_prompt.block_causal_mask(packed["segments"], "sdpa", torch.float32)
     pairs = 2 * (bench.causal_pairs(prompt) + (1 + k) * (response * prompt + bench.causal_pairs(response)))
     assert int(allowed.sum()) == pairs
     sizes = bench.TINY
@@ -168,7 +169,7 @@ def test_no_padding_waste():
     apo.forward_length counts and batches by), and training.batch_order makes batches of
     neighbouring lengths, so a batch pads only up to its own longest."""
     item = Encoded(list(range(1, 8)), [[5] * n for n in (3, 9, 1, 4)])  # prompt 7, responses of 3, 9, 1, 4 tokens
-    packed = apo.pack_shared_prompt([item], bench.PAD_ID)
+    packed = shared_prompt.pack_shared_prompt([item], bench.PAD_ID)
     assert packed["input_ids"].shape == (1, 7 + 17) and (packed["segments"] >= 0).all()
     assert apo.forward_length(item, share_prompt=True) == 24
     assert apo.forward_length(item, share_prompt=False) == 4 * 7 + 17

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -99,7 +100,7 @@ def test_examples_are_train_pairs_with_refusals_counted(tmp_path):
     kept, counts = bootstrap.collect_examples(records, drop_unanswered=False)
     assert len(kept) == 3 * 3 + 1  # every (train instance, trajectory) pair, the refusal included
     assert REFUSAL in [e.text for e in kept]
-    assert all(records[e.record]["split"] == "train" for e in kept)
+    assert all(e.record["split"] == "train" for e in kept)
     assert (counts["train_instances"], counts["test_instances"], counts["unanswered"],
             counts["empty_trajectories"], counts["instances_without_trajectories"]) == (4, 1, 1, 1, 1)
 
@@ -115,7 +116,8 @@ def test_loss_is_cross_entropy_on_response_tokens_only(tmp_path, tiny_text_model
     processor = load_processor(tiny_text_model)
     tok = tokenizer_of(processor)
     rows = [0, 3]  # different lengths, so the shorter row is padded
-    batch = bootstrap.build_batch(processor, records, examples, rows, 512, data, tok.pad_token_id)
+    batch = bootstrap.make_batch(bootstrap.encode_examples(processor, [examples[i] for i in rows], Namespace(max_length=512), data),
+                                 tok.pad_token_id)
 
     for r, i in enumerate(rows):
         labelled = batch["labels"][r] != IGNORE_INDEX
@@ -141,7 +143,8 @@ def test_vl_image_tokens_are_masked_and_freeze_vision_keeps_the_tower(tmp_path, 
     records = load_instances(data)
     examples, _ = bootstrap.collect_examples(records, drop_unanswered=False)
     processor = load_processor(tiny_vl_model)
-    batch = bootstrap.build_batch(processor, records, examples, [0, 1], 512, data, tokenizer_of(processor).pad_token_id)
+    batch = bootstrap.make_batch(bootstrap.encode_examples(processor, examples[:2], Namespace(max_length=512), data),
+                                 tokenizer_of(processor).pad_token_id)
     image_token = json.loads((Path(tiny_vl_model) / "config.json").read_text())["image_token_id"]
     is_image = batch["input_ids"] == image_token
     # 64x64 px -> 4x4 patches of 14 px (resized to 56x56) -> 2x2 = 4 tokens after merging, per row

@@ -157,7 +157,7 @@ def test_fsdp2_bf16_log_probs_and_rewards_stay_fp32(tiny_vl_model, vl_data, vl_o
     torch.testing.assert_close(chosen, exact["chosen"], rtol=0.02, atol=0.5)
     # Step 1: the policy is the reference, so every reward is exactly 0 and P = 1 / (1 + K).
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    assert first["chosen_reward"] == 0 and first["margin"] == 0
+    assert first["rewards/chosen"] == 0 and first["rewards/margins"] == 0
     k = [min(2, len(p["rejected"])) for p in PREFERENCES]
     assert first["loss"] == pytest.approx(sum(torch.log(torch.tensor(1.0 + n)).item() for n in k) / 4, abs=1e-6)
 

@@ -171,7 +171,7 @@ def test_apo_lora_starts_at_log_1_plus_k_and_merges_into_the_language_model(tiny
     # One model in memory: the reference is the adapted policy before its first update (B = 0).
     rows = metrics(out)
     assert rows[0]["loss"] == pytest.approx(sum(math.log(1 + len(p["rejected"])) for p in PREFERENCES) / 4, abs=1e-6)
-    assert rows[0]["margin"] == pytest.approx(0, abs=1e-6) and rows[1]["loss"] < rows[0]["loss"]
+    assert rows[0]["rewards/margins"] == pytest.approx(0, abs=1e-6) and rows[1]["loss"] < rows[0]["loss"]
     targets = language_linear_layers(tiny_vl_model)
     assert targets and all(".language_model." in t for t in targets)
     # the vision tower and its merger are not adapted and come out bit for bit

@@ -51,6 +51,10 @@ def add_training_args(parser, lr, max_length, batch_size=2, grad_accum=16, warmu
         g.add_argument("--grad-accum", type=int, default=None,
                        help="micro-batches per optimizer step; overrides --global-batch "
                             "(global batch = batch-size x processes x grad-accum)")
+    g.add_argument("--mixed-precision", choices=["auto", "bf16", "fp16", "no"], default="auto",
+                   help="'auto': the accelerate config's setting, else bf16 on GPU, fp32 on CPU. Weights and "
+                        "optimizer state stay fp32 (updates at these learning rates are below bf16 resolution); "
+                        "bf16 is the compute dtype (default: %(default)s)")
     g.add_argument("--warmup", type=float, default=warmup, help="share of steps with linear warmup (default: %(default)s)")
     g.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine",
                    help="decay after warmup (default: %(default)s)")
@@ -67,6 +71,111 @@ def add_training_args(parser, lr, max_length, batch_size=2, grad_accum=16, warmu
                    help="accelerate trackers, e.g. tensorboard,wandb (metrics.jsonl is always written)")
     g.add_argument("--seed", type=int, default=0, help="seed for data order and initialisation (default: %(default)s)")
     return g
+
+
+# ---------------------------------------------------------------------------------------------
+# What both stages do, in the order they do it: start, load, prepare, resume, step, save
+
+
+def start_run(args, stage, vision, text_only_rows):
+    """The Accelerator of the run, the output folder checked and locked, the seeds set.
+
+    DDP must be told about parameters that get no gradient in a step: a VLM's trainable vision
+    tower on a micro-batch without images.
+    """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    unused = vision and text_only_rows and not (args.freeze_vision or args.lora_rank)
+    accelerator = build_accelerator(args, args.out, find_unused_parameters=unused)
+    claim_output(accelerator, args.out, stage, inputs={"--data": args.data}, model_dirs={"--model": args.model})
+    seed_everything(args.seed)
+    return accelerator
+
+
+def loop_config(args, accelerator):
+    """The loop settings of a run's resume config (training_args and LoRA), common to both stages."""
+    return {
+        "micro_batch": args.batch_size * accelerator.num_processes,  # global, so the GPU count may change
+        "grad_accum": args.grad_accum, "lr": args.lr, "epochs": args.epochs, "max_steps": args.max_steps,
+        "warmup": args.warmup, "schedule": args.schedule, "weight_decay": args.weight_decay,
+        "max_grad_norm": args.max_grad_norm, "freeze_vision": args.freeze_vision, "seed": args.seed,
+        **lora_config(args),
+    }
+
+
+def load_trainable_model(args, accelerator, dropout=True):
+    """--model in the dtype the run trains in, in train mode, with LoRA adapters if asked:
+    (model, the PeftModel for the final save or None).
+
+    Dropout is switched off before the adapters are added, so --lora-dropout still holds.
+    """
+    from modeling import load_model
+
+    model = prepare_model_for_training(load_model(args.model, dtype=weights_dtype(args, accelerator.device)), args)
+    if not dropout:
+        disable_dropout(model)
+    lora = add_lora(model, args, accelerator)
+    model.train()
+    return model, lora
+
+
+def disable_dropout(model):
+    """Rewards compare the policy with the reference on the same weights at step 0: dropout noise
+    would make them differ, so it is switched off (as TRL's DPO does by default)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+def prepare_training(accelerator, module, args, total):
+    """The optimizer and schedule of module's trainable weights, all three prepared by accelerate."""
+    optimizer = build_optimizer(module, args.lr, args.weight_decay)
+    scheduler = build_scheduler(optimizer, args, total)
+    return accelerator.prepare(module, optimizer, scheduler)
+
+
+def resume_run(accelerator, out_dir, config, args, project):
+    """The step to start from (the last checkpoint's, or 0) and the metrics writer."""
+    state = resume_from_checkpoint(accelerator, out_dir, config) or {}
+    start = state.get("step", 0)
+    metrics = Metrics(accelerator, out_dir, resumed_step=start)
+    if args.report_to:
+        accelerator.init_trackers(project, config={k: v for k, v in config.items() if v is not None})
+    return start, metrics
+
+
+def describe_steps(accelerator, args, total, start, unit=""):
+    micro_global = args.batch_size * accelerator.num_processes
+    return (f"{total} steps of {micro_global * args.grad_accum}{unit} "
+            f"({args.batch_size} x {accelerator.num_processes} processes x {args.grad_accum} accumulation), "
+            f"mixed precision {accelerator.mixed_precision}" + (f", resuming from step {start}" if start else ""))
+
+
+def optimizer_step(accelerator, module, optimizer, scheduler, args, step):
+    """Clip, update, advance the schedule: (the lr used, the gradient norm before clipping).
+
+    A non-finite gradient with a finite loss stops the run before the update. Under fp16 the
+    gradient scaler owns that case: it skips the update and lowers its scale.
+    """
+    grad_norm = clip_gradients(accelerator, module, args.max_grad_norm)
+    if grad_norm is not None and not torch.isfinite(grad_norm) and accelerator.scaler is None:
+        raise NonFiniteLoss(f"gradient norm is {grad_norm.item()} at step {step}; stopping before the update, "
+                            f"nothing is saved after it: check the data, or lower --lr in a new output folder.")
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return lr, grad_norm
+
+
+def save_final(accelerator, module, processor, out_dir, total, start, config, args, lora):
+    """The last checkpoint (unless a resumed run had nothing left to train) and the model folder."""
+    if start < total or not checkpoint_dirs(out_dir):
+        save_checkpoint(accelerator, out_dir, total, {"config": config}, keep=args.keep_checkpoints)
+    save_hf_folder(accelerator, module, processor, out_dir, lora=lora)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ Variants (--variants), each in its own process so that peaks and allocator cache
   to fp32, log_softmax, gather, sum (_get_batch_logps); the reference forwarded every step under
   no_grad; gradient checkpointing on. Written here, in this file.
 - apo, apo-ckpt: apo.py's own step, imported from apo.py: apo.make_batch with --share-prompt (the
-  prompt encoded once for all 1 + K responses), apo.SharedPromptLogps (log-probs from hidden
+  prompt encoded once for all 1 + K responses), shared_prompt.SharedPromptLogps (log-probs from hidden
   states in chunks, never the [rows, tokens, vocab] logits), reference log-probs computed once
   beforehand by a no-grad pass as apo.py caches them, apo.apo_step_loss. -ckpt: with gradient
   checkpointing (apo.py --gradient-checkpointing), for when memory needs it.
@@ -61,6 +61,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import apo  # noqa: E402
+import shared_prompt  # noqa: E402
 import training  # noqa: E402
 from apo_loss import apo_loss  # noqa: E402
 from modeling import IGNORE_INDEX, Encoded, ResponseLogps, collate  # noqa: E402
@@ -210,7 +211,7 @@ def usual_step_loss(policy, reference, items, k, beta, device):
 
 
 def apo_module(model, share_prompt, chunk_size):
-    return apo.SharedPromptLogps(model, chunk_size) if share_prompt else ResponseLogps(model, chunk_size)
+    return shared_prompt.SharedPromptLogps(model, chunk_size) if share_prompt else ResponseLogps(model, chunk_size)
 
 
 @torch.no_grad()
@@ -218,7 +219,7 @@ def apo_reference(module, items, share_prompt, device):
     """The cached reference of each instance, computed as apo.compute_reference does: (chosen [1], rejected [1, K])."""
     cache = []
     for item in items:
-        chosen, rejected, mask, _ = apo.response_logps(module, apo.make_batch([item], PAD_ID, share_prompt), device)
+        chosen, rejected, mask, _ = apo.concatenated_forward(module, apo.make_batch([item], PAD_ID, share_prompt), device)
         cache.append((chosen.float().cpu(), torch.where(mask, rejected.float(), torch.zeros_like(rejected.float())).cpu()))
     return cache
 
@@ -350,7 +351,7 @@ def measure_model(args, variant, sizes, timed, device, dtype, baseline_rss):
     else:  # as apo.py prepares its model
         policy = training.prepare_model_for_training(
             policy, SimpleNamespace(freeze_vision=False, gradient_checkpointing=spec["checkpointing"]))
-        apo.disable_dropout(policy)
+        training.disable_dropout(policy)
         policy.train()
         module = apo_module(policy, spec["share_prompt"], args.chunk_size)
     warmup, steps = (args.warmup, args.steps) if timed else (0, 1)

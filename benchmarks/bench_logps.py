@@ -19,7 +19,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from apo_loss import sequence_logps, sequence_logps_reference  # noqa: E402
+from apo_loss import sequence_logps, sequence_logps_plain  # noqa: E402
 
 
 def proc_status_bytes(field):
@@ -51,7 +51,7 @@ def child(args):
     if args.variant == "chunked":
         fn = lambda: sequence_logps(hidden, weight, labels, chunk_size=args.chunk_size)  # noqa: E731
     else:
-        fn = lambda: sequence_logps_reference(hidden, weight, labels)  # noqa: E731
+        fn = lambda: sequence_logps_plain(hidden, weight, labels)  # noqa: E731
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
