@@ -90,8 +90,8 @@ def build_parser():
                       help="simulator: 14-finding presence (MIMIC-CXR) or change over time (MS-CXR-T)")
     data.add_argument("--sim-profiles", metavar="FILE",
                       help="JSON file of extra simulator profiles, usable as sim:NAME (and part of sim:all)")
-    data.add_argument("--sim-delay", type=float, default=0.0, metavar="SECONDS",
-                      help="sleep this long per simulated answer, to rehearse API latency and resume")
+    # Tests only (a run slow enough to interrupt mid-way): hidden from --help.
+    data.add_argument("--sim-delay", type=float, default=0.0, help=argparse.SUPPRESS)
 
     gen = p.add_argument_group("generation (hf: always; API sources only get the ones given explicitly, "
                                "since reasoning models reject temperature and token limits)")

@@ -487,10 +487,6 @@ _PROSE.update({"Pleural Other": "another pleural abnormality", "Support Devices"
                "Pneumothorax": "a pneumothorax"})
 
 
-def _lower_first(s: str) -> str:
-    return s[0].lower() + s[1:] if s else s
-
-
 def _cap(s: str) -> str:
     return s[0].upper() + s[1:] if s else s
 

@@ -295,6 +295,40 @@ def test_split_rows_masks_missing_negatives():
     assert rejected[mask].tolist() == [11.0, 21.0, 22.0, 23.0, 31.0]
 
 
+def test_readme_method_in_20_lines_is_what_apo_py_computes(tiny_text_model, data, straight):
+    """The README's plain APO step (full logits, reference recomputed) gives apo.py's loss and gradients."""
+    from transformers import AutoModelForCausalLM
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- method-in-20-lines")[1].split("```python\n")[1].split("```")[0]
+    plain = {}
+    exec(compile(block, "README.md (the method in 20 lines)", "exec"), plain)
+
+    processor = modeling.load_processor(tiny_text_model)
+    examples = [ex for ex in apo.build_examples(load_preferences(data)[:4], None, data) if len(ex.negatives) == 2]
+    assert len(examples) == 2  # the README's view(-1, 1 + k) wants one K for the batch
+    batch = apo.make_batch([modeling.encode(processor, ex.record, apo.responses_of(ex), 256) for ex in examples],
+                           modeling.tokenizer_of(processor).pad_token_id, share_prompt=False)
+    policy = AutoModelForCausalLM.from_pretrained(straight[0])  # trained: rewards are not all 0
+    reference = AutoModelForCausalLM.from_pretrained(tiny_text_model)
+
+    with torch.no_grad():
+        reference_logps = plain["summed_logps"](reference, **batch["inputs"])
+    readme_loss = plain["apo_step"](policy, batch["inputs"], reference_logps, k=2)
+    readme_loss.backward()
+    readme_grads = {n: p.grad.clone() for n, p in policy.named_parameters()}
+    policy.zero_grad()
+
+    with torch.no_grad():
+        ref_chosen, ref_rejected, _, _ = apo.concatenated_forward(modeling.ResponseLogps(reference), batch, "cpu")
+    losses, _ = apo.apo_step_loss(modeling.ResponseLogps(policy, chunk_size=5), batch, (ref_chosen, ref_rejected),
+                                  "cpu", beta=0.1, nll_weight=0.0)
+    losses.mean().backward()
+    assert abs(readme_loss.item() - losses.mean().item()) < 1e-5 and readme_loss.item() != pytest.approx(math.log(3))
+    for name, param in policy.named_parameters():
+        torch.testing.assert_close(param.grad, readme_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_shared_prompt_equals_separate_forwards(tiny_text_model, tmp_path, attention):
     """Log-probs AND gradients of the packed shared-prompt forward equal one row per response."""
