@@ -77,6 +77,22 @@ def kill_after_backward(n):
     Accelerator.backward = counted
 
 
+def sigkill_at_line(cmd, prefix, cwd, env):
+    """Start cmd and SIGKILL it as soon as its stdout prints a line starting with prefix (such as
+    "checkpoint: step 3"); returns the finished process."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if line.startswith(prefix):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    proc.stdout.close()
+    return proc
+
+
 if __name__ == "__main__":
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         switch_multi_cpu_to_fsdp()

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 import bootstrap
 import training
 import tiny_models
+from launch_for_tests import sigkill_at_line
 from modeling import IGNORE_INDEX, ResponseLogps, load_model, load_processor, tokenizer_of
 from records import load_instances
 
@@ -210,12 +211,7 @@ def test_sigkill_then_rerun_gives_the_weights_of_a_straight_run(tmp_path, capsys
     data, reference, _ = straight
     out = tmp_path / "interrupted"
     cmd = [sys.executable, "bootstrap.py", *train_args(tiny_text_model, data, out, *RESUME_ARGS)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for line in proc.stdout:
-        if line.startswith("checkpoint: step 3"):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait()
+    proc = sigkill_at_line(cmd, "checkpoint: step 3", cwd=REPO, env=env())
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "model.safetensors").exists()
     # A checkpoint write killed half-way leaves only its temporary folder, which is never resumed from.

@@ -5,7 +5,6 @@ messages for a missing peft or a wrong --lora-targets."""
 
 import math
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from safetensors.torch import load_file
 
 import bootstrap
 import tiny_models
+from launch_for_tests import sigkill_at_line
 from modeling import is_vision_model
 from test_apo_stage import PREFERENCES, metrics, run_apo, write_jsonl
 from test_bootstrap import REPO, env, free_port, train_args, write_data
@@ -102,12 +102,7 @@ def test_bootstrap_lora_resumes_exactly_after_sigkill(tmp_path, straight, tiny_t
     data, reference = straight
     out = tmp_path / "killed"
     cmd = [sys.executable, "bootstrap.py", *train_args(tiny_text_model, data, out, *BOOTSTRAP)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for line in proc.stdout:
-        if line.startswith("checkpoint: step 2"):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait()
+    proc = sigkill_at_line(cmd, "checkpoint: step 2", cwd=REPO, env=env())
     assert proc.returncode == -signal.SIGKILL and not (out / "adapter").exists()
 
     # Other LoRA settings in the same folder would mix two runs: refused.
