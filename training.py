@@ -2,7 +2,8 @@
 metrics, and the final Hugging Face folder.
 
 The loop itself stays in each script (it is the method); this module holds the plumbing, written
-once. Multi-GPU and multi-node come from `accelerate launch` (DDP, FSDP, DeepSpeed configs); nothing
+once. Both stages call it in the same order: start_run, load_trainable_model, prepare_training,
+resume_run, then per step optimizer_step and end_of_step, then save_final. Multi-GPU and multi-node come from `accelerate launch` (DDP, FSDP, DeepSpeed configs); nothing
 here is home-made distribution.
 """
 
