@@ -24,13 +24,13 @@ def tiny_vl_model(tmp_path_factory):
 
 @pytest.fixture
 def chat_server():
-    """make(behave, models=()) -> a loopback_servers.ChatServer, closed after the test."""
+    """make(behave, models=(), tls=None) -> a loopback_servers.ChatServer, closed after the test."""
     from loopback_servers import ChatServer
 
     servers = []
 
-    def make(behave, models=()):
-        servers.append(ChatServer(behave, models))
+    def make(behave, models=(), tls=None):
+        servers.append(ChatServer(behave, models, tls))
         return servers[-1]
 
     yield make

@@ -1,7 +1,8 @@
 """Real servers on 127.0.0.1 for the tests of every stage that asks one (collect.py's `openai:`
 sources, the --server of consensus.py and evaluate.py): a real `transformers serve` process, and a
 small stdlib HTTP server that speaks just enough of the OpenAI API to misbehave on purpose (429,
-5xx, stalls, echoed keys)."""
+5xx, stalls, echoed keys, bodies that are not JSON, responses trickled a byte at a time, over HTTP or
+HTTPS)."""
 
 import json
 import os
@@ -41,16 +42,31 @@ def prompt_of(body):
     return content if isinstance(content, str) else next(p["text"] for p in content if p["type"] == "text")
 
 
+def loopback_certificate(folder):
+    """A self-signed certificate for 127.0.0.1 (cert file, key file), made by the openssl tool: the
+    `tls` of a ChatServer, and the SSL_CERT_FILE of the client that trusts it."""
+    cert, key = Path(folder) / "cert.pem", Path(folder) / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    return cert, key
+
+
 class ChatServer:
     """A real HTTP server on 127.0.0.1 that speaks just enough of /v1/chat/completions.
 
     behave(prompt, n, body) -> (status, payload, headers, delay) decides each answer; n counts the
-    requests seen for that prompt so far (1 for the first). GET /v1/models lists `models`, each
-    {"id", "root"?, "max_model_len"?} as vLLM lists them.
+    requests seen for that prompt so far (1 for the first). A payload of bytes is sent as it is
+    (an HTML page, broken JSON), with the Content-Type of `headers` if it names one. GET /v1/models
+    lists `models`, each {"id", "root"?, "max_model_len"?} as vLLM lists them. With `trickle` set
+    (an attribute, changed at will), the whole response, status line and headers included, goes out
+    one byte every `trickle` seconds. With `tls` (cert file, key file; see loopback_certificate) it
+    speaks HTTPS.
     """
 
-    def __init__(self, behave, models=()):
+    def __init__(self, behave, models=(), tls=None):
         self.behave, self.models, self.requests, self.lock = behave, list(models), [], threading.Lock()
+        self.trickle = None
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -76,13 +92,18 @@ class ChatServer:
                 self.reply(status, payload, headers)
 
             def reply(self, status, payload, headers):
-                data = json.dumps(payload).encode()
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                headers = {"Content-Type": "application/json", **headers, "Content-Length": str(len(data))}
                 try:
+                    if server.trickle:
+                        head = f"HTTP/1.1 {status} X\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+                        for byte in (head + "\r\n").encode() + data:
+                            self.wfile.write(bytes([byte]))
+                            time.sleep(server.trickle)
+                        return
                     self.send_response(status)
                     for k, v in headers.items():
                         self.send_header(k, v)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
                     self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):
@@ -90,7 +111,14 @@ class ChatServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        if tls:
+            import ssl
+
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+        scheme = "https" if tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}/v1"
         threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def count(self, prompt):

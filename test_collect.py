@@ -1,19 +1,14 @@
 """collect.py and sources.py: real tiny models, a real `transformers serve` on loopback, small
-stdlib HTTP servers that misbehave on purpose (429, 5xx, stalls, echoed keys), SIGKILL and resume,
-bad input, and the importers."""
+stdlib HTTP servers that misbehave on purpose (429, 5xx, stalls, echoed keys; loopback_servers.py),
+SIGKILL and resume, bad input, and the importers."""
 
 import argparse
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -22,6 +17,7 @@ import records
 import simulator
 import sources
 import tiny_models
+from loopback_servers import completion, free_port, loopback_certificate, server_env
 from records import RecordError
 
 REPO = Path(__file__).resolve().parent
@@ -32,16 +28,8 @@ SECRET = "sk-test-9f8e7d6c5b4a-SECRET"
 # helpers
 
 
-def env_for(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
-    # One thread: these models are tiny, and on shared cores two threads only wait on each other.
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    env.update(extra)
-    return env
-
-
 def run_collect(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "collect.py", *map(str, args)], cwd=REPO, env=env or env_for(),
+    return subprocess.run([sys.executable, "collect.py", *map(str, args)], cwd=REPO, env=env or server_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -58,7 +46,7 @@ def collect_in_process(capsys, *args):
 
 
 def start_collect(*args, env=None):
-    return subprocess.Popen([sys.executable, "collect.py", *map(str, args)], cwd=REPO, env=env or env_for(),
+    return subprocess.Popen([sys.executable, "collect.py", *map(str, args)], cwd=REPO, env=env or server_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -92,103 +80,9 @@ def wait_for(predicate, what, limit=240.0):
         time.sleep(0.02)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def text_rows(n, prefix="q", split="train"):
     return [{"id": f"{prefix}{i}", "split": split, "prompt": f"Question {i}: the costophrenic angle is blunted" + "!" * i}
             for i in range(n)]
-
-
-def completion(text):
-    return {"id": "c", "object": "chat.completion", "created": 0, "model": "m",
-            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
-
-
-def prompt_of(body):
-    content = body["messages"][-1]["content"]
-    return content if isinstance(content, str) else next(p["text"] for p in content if p["type"] == "text")
-
-
-class ChatServer:
-    """A real HTTP server on 127.0.0.1 that speaks just enough of /v1/chat/completions.
-
-    behave(prompt, n, body) -> (status, payload, headers, delay) decides each answer; n counts the
-    requests seen for that prompt so far (1 for the first). A payload of bytes is sent as it is
-    (an HTML page, broken JSON), with the Content-Type of `headers` if it names one. With
-    `trickle` set, the whole response, status line and headers included, goes out one byte every
-    `trickle` seconds. With `tls` (cert file, key file) it speaks HTTPS.
-    """
-
-    def __init__(self, behave, tls=None):
-        self.behave, self.requests, self.lock, self.trickle = behave, [], threading.Lock(), None
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                prompt = prompt_of(body)
-                with server.lock:
-                    server.requests.append({"prompt": prompt, "auth": self.headers.get("Authorization"), "body": body})
-                    n = sum(r["prompt"] == prompt for r in server.requests)
-                status, payload, headers, delay = server.behave(prompt, n, body)
-                if delay:
-                    time.sleep(delay)
-                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-                headers = {"Content-Type": "application/json", **headers, "Content-Length": str(len(data))}
-                try:
-                    if server.trickle:
-                        head = f"HTTP/1.1 {status} X\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-                        for byte in (head + "\r\n").encode() + data:
-                            self.wfile.write(bytes([byte]))
-                            time.sleep(server.trickle)
-                        return
-                    self.send_response(status)
-                    for k, v in headers.items():
-                        self.send_header(k, v)
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        if tls:
-            import ssl
-
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(*tls)
-            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
-        scheme = "https" if tls else "http"
-        self.url = f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def count(self, prompt):
-        return sum(r["prompt"] == prompt for r in self.requests)
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def chat_server():
-    servers = []
-
-    def make(behave, tls=None):
-        servers.append(ChatServer(behave, tls))
-        return servers[-1]
-
-    yield make
-    for s in servers:
-        s.close()
 
 
 def assert_no_secret(out, result):
@@ -333,7 +227,7 @@ def expected_hf(model_dir, name, instances, data_file, seed, batch_size, max_new
 
     processor, model = modeling.load_processor(model_dir), modeling.load_model(model_dir)
     out, threads = {}, torch.get_num_threads()
-    torch.set_num_threads(1)  # as the subprocesses run (env_for)
+    torch.set_num_threads(1)  # as the subprocesses run (server_env)
     try:
         for batch in sources.fixed_batches(instances, batch_size):
             torch.manual_seed(sources.seed_for(seed, name, batch[0]["id"]))
@@ -402,44 +296,6 @@ def test_hf_text_model_refuses_image_instances(tmp_path, tiny_text_model):
 # openai: a real `transformers serve` on loopback
 
 
-class Serve:
-    """`transformers serve` on 127.0.0.1 serving local folders (a request's model is the folder)."""
-
-    def __init__(self, port, log):
-        self.port, self.log, self.proc = port, log, None
-        self.url = f"http://127.0.0.1:{port}/v1"
-
-    def start(self):
-        cli = Path(sys.executable).with_name("transformers")
-        command = [str(cli)] if cli.exists() else [sys.executable, "-c", "from transformers.cli.transformers "
-                                                                          "import main; main()"]
-        with open(self.log, "a") as log:
-            self.proc = subprocess.Popen(command + ["serve", "--host", "127.0.0.1", "--port", str(self.port),
-                                                    "--device", "cpu"], env=env_for(), stdout=log, stderr=log)
-        start = time.monotonic()
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"transformers serve exited: {Path(self.log).read_text()[-2000:]}")
-            if time.monotonic() - start > 240:
-                raise RuntimeError("transformers serve did not answer /health within 240 s")
-            time.sleep(0.25)
-
-    def kill(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-
-    def ensure_running(self):
-        if self.proc is None or self.proc.poll() is not None:
-            self.start()
-
-
 def sampling_copy(src, dst):
     """The tiny models repeat a newline when greedy, and the server decodes greedily unless the
     model's generation config samples: a copy that samples (and never stops at once, which would
@@ -453,28 +309,22 @@ def sampling_copy(src, dst):
 
 
 @pytest.fixture(scope="module")
-def serve(tmp_path_factory, tiny_text_model, tiny_vl_model):
-    root = tmp_path_factory.mktemp("serve")
-    server = Serve(free_port(), root / "serve.log")
-    server.text_model = sampling_copy(tiny_text_model, root / "text")
-    server.vl_model = sampling_copy(tiny_vl_model, root / "vl")
-    try:
-        server.start()
-        yield server
-    finally:
-        server.kill()
+def sampling(tmp_path_factory, tiny_text_model, tiny_vl_model):
+    """Sampling copies of the tiny models (sampling_copy), for the shared `transformers_serve`."""
+    root = tmp_path_factory.mktemp("sampling")
+    return {"text": sampling_copy(tiny_text_model, root / "text"), "vl": sampling_copy(tiny_vl_model, root / "vl")}
 
 
-def test_openai_source_against_transformers_serve(tmp_path, serve):
-    serve.ensure_running()
+def test_openai_source_against_transformers_serve(tmp_path, transformers_serve, sampling):
+    transformers_serve.ensure_running()
     (tmp_path / "img").mkdir()
     tiny_models.write_test_image(tmp_path / "img" / "x.png", seed=4)
     text_data = write_jsonl(tmp_path / "text.jsonl", text_rows(6))
     image_data = write_jsonl(tmp_path / "images.jsonl", [{**r, "images": ["img/x.png"], "system": "Be brief."}
                                                          for r in text_rows(3, prefix="im")])
-    env = env_for(OPENAI_API_KEY=SECRET)
-    for data, spec in ((text_data, f"tx=openai:{serve.text_model}@{serve.url}"),
-                       (image_data, f"vl=openai:{serve.vl_model}@{serve.url}")):
+    env = server_env(OPENAI_API_KEY=SECRET)
+    for data, spec in ((text_data, f"tx=openai:{sampling['text']}@{transformers_serve.url}"),
+                       (image_data, f"vl=openai:{sampling['vl']}@{transformers_serve.url}")):
         out = tmp_path / (data.stem + "-out.jsonl")
         result = run_collect("--data", data, "--sources", spec, "--max-new-tokens", 8, "--concurrency", 2,
                              "--out", out, env=env)
@@ -487,19 +337,20 @@ def test_openai_source_against_transformers_serve(tmp_path, serve):
         assert_no_secret(out, result)
 
 
-def test_transformers_serve_killed_and_restarted_mid_collection(tmp_path, serve):
-    serve.ensure_running()
+def test_transformers_serve_killed_and_restarted_mid_collection(tmp_path, transformers_serve, sampling):
+    transformers_serve.ensure_running()
     data = write_jsonl(tmp_path / "data.jsonl", text_rows(30))
     out = tmp_path / "t.jsonl"
-    args = ["--data", data, "--sources", f"tx=openai:{serve.text_model}@{serve.url}", "--max-new-tokens", 8,
-            "--concurrency", 1, "--max-retries", 12, "--backoff", 0.5, "--timeout", 60, "--out", out]
+    args = ["--data", data, "--sources", f"tx=openai:{sampling['text']}@{transformers_serve.url}",
+            "--max-new-tokens", 8, "--concurrency", 1, "--max-retries", 12, "--backoff", 0.5, "--timeout", 60,
+            "--out", out]
     proc = start_collect(*args)
     try:
         wait_for(lambda: len(answered_lines(out)) >= 3, "3 answers before the kill")
-        serve.kill()
+        transformers_serve.kill()
         before = answered_lines(out)
         assert len(before) < 30
-        serve.start()  # collect keeps retrying with backoff meanwhile
+        transformers_serve.start()  # collect keeps retrying with backoff meanwhile
         stdout, stderr = proc.communicate(timeout=420)
     finally:
         proc.kill()
@@ -512,7 +363,7 @@ def test_transformers_serve_killed_and_restarted_mid_collection(tmp_path, serve)
     texts = {r["id"]: r["trajectories"][0]["text"] for r in rows}
     assert all(texts[l["id"]] == l["text"] for l in before)
     # the finished command again asks nothing: it succeeds with the server down
-    serve.kill()
+    transformers_serve.kill()
     again = run_collect(*args)
     assert again.returncode == 0 and "0 answered this run, 30 resumed from the journal" in again.stdout
     assert read_jsonl(out) == rows
@@ -532,7 +383,7 @@ def test_429_is_retried_and_the_key_is_sent_but_never_written(tmp_path, chat_ser
     rows = text_rows(5)
     data, out = write_jsonl(tmp_path / "data.jsonl", rows), tmp_path / "t.jsonl"
     result = run_collect("--data", data, "--sources", f"api=openai:model-x@{server.url}", "--max-retries", 2,
-                         "--backoff", 0.01, "--temperature", 0.3, "--out", out, env=env_for(OPENAI_API_KEY=SECRET))
+                         "--backoff", 0.01, "--temperature", 0.3, "--out", out, env=server_env(OPENAI_API_KEY=SECRET))
     assert result.returncode == 0, result.stderr
     assert [server.count(r["prompt"]) for r in rows] == [2] * 5
     assert {r["auth"] for r in server.requests} == {f"Bearer {SECRET}"}
@@ -616,7 +467,7 @@ def test_5xx_retried_4xx_not_and_echoed_keys_redacted(tmp_path, chat_server):
     data, out = write_jsonl(tmp_path / "data.jsonl", rows), tmp_path / "t.jsonl"
     dead = f"http://127.0.0.1:{free_port()}/v1"
     result = run_collect("--data", data, "--sources", f"api=openai:m@{server.url}", f"dead=openai:m@{dead}",
-                         "--max-retries", 2, "--backoff", 0.01, "--out", out, env=env_for(OPENAI_API_KEY=SECRET))
+                         "--max-retries", 2, "--backoff", 0.01, "--out", out, env=server_env(OPENAI_API_KEY=SECRET))
     assert result.returncode == 3
     assert [server.count(r["prompt"]) for r in rows] == [3, 1, 1, 1, 1]
     errors = {(l["id"], l["source"]): l.get("error") for l in read_jsonl(journal_of(out))}
@@ -668,15 +519,6 @@ def test_malformed_200_bodies_fail_their_pair_and_later_sources_are_still_asked(
     assert "  broken: 1 failed: malformed response: " in stdout
 
 
-def loopback_certificate(folder):
-    """A self-signed certificate for 127.0.0.1 (cert file, key file), made by the openssl tool."""
-    cert, key = Path(folder) / "cert.pem", Path(folder) / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                    "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
-    return cert, key
-
-
 @pytest.mark.parametrize("scheme", ["http", "https"])
 def test_a_trickling_server_is_cut_at_the_total_deadline(tmp_path, chat_server, capsys, monkeypatch, scheme):
     tls = None
@@ -685,7 +527,8 @@ def test_a_trickling_server_is_cut_at_the_total_deadline(tmp_path, chat_server, 
             pytest.skip("needs the openssl tool to make a certificate")
         tls = loopback_certificate(tmp_path)
         monkeypatch.setenv("SSL_CERT_FILE", str(tls[0]))
-    server = chat_server(lambda prompt, n, body: (200, completion(f"slow answer to {key_of(prompt)}"), {}, 0), tls)
+    server = chat_server(lambda prompt, n, body: (200, completion(f"slow answer to {key_of(prompt)}"), {}, 0),
+                         tls=tls)
     server.trickle = 0.5  # one byte every 0.5 s: no single read ever waits as long as --timeout
     rows = text_rows(2)
     data, out = write_jsonl(tmp_path / "data.jsonl", rows), tmp_path / "t.jsonl"
@@ -1066,7 +909,7 @@ def test_a_full_disk_while_journalling_is_named_cut_clean_and_the_rerun_resumes(
         mount -o remount,size=4m {shlex.quote(str(small_disk.disk))}
         {command} > {host}/second.out 2> {host}/second.err
         cp {shlex.quote(str(out))} {host}/resumed.jsonl
-        """, env=env_for())
+        """, env=server_env())
     assert result.returncode == 0, result.stderr + (tmp_path / "second.err").read_text()
     err = (tmp_path / "first.err").read_text()
     assert (tmp_path / "first.rc").read_text().strip() == "2" and "Traceback" not in err, err
