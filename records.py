@@ -345,26 +345,20 @@ def repair_torn_tail(path):
 
 def write_json_atomic(path, obj):
     """Write, fsync, then rename: a reader sees the old file or the new one, never a half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with disk_full_reported(path, leftovers=[tmp]):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+    _write_atomic(path, [json.dumps(obj, indent=2, ensure_ascii=False) + "\n"])
 
 
 def write_jsonl_atomic(path, rows):
+    _write_atomic(path, (json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def _write_atomic(path, chunks):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with disk_full_reported(path, leftovers=[tmp]):
         with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.writelines(chunks)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
