@@ -26,8 +26,8 @@ What happens, top to bottom:
 3. Training: each instance's 1 + K responses go through one forward together (rows = chosen +
    negatives, variable K masked), summed response log-probs come from hidden states in chunks
    (never the [rows, tokens, vocab] logits), then the loss.
-4. Checkpoints (exact resume: rerun the same command), metrics.jsonl, and the final Hugging Face
-   folder in OUT.
+4. Checkpoints (exact resume: rerun the same command), metrics.jsonl, the final Hugging Face
+   folder in OUT, and training_summary.json last: a finished run, rerun, does nothing.
 
 Where this departs from the paper (all off by default but the last; README lists them too):
 --max-negatives keeps the most drifted negatives first; --nll-weight adds the chosen response's
@@ -263,7 +263,11 @@ def train(args):
 
     accelerator = training.start_run(args, "apo.py", vision, text_only_rows=any(not r.get("images") for r in records))
     config = run_config(args, accelerator, file_hash(data_path))
-    training.checkpoint_state(out, config)  # a folder of another run is refused now, not after the reference pass
+    done = training.finished_run(out, config)  # another run's folder is refused now, not after the reference pass
+    if done is not None and not args.reference_only:
+        accelerator.print(f"apo: nothing to do, {out} already holds the finished model "
+                          f"({done['steps']} steps, final loss {done['final_loss']})")
+        return
 
     processor = load_processor(args.model)
     examples, skipped, truncated = measure_examples(processor, examples, args, data_path, accelerator)
@@ -329,6 +333,9 @@ def train(args):
     progress.close()
 
     training.save_final(accelerator, module, processor, out, total, start, config, args, lora)
+    training.write_summary(accelerator, out, {
+        "config": config, "steps": total, "preferences": len(examples), "prompt_too_long": len(skipped),
+        "truncated": truncated, "reference_logps": reference_state})
     accelerator.end_training()
     result = (f"last step loss {last['loss']:.4f}, reward accuracy {last['rewards/accuracies']:.2f}, "
               f"margin {last['rewards/margins']:.4f}" if last else "nothing left to train")

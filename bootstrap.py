@@ -28,7 +28,6 @@ stage (the same shape as apo.py's, with the shared steps in training.py).
 """
 
 import argparse
-import json
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -40,10 +39,7 @@ from tqdm.auto import tqdm
 import training
 from answers import parse_answer
 from modeling import PromptTooLong, ResponseLogps, collate, encode, is_vision_model, load_processor, model_fingerprint, tokenizer_of
-from records import RecordError, file_hash, load_instances, write_json_atomic
-
-SUMMARY = "training_summary.json"
-
+from records import RecordError, file_hash, load_instances
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -183,12 +179,11 @@ def train(args):
     accelerator = training.start_run(args, "bootstrap.py", vision,
                                      text_only_rows=any(not ex.record.get("images") for ex in examples))
     config = run_config(args, accelerator)
-    done = finished_run(out, config)
+    done = training.finished_run(out, config)  # another run's folder is refused now, not after loading
     if done is not None:
         accelerator.print(f"bootstrap: nothing to do, {out} already holds the finished model "
                           f"({done['steps']} steps, final loss {done['final_loss']})")
         return
-    training.checkpoint_state(out, config)  # another run's checkpoints: refuse now, not after loading
 
     try:
         processor = load_processor(args.model)
@@ -250,15 +245,9 @@ def train(args):
     progress.close()
 
     training.save_final(accelerator, module, processor, out, total, start, config, args, lora)
-    losses = read_losses(out / "metrics.jsonl") if accelerator.is_main_process else []
-    summary = {
-        "config": config, "steps": total, "examples": len(examples),
-        "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
-        **counts, "truncated": truncated, "prompt_too_long": too_long,
-    }
-    if accelerator.is_main_process:
-        write_json_atomic(out / SUMMARY, summary)  # written last: its presence means "finished"
-    accelerator.wait_for_everyone()
+    summary = training.write_summary(accelerator, out, {
+        "config": config, "steps": total, "examples": len(examples), **counts, "truncated": truncated,
+        "prompt_too_long": too_long})
     accelerator.end_training()
     unanswered = f"{counts['unanswered']} unanswered {'dropped' if args.drop_unanswered else 'kept'}"
     accelerator.print(
@@ -278,19 +267,6 @@ def run_config(args, accelerator):
     }
 
 
-def finished_run(out_dir, config):
-    """The summary of a finished run in out_dir with these settings; None if there is none."""
-    path = Path(out_dir) / SUMMARY
-    if not path.is_file():
-        return None
-    summary = json.loads(path.read_text())
-    diff = training.config_mismatch(summary.get("config") or {}, config)
-    if diff:
-        raise training.ResumeMismatch(f"{out_dir} holds a finished run with other settings ({diff}); "
-                                      f"use another --out")
-    return summary
-
-
 def check_finite(loss, step, out, instance_ids):
     """training.check_finite, naming the step's instances so the data can be looked at."""
     try:
@@ -299,12 +275,6 @@ def check_finite(loss, step, out, instance_ids):
         ids = sorted(instance_ids)
         raise training.NonFiniteLoss(f"{e} Instances in this step: {', '.join(ids[:10])}"
                                      + (" …" if len(ids) > 10 else "")) from None
-
-
-def read_losses(path):
-    if not path.is_file():
-        return []
-    return [json.loads(line)["loss"] for line in path.read_text().splitlines() if line.strip()]
 
 
 def main(argv=None):

@@ -178,6 +178,13 @@ def test_sigkill_then_rerun_resumes_to_the_same_weights(tiny_text_model, data, s
     for a, b in zip(straight_rows, resumed_rows):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
 
+    # A rerun of the finished run does nothing: the model folder (and so its fingerprint) stays as it was.
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    rerun = run_apo(*common)
+    assert "apo: nothing to do" in rerun.stdout and "reference log-probs" not in rerun.stdout
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+    assert json.loads((out / "training_summary.json").read_text())["steps"] == 6
+
     # Other data in the same folder is refused at once, before a reference pass could overwrite the cache.
     other = write_jsonl(tmp_path / "other.jsonl", PREFERENCES[:3])
     refused = run_apo("--model", tiny_text_model, "--data", other, "--out", out, "--batch-size", 2, *TRAIN,

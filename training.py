@@ -172,6 +172,46 @@ def optimizer_step(accelerator, module, optimizer, scheduler, args, step):
     return lr, grad_norm
 
 
+SUMMARY = "training_summary.json"
+
+
+def finished_run(out_dir, config):
+    """The summary of a finished run in out_dir with these settings; None if there is none.
+
+    Called before any long work: a folder holding another run's checkpoints or finished model is
+    refused (ResumeMismatch) rather than mixed into. A rerun of a finished run does nothing: saving
+    the model again would change its folder's fingerprint, and evaluate.py would then refuse the
+    predictions already made with it.
+    """
+    checkpoint_state(out_dir, config)
+    path = Path(out_dir) / SUMMARY
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    diff = config_mismatch(summary.get("config") or {}, config)
+    if diff:
+        raise ResumeMismatch(f"{out_dir} holds a finished run with other settings ({diff}); use another --out")
+    return summary
+
+
+def read_losses(out_dir):
+    path = Path(out_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line)["loss"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_summary(accelerator, out_dir, summary):
+    """training_summary.json, written last: its presence means "finished". first_loss and
+    final_loss come from metrics.jsonl, so a resumed run reports its whole curve."""
+    losses = read_losses(out_dir) if accelerator.is_main_process else []
+    summary = dict(summary, first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None)
+    if accelerator.is_main_process:
+        write_json_atomic(Path(out_dir) / SUMMARY, summary)
+    accelerator.wait_for_everyone()
+    return summary
+
+
 def save_final(accelerator, module, processor, out_dir, total, start, config, args, lora):
     """The last checkpoint (unless a resumed run had nothing left to train) and the model folder."""
     if start < total or not checkpoint_dirs(out_dir):
