@@ -1,26 +1,44 @@
-"""Stage 3 of APO: consensus synthesis, and the source trajectories as negative constraints.
+"""Stage 3 of APO: consensus synthesis (the paper's Eq. (5)), and the source trajectories as negative constraints.
+
+For every train instance the bootstrapped model reads the question (and its images) and all source
+trajectories in one context, labelled "Response A", "Response B" ... in a seeded shuffled order, and
+writes one consensus trajectory (DESIGN, step 3). The consensus becomes `chosen`, the source
+trajectories become `rejected`, the constraints apo.py pushes the model away from. The prompt is
+CONSENSUS_PROMPT in this file (copy it to start a --prompt-file); source names and labels never
+reach it.
 
     accelerate launch consensus.py --model runs/bootstrap --data trajectories.jsonl --out preferences.jsonl
     python consensus.py --server http://127.0.0.1:8000/v1 --model runs/bootstrap ...   # `vllm serve runs/bootstrap`
     python consensus.py --consensus vote --data trajectories.jsonl --out preferences.jsonl   # no model
 
-For every train instance the bootstrapped model reads the question (and its images) and all source
-trajectories, labelled "Response A", "Response B" ... in a seeded shuffled order, and writes one
-consensus trajectory (DESIGN, step 3). The prompt is CONSENSUS_PROMPT in this file (copy it to
-start a --prompt-file); source names and labels never reach it. The consensus becomes `chosen`, the source trajectories
-become `rejected`, each with its `drift`: answers.answer_distance(its answer, the consensus'
-answer), the share of findings on which it departs (1.0 when it has no Answer line).
+What happens, top to bottom (`run`; the paper's step first in this file, this project's additions
+after it, then fitting long prompts, the generator, resume and outputs, the summary):
+1. trajectories.jsonl is validated whole before a model is loaded; only split train is used. The
+   output is locked and tied to this run's inputs and settings (<out>.run.json).
+2. Prompts (model modes): each instance's trajectories, in its seeded order, go into the consensus
+   prompt, shortened when it does not fit the model's window.
+3. Resume: what an earlier run wrote or skipped is settled and not generated again.
+4. Consensuses, in fixed rounds of --batch-size prompts per process (or from --server): each one is
+   settled as it comes into a line of preferences.jsonl (chosen, rejected, drift) or a skip.
+5. The outputs are rewritten in input order; the summary is printed.
+
+Where this departs from the paper (the first two also in the paper's mode; the rest are options):
+- a model consensus is the chosen only when it is clean (below), else the sources' vote picks it;
+- each rejected trajectory carries its `drift`: answers.answer_distance(its answer, the chosen
+  answer), the share of findings on which it departs (1.0 when it has no Answer line), which
+  apo.py --max-negatives ranks by;
+- --consensus vote and model+vote, --negatives drifting, --server (a server writes the consensuses).
 
 --consensus
     model       the paper: the model's consensus is the chosen trajectory.
-    vote        no model: per-finding majority vote over the sources' parsed answers; chosen is the
-                source trajectory whose answer is closest to the vote (ties: first in the
-                instance's shuffled order, so no source is favoured); it is never also a negative.
-    model+vote  the model's consensus is kept only where the sources back every one of its calls:
-                its support, the least share (over findings) of the parsed source answers that make
-                the same call on a finding as the consensus, must be >= --min-agreement. With the
-                default 0.5 the consensus may settle a tie but never overrule a strict majority.
-                Otherwise the vote's chosen is used (a fallback, counted).
+    vote        (an addition) no model: per-finding majority vote over the sources' parsed answers;
+                chosen is the source trajectory whose answer is closest to the vote (ties: first in
+                the instance's shuffled order, so no source is favoured); it is never also a negative.
+    model+vote  (an addition) the model's consensus is kept only where the sources back every one of
+                its calls: its support, the least share (over findings) of the parsed source answers
+                that make the same call on a finding as the consensus, must be >= --min-agreement.
+                With the default 0.5 the consensus may settle a tie but never overrule a strict
+                majority. Otherwise the vote's chosen is used (a fallback, counted).
     In the model modes a consensus is used only when it is clean, else the vote's chosen is used
     (counted in consensus_by by the reason): it ended on its own, not at --max-new-tokens
     ("vote:cut"); it has a parseable Answer line ("vote:no-answer"), exactly one ("vote:answers"),
@@ -30,7 +48,7 @@ answer), the share of findings on which it departs (1.0 when it has no Answer li
 
 --negatives
     all         the paper: every source trajectory except the chosen one itself.
-    drifting    only the trajectories whose answer differs from the consensus' (drift > 0).
+    drifting    (an addition) only the trajectories whose answer differs from the consensus' (drift > 0).
     A trajectory identical to the chosen text is never a negative.
 
 Skipped train instances (counted in the summary, listed with the reason in <out>.skipped.jsonl):
@@ -56,11 +74,11 @@ must serve (refused otherwise), or from the folder the server names. A request t
 counted and written nowhere: the same command asks it again (exit 3 until none fails).
 
 Output: preferences.jsonl (DESIGN) with one extra field, `consensus_by` ("model", "vote",
-"vote:<reason>" for an unclean consensus, or "vote:disagreed": where the chosen came from). Lines are appended as instances
-are done; the same command resumes an interrupted run and the final file equals an uninterrupted
-run's (generation runs in fixed rounds, and an unfinished round is generated again whole; keep
---batch-size and the number of processes). Labels
-are passed through and printed beside the sources' accuracies, never used.
+"vote:<reason>" for an unclean consensus, or "vote:disagreed": where the chosen came from). Lines are
+appended as instances are done; the same command resumes an interrupted run and the final file
+equals an uninterrupted run's (generation runs in fixed rounds, and an unfinished round is generated
+again whole; keep --batch-size and the number of processes). Labels are passed through and printed
+beside the sources' accuracies, never used.
 
 The output is tied to what decides it, in <out>.run.json: the train instances' content, the model
 (path and fingerprint), the prompt and the flags in OUTPUT_ARGS / MODEL_ARGS. A rerun on an existing
@@ -76,6 +94,7 @@ import os
 import random
 import re
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import answers
@@ -115,7 +134,6 @@ OUTPUT_ARGS = ("consensus", "negatives", "min_agreement", "seed")
 MODEL_ARGS = ("max_new_tokens", "max_prompt_tokens", "temperature", "top_p", "repetition_penalty")
 
 SKIP_REASONS = ("no trajectories", "prompt too long", "no answer to vote on", "no negatives")
-CUT_MARK = " [...] "
 
 
 def parse_args(argv=None):
@@ -167,20 +185,103 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# The consensus prompt
+# The stage, and the paper's step it is made of: the consensus is chosen (--consensus model), every
+# source trajectory is rejected (--negatives all)
 
 
-def load_template(path):
-    if path is None:
-        return CONSENSUS_PROMPT
-    try:
-        template = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise RecordError(path, None, None, f"cannot read the prompt file ({e})") from None
-    for name in ("question", "responses"):
-        if "{" + name + "}" not in template:
-            raise RecordError(path, None, None, f"the prompt must contain {{{name}}}")
-    return template
+def run(args):
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    accelerator = Accelerator()
+    is_main = accelerator.is_main_process
+
+    # Every line is validated, and the output claimed, before a model is loaded.
+    template = load_template(args.prompt_file)
+    train = load_train(args)
+    claim_output(args, train, template, accelerator)
+    skips = prepare_instances(train, args.seed)  # id -> reason
+
+    # Each process holds the whole model and generates its share (model modes).
+    generator, prompts, shortened = None, {}, 0
+    if args.consensus != "vote":
+        generator = load_generator(args, accelerator)
+        prompts, shortened = build_prompts(train, skips, template, generator, args, is_main)
+
+    outputs, settled = open_outputs(args, train, skips, accelerator)
+
+    todo = [r for r in train if r["id"] not in skips]
+    progress = tqdm(total=len(todo), initial=sum(r["id"] in settled for r in todo), desc="consensus",
+                    disable=not is_main)
+    failed = Counter()
+    for record, consensus, error in consensuses(args, accelerator, todo, settled, prompts, generator):
+        if error:  # written nowhere: the same command asks it again
+            failed[error] += 1
+        else:
+            outputs.write(record, settle(record, consensus, args))
+        progress.update(1)
+    progress.close()
+    accelerator.wait_for_everyone()
+    if not is_main:
+        return
+
+    written, skipped = write_in_order(args, train, outputs)
+    report(args, train, written, skipped, shortened, failed, generator, accelerator.num_processes)
+
+
+def load_train(args):
+    """The train instances; only they get preferences."""
+    data = records.load_instances(args.data, require_trajectories=True)
+    train = [r for r in data if r["split"] == "train"]
+    if not train:
+        raise RecordError(args.data, None, "split", "no instance of split train")
+    return train
+
+
+def prepare_instances(train, seed):
+    """Blank trajectories dropped, each one's answer parsed and the instance's response order fixed;
+    returns {id: "no trajectories"} for those left with none."""
+    skips = {}
+    for record in train:
+        record["trajectories"] = [t for t in record["trajectories"] if t["text"].strip()]
+        record["_answers"] = [answers.parse_answer(t["text"]) for t in record["trajectories"]]
+        record["_order"] = response_order(record["id"], len(record["trajectories"]), seed)
+        if not record["trajectories"]:
+            skips[record["id"]] = "no trajectories"
+    return skips
+
+
+def build_prompts(train, skips, template, generator, args, is_main):
+    """({id: consensus prompt}, how many were shortened): every trajectory of an instance in one
+    prompt, fitted to the model's window; an instance that does not fit is added to `skips`."""
+    from tqdm.auto import tqdm
+
+    import modeling
+
+    processor = generator.processor
+    tok = modeling.tokenizer_of(processor)
+    prompts, shortened, saved = {}, 0, []
+    for record in tqdm(train, desc="prompts", disable=not is_main):
+        if record["id"] in skips:
+            continue
+        task = task_hint(record["_answers"])
+
+        def build(texts, record=record, task=task):
+            return render_prompt(template, record["prompt"], texts, task)
+
+        count = token_counter(processor, record, args.data)
+        texts = [record["trajectories"][i]["text"] for i in record["_order"]]
+        prompt, cut = fit_prompt(build, count, texts, generator.budget, tok)
+        shortened += prompt is not None and cut
+        if prompt is None:
+            skips[record["id"]] = "prompt too long"
+            continue
+        prompts[record["id"]] = prompt
+        chat = modeling.prompt_text(processor, consensus_chat(record, prompt))
+        saved.append({"id": record["id"], "prompt": chat, "tokens": count(prompt), "shortened": cut})
+    if args.save_prompts and is_main:
+        records.write_jsonl_atomic(args.save_prompts, saved)
+    return prompts, shortened
 
 
 def response_label(i):
@@ -219,8 +320,178 @@ def consensus_chat(record, prompt):
     return {"prompt": prompt, "system": record.get("system"), "images": record["images"]}
 
 
+def consensuses(args, accelerator, todo, settled, prompts, generator):
+    """(record, consensus, error) on the main process for every instance of `todo` not yet settled;
+    consensus: the model's (text, ended), None in vote mode; error: why a server request failed."""
+    if generator is not None and generator.served is not None:
+        # the server batches the requests itself: every instance still to do is asked at once
+        return ask_server(args, generator.served, [r for r in todo if r["id"] not in settled], prompts)
+    return generate_rounds(args, accelerator, todo, settled, prompts, generator)
+
+
+def generate_rounds(args, accelerator, todo, settled, prompts, generator):
+    """consensuses() from the model loaded here. Fixed rounds of --batch-size prompts per process, so a
+    resumed run generates exactly the batches an uninterrupted one would; each consensus is made by
+    one process and gathered once."""
+    from accelerate.utils import gather_object, set_seed
+
+    round_size = args.batch_size * accelerator.num_processes
+    for start in range(0, len(todo), round_size):
+        batch = todo[start:start + round_size]
+        if all(r["id"] in settled for r in batch):
+            continue
+        generated = {}
+        if prompts:
+            import modeling
+
+            set_seed(args.seed + start, device_specific=True)
+            with accelerator.split_between_processes(batch) as share:
+                texts, ended = modeling.generate(
+                    generator.model, generator.processor, share, data_path=args.data, batch_size=args.batch_size,
+                    max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    repetition_penalty=args.repetition_penalty, return_ended=True,
+                    prompt_fn=lambda r: consensus_chat(r, prompts[r["id"]]))
+            pairs = gather_object([(r["id"], (text, end)) for r, text, end in zip(share, texts, ended)])
+            generated = dict(pairs)
+            assert len(pairs) == len(generated) == len(batch), "each consensus must be gathered exactly once"
+        if accelerator.is_main_process:
+            for record in batch:
+                if record["id"] not in settled:
+                    yield record, generated.get(record["id"]), None
+
+
+def settle(record, consensus, args):
+    """The preference record of one instance, or the reason it is skipped (a string).
+    consensus: the model's (text, ended), None in vote mode."""
+    choice = choose(record, consensus, args.consensus, args.min_agreement)
+    if choice is None:
+        return "no answer to vote on"
+    chosen, chosen_answer, chosen_index, by = choice
+    negatives = pick_negatives(record, chosen, chosen_answer, chosen_index, args.negatives)
+    if not negatives:
+        return "no negatives"
+    return {
+        "id": record["id"],
+        "prompt": record["prompt"],
+        "system": record.get("system"),
+        "images": records.rebase_images(record["images"], args.data, args.out),
+        "chosen": chosen,
+        "rejected": [text for _, text, _ in negatives],
+        "rejected_sources": [source for source, _, _ in negatives],
+        "drift": [drift for _, _, drift in negatives],
+        "labels": record.get("labels"),
+        "consensus_by": by,
+    }
+
+
+def choose(record, consensus, mode, min_agreement):
+    """(chosen text, its answer, index of the source it is or None, consensus_by), or None when the
+    vote is needed and no source answer parses. consensus: the model's (text, ended) or None."""
+    if mode == "vote":
+        return vote_choice(record, "vote")
+    consensus_text, ended = consensus
+    answer = answers.parse_answer(consensus_text)
+    defect = consensus_defect(consensus_text, ended)
+    if defect is not None:
+        return vote_choice(record, "vote:" + defect)
+    if mode == "model+vote" and majority_support(answer, record["_answers"]) < min_agreement:
+        return vote_choice(record, "vote:disagreed")
+    return consensus_text, answer, None, "model"
+
+
+def pick_negatives(record, chosen_text, chosen_answer, chosen_index, which):
+    """[(source, text, drift)] in the sources' order: all of them (the paper), or with --negatives
+    drifting only those whose answer departs from the chosen one."""
+    out = []
+    for i, (traj, answer) in enumerate(zip(record["trajectories"], record["_answers"])):
+        if i == chosen_index or traj["text"].strip() == chosen_text.strip():
+            continue  # rejecting the chosen text itself would push the objective both ways
+        drift = answers.answer_distance(answer, chosen_answer)
+        if which == "all" or drift > 0:
+            out.append((traj["source"], traj["text"], drift))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
-# Shortening long prompts
+# This project's additions: the clean-consensus rule and the vote it falls back to, --consensus
+# vote and model+vote (--negatives drifting is the one test in pick_negatives)
+
+
+LABEL_ECHO_RE = re.compile(r"\b(?i:responses?)\s+[A-Z]{1,2}\b")
+
+
+def consensus_defect(text, ended):
+    """Why a model consensus cannot be the positive ("cut", "no-answer", "echo", "answers",
+    "answer-not-last"), or None when it is clean."""
+    if not ended:
+        return "cut"
+    if answers.parse_answer(text) is None:
+        return "no-answer"
+    if LABEL_ECHO_RE.search(text):
+        return "echo"
+    lines = [line for line in text.splitlines() if line.strip()]
+    if sum(answers.answer_line_start(line) is not None for line in lines) > 1:
+        return "answers"
+    if answers.answer_line_start(lines[-1]) is None:
+        return "answer-not-last"
+    return None
+
+
+def vote_choice(record, by):
+    """choose()'s answer when the sources' vote picks the chosen trajectory (by: consensus_by)."""
+    parsed = record["_answers"]
+    pick = vote_pick(parsed, record["_order"])
+    if pick is None:
+        return None
+    return record["trajectories"][pick]["text"], parsed[pick], pick, by
+
+
+def vote_pick(parsed, order):
+    """Index of the trajectory whose answer is closest to the sources' majority vote, or None.
+    Ties go to a parsed answer, then to the first in the instance's shuffled order."""
+    vote = answers.majority_vote(parsed)
+    if vote is None:
+        return None
+    rank = {i: r for r, i in enumerate(order)}
+    return min(range(len(parsed)),
+               key=lambda i: (answers.answer_distance(parsed[i], vote), parsed[i] is None, rank[i]))
+
+
+def majority_support(answer, parsed):
+    """The weakest backing the sources give `answer`: over the findings, the least share of the
+    parsed source answers that make the same call on that finding (present/absent, or the change
+    class, or not naming it). Answers of the other task back nothing; 0.0 when none parses."""
+    votes = [answers.normalize(a) for a in parsed if a is not None]
+    if not votes:
+        return 0.0
+    answer = answers.normalize(answer)
+    task = answers.task_of(answer)
+    votes = [v if answers.task_of(v) == task else None for v in votes]
+    if task == "presence":
+        keys = answers.FINDINGS
+    else:
+        keys = set(answer).union(*(v for v in votes if v is not None))
+    return min(sum(v is not None and v.get(k) == answer.get(k) for v in votes) / len(votes) for k in keys)
+
+
+# ---------------------------------------------------------------------------------------------
+# The consensus prompt: a --prompt-file, and shortening what does not fit
+
+
+def load_template(path):
+    if path is None:
+        return CONSENSUS_PROMPT
+    try:
+        template = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecordError(path, None, None, f"cannot read the prompt file ({e})") from None
+    for name in ("question", "responses"):
+        if "{" + name + "}" not in template:
+            raise RecordError(path, None, None, f"the prompt must contain {{{name}}}")
+    return template
+
+
+CUT_MARK = " [...] "
 
 
 def split_answer(text):
@@ -289,116 +560,93 @@ def token_counter(processor, record, data_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Consensus and negatives
+# The generator: the model loaded here, or an OpenAI-compatible server
 
 
-def majority_support(answer, parsed):
-    """The weakest backing the sources give `answer`: over the findings, the least share of the
-    parsed source answers that make the same call on that finding (present/absent, or the change
-    class, or not naming it). Answers of the other task back nothing; 0.0 when none parses."""
-    votes = [answers.normalize(a) for a in parsed if a is not None]
-    if not votes:
-        return 0.0
-    answer = answers.normalize(answer)
-    task = answers.task_of(answer)
-    votes = [v if answers.task_of(v) == task else None for v in votes]
-    if task == "presence":
-        keys = answers.FINDINGS
+@dataclass
+class Generator:
+    processor: object
+    model: object  # None when a server generates
+    served: object  # chat_client.Served, or None
+    budget: int  # prompt tokens a consensus prompt may take
+
+
+def load_generator(args, accelerator):
+    """The Generator of the model modes.
+
+    With --server only the processor is loaded here, to fit the prompts: from --model, which the
+    server must serve, or else from the folder or hub id the server names."""
+    import transformers
+
+    import modeling
+
+    transformers.utils.logging.disable_progress_bar()
+    model = served = None
+    if args.server:
+        if accelerator.num_processes > 1:
+            raise RecordError("--server", None, None, "the server generates: run consensus.py with python, "
+                                                      "not with several processes")
+        served = served_model(args)
+        path = args.model or served.root or served.name
     else:
-        keys = set(answer).union(*(v for v in votes if v is not None))
-    return min(sum(v is not None and v.get(k) == answer.get(k) for v in votes) / len(votes) for k in keys)
+        path = args.model
+    try:
+        processor = modeling.load_processor(path)
+        if served is None:
+            model = modeling.load_model(path, dtype=modeling.default_dtype(accelerator))
+            model.to(accelerator.device).eval()
+    except (OSError, ValueError) as e:
+        what = "the model" if served is None else "the served model's tokenizer (give --model, its folder)"
+        raise RecordError(path, None, None, f"cannot load {what} ({e})") from None
+    budget = args.max_prompt_tokens
+    if budget is None:
+        config = model.config if model is not None else transformers.AutoConfig.from_pretrained(path)
+        positions = (served and served.max_model_len) or getattr(config.get_text_config(), "max_position_embeddings",
+                                                                   None)
+        if positions is None:
+            raise RecordError(path, None, None, "config has no max_position_embeddings: give --max-prompt-tokens")
+        budget = positions - args.max_new_tokens
+    return Generator(processor, model, served, budget)
 
 
-def vote_pick(parsed, order):
-    """Index of the trajectory whose answer is closest to the sources' majority vote, or None.
-    Ties go to a parsed answer, then to the first in the instance's shuffled order."""
-    vote = answers.majority_vote(parsed)
-    if vote is None:
-        return None
-    rank = {i: r for r, i in enumerate(order)}
-    return min(range(len(parsed)),
-               key=lambda i: (answers.answer_distance(parsed[i], vote), parsed[i] is None, rank[i]))
+def served_model(args):
+    """The server's model for this run: the one --model names, refused if it serves another."""
+    if not chat_client.have_openai():
+        raise RecordError("--server", None, None, "the `openai` package is needed: pip install openai")
+    client = chat_client.make_client(args.server, os.environ.get(args.api_key_env), args.timeout)
+    try:
+        return chat_client.served_model(client, args.server, want=args.model, name=args.served_model,
+                                        max_retries=args.max_retries, backoff=args.backoff)
+    finally:
+        client.close()
 
 
-LABEL_ECHO_RE = re.compile(r"\b(?i:responses?)\s+[A-Z]{1,2}\b")
+def ask_server(args, served, todo, prompts):
+    """(record, (consensus text, ended), error) from the server as requests finish, what
+    modeling.generate gives in-process (an empty answer is kept: it falls back to the vote)."""
+    import sources
 
+    api_key = os.environ.get(args.api_key_env)
+    sampling = args.temperature > 0
+    # repetition_penalty is sent only when set: `transformers serve` refuses the field
+    request = chat_client.request_fields(args.max_new_tokens, args.temperature, args.top_p if sampling else None,
+                                         args.repetition_penalty if args.repetition_penalty != 1.0 else None)
 
-def consensus_defect(text, ended):
-    """Why a model consensus cannot be the positive ("cut", "no-answer", "echo", "answers",
-    "answer-not-last"), or None when it is clean."""
-    if not ended:
-        return "cut"
-    if answers.parse_answer(text) is None:
-        return "no-answer"
-    if LABEL_ECHO_RE.search(text):
-        return "echo"
-    lines = [line for line in text.splitlines() if line.strip()]
-    if sum(answers.answer_line_start(line) is not None for line in lines) > 1:
-        return "answers"
-    if answers.answer_line_start(lines[-1]) is None:
-        return "answer-not-last"
-    return None
+    def request_of(record):  # a seed per instance: a resumed sampled run asks exactly what the first did
+        return {**request, "seed": sources.seed_for(args.seed, record["id"])} if sampling else request
 
-
-def choose(record, consensus, mode, min_agreement):
-    """(chosen text, its answer, index of the source it is or None, consensus_by), or None when the
-    vote is needed and no source answer parses. consensus: the model's (text, ended) or None."""
-    parsed = record["_answers"]
-    by = "vote"
-    if mode != "vote":
-        consensus_text, ended = consensus
-        answer = answers.parse_answer(consensus_text)
-        defect = consensus_defect(consensus_text, ended)
-        if defect is not None:
-            by = "vote:" + defect
-        elif mode == "model+vote" and majority_support(answer, parsed) < min_agreement:
-            by = "vote:disagreed"
-        else:
-            return consensus_text, answer, None, "model"
-    pick = vote_pick(parsed, record["_order"])
-    if pick is None:
-        return None
-    return record["trajectories"][pick]["text"], parsed[pick], pick, by
-
-
-def pick_negatives(record, chosen_text, chosen_answer, chosen_index, which):
-    """[(source, text, drift)] in the sources' order."""
-    out = []
-    for i, (traj, answer) in enumerate(zip(record["trajectories"], record["_answers"])):
-        if i == chosen_index or traj["text"].strip() == chosen_text.strip():
-            continue  # rejecting the chosen text itself would push the objective both ways
-        drift = answers.answer_distance(answer, chosen_answer)
-        if which == "all" or drift > 0:
-            out.append((traj["source"], traj["text"], drift))
-    return out
-
-
-def settle(record, consensus, args):
-    """The preference record of one instance, or the reason it is skipped (a string).
-    consensus: the model's (text, ended), None in vote mode."""
-    choice = choose(record, consensus, args.consensus, args.min_agreement)
-    if choice is None:
-        return "no answer to vote on"
-    chosen, chosen_answer, chosen_index, by = choice
-    negatives = pick_negatives(record, chosen, chosen_answer, chosen_index, args.negatives)
-    if not negatives:
-        return "no negatives"
-    return {
-        "id": record["id"],
-        "prompt": record["prompt"],
-        "system": record.get("system"),
-        "images": records.rebase_images(record["images"], args.data, args.out),
-        "chosen": chosen,
-        "rejected": [text for _, text, _ in negatives],
-        "rejected_sources": [source for source, _, _ in negatives],
-        "drift": [drift for _, _, drift in negatives],
-        "labels": record.get("labels"),
-        "consensus_by": by,
-    }
+    client = chat_client.make_client(served.url, api_key, args.timeout)
+    try:
+        yield from chat_client.answer_all(
+            client, served.name, todo,
+            lambda r: chat_client.api_messages(consensus_chat(r, prompts[r["id"]]), args.data), request_of,
+            args.concurrency, args.max_retries, args.backoff, secrets=[api_key], generation=True)
+    finally:
+        client.close()
 
 
 # ---------------------------------------------------------------------------------------------
-# Resume and summary
+# Resume and outputs
 
 
 def run_settings(args, train, template):
@@ -415,15 +663,23 @@ def run_settings(args, train, template):
     return settings
 
 
-def claim_output(args, settings):
-    """Lock the output and tie it to these settings (main process), before any model work."""
+def claim_output(args, train, template, accelerator):
+    """Lock the output and tie it to this run's settings (main process), before any model work."""
     out = Path(args.out)
-    records.OutputLock(out, "consensus.py")
-    manifest = records.manifest_path(out)
-    saved = records.tie_to_run(out, manifest, {"run": settings}, "consensus.py",
-                               f"rerun with those settings to resume, or use another --out (or delete {out}, "
-                               f"{skipped_path(out)} and {manifest} to start over)")
-    records.write_json_atomic(manifest, saved)
+    records.check_output_paths(
+        files=[out, skipped_path(out), records.manifest_path(out), args.save_prompts, args.summary],
+        inputs={"--data": args.data, "--prompt-file": args.prompt_file}, model_dirs={"--model": args.model})
+    settings = run_settings(args, train, template)
+
+    def claim():
+        records.OutputLock(out, "consensus.py")
+        manifest = records.manifest_path(out)
+        saved = records.tie_to_run(out, manifest, {"run": settings}, "consensus.py",
+                                   f"rerun with those settings to resume, or use another --out (or delete {out}, "
+                                   f"{skipped_path(out)} and {manifest} to start over)")
+        records.write_json_atomic(manifest, saved)
+
+    records.on_main_process(accelerator, claim)
 
 
 def skipped_path(out):
@@ -440,6 +696,65 @@ def read_done(path, known_ids):
                                                   "this file is from another run: move it away")
         done.append(obj)
     return done
+
+
+class Outputs:
+    """preferences.jsonl and <out>.skipped.jsonl, appended line by line on the main process."""
+
+    def __init__(self, out):
+        self.preferences = records.JsonlAppender(out)
+        self.skipped = records.JsonlAppender(skipped_path(out))
+
+    def write(self, record, result):
+        """result: settle()'s preference record, or the reason the instance is skipped."""
+        if isinstance(result, str):
+            self.skipped.write({"id": record["id"], "reason": result})
+        else:
+            self.preferences.write(result)
+
+    def close(self):
+        self.preferences.close()
+        self.skipped.close()
+
+
+def open_outputs(args, train, skips, accelerator):
+    """(Outputs on the main process, else None; ids an earlier run already wrote or skipped). The main
+    process cuts torn tails and lists the new skips before any process reads the files."""
+    known = {r["id"] for r in train}
+    outputs = None
+    if accelerator.is_main_process:
+        outputs = Outputs(args.out)
+        listed = {r["id"] for r in read_done(skipped_path(args.out), known)}
+        for record in train:
+            if record["id"] in skips and record["id"] not in listed:
+                outputs.write(record, skips[record["id"]])
+    accelerator.wait_for_everyone()
+    settled = {r["id"] for r in read_done(args.out, known) + read_done(skipped_path(args.out), known)}
+    accelerator.wait_for_everyone()  # nobody appends while another process still reads
+    return outputs, settled
+
+
+def write_in_order(args, train, outputs):
+    """(written, skipped) in input order, the files rewritten so (a resumed run may have appended out
+    of order); a record written twice counts once."""
+    outputs.close()
+    known = {r["id"] for r in train}
+    order = {r["id"]: i for i, r in enumerate(train)}
+    lines = read_done(args.out, known)
+    written = sorted({r["id"]: r for r in reversed(lines)}.values(), key=lambda r: order[r["id"]])
+    skipped = sorted({r["id"]: r for r in reversed(read_done(skipped_path(args.out), known))}.values(),
+                     key=lambda r: order[r["id"]])
+    if [r["id"] for r in lines] != [r["id"] for r in written]:
+        records.write_jsonl_atomic(args.out, written)
+    if skipped:
+        records.write_jsonl_atomic(skipped_path(args.out), skipped)
+    else:
+        skipped_path(args.out).unlink(missing_ok=True)
+    return written, skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary
 
 
 def summarize(train, written, skipped, shortened):
@@ -497,232 +812,12 @@ def print_summary(summary):
     print("(labels are only reported here, never used)" if tasks else "(no labels: accuracy not reported)")
 
 
-# ---------------------------------------------------------------------------------------------
-
-
-def load_generator(args, accelerator):
-    """(processor, model or None, chat_client.Served or None, prompt budget in tokens).
-
-    With --server only the processor is loaded here, to fit the prompts: from --model, which the
-    server must serve, or else from the folder or hub id the server names."""
-    import transformers
-
-    import modeling
-
-    transformers.utils.logging.disable_progress_bar()
-    model = served = None
-    if args.server:
-        if accelerator.num_processes > 1:
-            raise RecordError("--server", None, None, "the server generates: run consensus.py with python, "
-                                                      "not with several processes")
-        served = served_model(args)
-        path = args.model or served.root or served.name
-    else:
-        path = args.model
-    try:
-        processor = modeling.load_processor(path)
-        if served is None:
-            model = modeling.load_model(path, dtype=modeling.default_dtype(accelerator))
-            model.to(accelerator.device).eval()
-    except (OSError, ValueError) as e:
-        what = "the model" if served is None else "the served model's tokenizer (give --model, its folder)"
-        raise RecordError(path, None, None, f"cannot load {what} ({e})") from None
-    budget = args.max_prompt_tokens
-    if budget is None:
-        config = model.config if model is not None else transformers.AutoConfig.from_pretrained(path)
-        positions = (served and served.max_model_len) or getattr(config.get_text_config(), "max_position_embeddings",
-                                                                   None)
-        if positions is None:
-            raise RecordError(path, None, None, "config has no max_position_embeddings: give --max-prompt-tokens")
-        budget = positions - args.max_new_tokens
-    return processor, model, served, budget
-
-
-def served_model(args):
-    """The server's model for this run: the one --model names, refused if it serves another."""
-    if not chat_client.have_openai():
-        raise RecordError("--server", None, None, "the `openai` package is needed: pip install openai")
-    client = chat_client.make_client(args.server, os.environ.get(args.api_key_env), args.timeout)
-    try:
-        return chat_client.served_model(client, args.server, want=args.model, name=args.served_model,
-                                        max_retries=args.max_retries, backoff=args.backoff)
-    finally:
-        client.close()
-
-
-def ask_server(args, served, todo, prompts):
-    """(record, (consensus text, ended), error) from the server as requests finish, what
-    modeling.generate gives in-process (an empty answer is kept: it falls back to the vote)."""
-    import sources
-
-    api_key = os.environ.get(args.api_key_env)
-    sampling = args.temperature > 0
-    # repetition_penalty is sent only when set: `transformers serve` refuses the field
-    request = chat_client.request_fields(args.max_new_tokens, args.temperature, args.top_p if sampling else None,
-                                         args.repetition_penalty if args.repetition_penalty != 1.0 else None)
-
-    def request_of(record):  # a seed per instance: a resumed sampled run asks exactly what the first did
-        return {**request, "seed": sources.seed_for(args.seed, record["id"])} if sampling else request
-
-    client = chat_client.make_client(served.url, api_key, args.timeout)
-    try:
-        yield from chat_client.answer_all(
-            client, served.name, todo,
-            lambda r: chat_client.api_messages(consensus_chat(r, prompts[r["id"]]), args.data), request_of,
-            args.concurrency, args.max_retries, args.backoff, secrets=[api_key], generation=True)
-    finally:
-        client.close()
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (RecordError, chat_client.ServerError) as e:
-        records.fail(str(e))
-    finally:
-        records.release_locks()
-
-
-def run(args):
-    from accelerate import Accelerator
-    from accelerate.utils import gather_object, set_seed
-    from tqdm.auto import tqdm
-
-    accelerator = Accelerator()
-    is_main = accelerator.is_main_process
-
-    # Data: every line is validated before a model is loaded; only train instances get preferences.
-    template = load_template(args.prompt_file)
-    data = records.load_instances(args.data, require_trajectories=True)
-    train = [r for r in data if r["split"] == "train"]
-    if not train:
-        raise RecordError(args.data, None, "split", "no instance of split train")
-    out = Path(args.out)
-    records.check_output_paths(
-        files=[out, skipped_path(out), records.manifest_path(out), args.save_prompts, args.summary],
-        inputs={"--data": args.data, "--prompt-file": args.prompt_file}, model_dirs={"--model": args.model})
-    settings = run_settings(args, train, template)
-    records.on_main_process(accelerator, lambda: claim_output(args, settings))
-    skips = {}  # id -> reason
-    for record in train:
-        record["trajectories"] = [t for t in record["trajectories"] if t["text"].strip()]
-        record["_answers"] = [answers.parse_answer(t["text"]) for t in record["trajectories"]]
-        record["_order"] = response_order(record["id"], len(record["trajectories"]), args.seed)
-        if not record["trajectories"]:
-            skips[record["id"]] = "no trajectories"
-
-    # Model and prompts (model modes): each process holds the whole model and generates its share.
-    prompts, shortened, served = {}, 0, None
-    if args.consensus != "vote":
-        import modeling
-
-        processor, model, served, budget = load_generator(args, accelerator)
-        tok = modeling.tokenizer_of(processor)
-        saved = []
-        for record in tqdm(train, desc="prompts", disable=not is_main):
-            if record["id"] in skips:
-                continue
-            task = task_hint(record["_answers"])
-
-            def build(texts, record=record, task=task):
-                return render_prompt(template, record["prompt"], texts, task)
-
-            count = token_counter(processor, record, args.data)
-            texts = [record["trajectories"][i]["text"] for i in record["_order"]]
-            prompt, cut = fit_prompt(build, count, texts, budget, tok)
-            shortened += prompt is not None and cut
-            if prompt is None:
-                skips[record["id"]] = "prompt too long"
-                continue
-            prompts[record["id"]] = prompt
-            chat = modeling.prompt_text(processor, consensus_chat(record, prompt))
-            saved.append({"id": record["id"], "prompt": chat, "tokens": count(prompt), "shortened": cut})
-        if args.save_prompts and is_main:
-            records.write_jsonl_atomic(args.save_prompts, saved)
-
-    # Resume: what an earlier run wrote or skipped is settled; the main process cuts torn tails first.
-    known = {r["id"] for r in train}
-    if is_main:
-        out_file = records.JsonlAppender(args.out)
-        skip_file = records.JsonlAppender(skipped_path(args.out))
-        listed = {r["id"] for r in read_done(skipped_path(args.out), known)}
-        for record in train:
-            if record["id"] in skips and record["id"] not in listed:
-                skip_file.write({"id": record["id"], "reason": skips[record["id"]]})
-    accelerator.wait_for_everyone()
-    settled = {r["id"] for r in read_done(args.out, known) + read_done(skipped_path(args.out), known)}
-    accelerator.wait_for_everyone()  # nobody appends while another process still reads
-
-    # Loop: fixed rounds of batch_size prompts per process, so a resumed run generates exactly the
-    # batches an uninterrupted one would; each consensus is made by one process and gathered once.
-    todo = [r for r in train if r["id"] not in skips]
-    round_size = args.batch_size * accelerator.num_processes
-    progress = tqdm(total=len(todo), initial=sum(r["id"] in settled for r in todo), desc="consensus",
-                    disable=not is_main)
-
-    def write_outcome(record, consensus):  # consensus: (text, ended), None in vote mode
-        result = settle(record, consensus, args)
-        if isinstance(result, str):
-            skip_file.write({"id": record["id"], "reason": result})
-        else:
-            out_file.write(result)
-
-    # With --server every instance still to do is asked at once (the server batches them); each
-    # answer is written as it comes, a failure is counted and left for the next run.
-    failed = Counter()
-    if served is not None:
-        for record, consensus, error in ask_server(args, served, [r for r in todo if r["id"] not in settled],
-                                                   prompts):
-            if error:
-                failed[error] += 1
-            else:
-                write_outcome(record, consensus)
-            progress.update(1)
-    for start in range(0, len(todo), round_size) if served is None else ():
-        batch = todo[start:start + round_size]
-        if all(r["id"] in settled for r in batch):
-            continue
-        generated = {}
-        if prompts:
-            set_seed(args.seed + start, device_specific=True)
-            with accelerator.split_between_processes(batch) as share:
-                texts, ended = modeling.generate(
-                    model, processor, share, data_path=args.data, batch_size=args.batch_size,
-                    max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                    repetition_penalty=args.repetition_penalty, return_ended=True,
-                    prompt_fn=lambda r: consensus_chat(r, prompts[r["id"]]))
-            pairs = gather_object([(r["id"], (text, end)) for r, text, end in zip(share, texts, ended)])
-            generated = dict(pairs)
-            assert len(pairs) == len(generated) == len(batch), "each consensus must be gathered exactly once"
-        if is_main:
-            for record in batch:
-                if record["id"] in settled:
-                    continue
-                write_outcome(record, generated.get(record["id"]))
-            progress.update(sum(r["id"] not in settled for r in batch))
-    progress.close()
-    accelerator.wait_for_everyone()
-    if not is_main:
-        return
-
-    # Outputs: the final files in input order (a resumed run may have appended out of order).
-    out_file.close()
-    skip_file.close()
-    order = {r["id"]: i for i, r in enumerate(train)}
-    lines = read_done(args.out, known)
-    written = sorted({r["id"]: r for r in reversed(lines)}.values(), key=lambda r: order[r["id"]])
-    skipped = sorted({r["id"]: r for r in reversed(read_done(skipped_path(args.out), known))}.values(),
-                     key=lambda r: order[r["id"]])
-    if [r["id"] for r in lines] != [r["id"] for r in written]:
-        records.write_jsonl_atomic(args.out, written)
-    if skipped:
-        records.write_jsonl_atomic(skipped_path(args.out), skipped)
-    else:
-        skipped_path(args.out).unlink(missing_ok=True)
-
+def report(args, train, written, skipped, shortened, failed, generator, processes):
+    """The summary, printed and (--summary) written; the one-line result; exit 3 while a server
+    request failed, 2 when nothing was written."""
+    served = generator.served if generator is not None else None
     summary = summarize(train, written, Counter(r["reason"] for r in skipped), shortened)
-    summary["processes"] = accelerator.num_processes
+    summary["processes"] = processes
     # what wrote the consensuses: the model folder loaded here, or the server and the model it serves
     summary["generator"] = (served.record() if served is not None else
                             {"model": args.model} if args.consensus != "vote" else None)
@@ -747,6 +842,16 @@ def run(args):
         raise SystemExit(3)
     if not written:
         records.fail(f"{args.data}: no preference written: every train instance was skipped ({skipped_text})")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (RecordError, chat_client.ServerError) as e:
+        records.fail(str(e))
+    finally:
+        records.release_locks()
 
 
 if __name__ == "__main__":
