@@ -5,11 +5,17 @@ held-out instances.
     python evaluate.py --sources-only --data trajectories.jsonl --out runs/eval_sources
     python evaluate.py --models boot=runs/bootstrap@http://127.0.0.1:8000/v1 apo=runs/apo@http://127.0.0.1:8001/v1 ...
 
-Sources are scored from the trajectories already in the file; each model answers every instance of
-the split (greedy, batched, the chat format of training) and is scored the same way. Presence
-tasks (14 findings) get accuracy, precision, recall and F1 per finding; change tasks (MS-CXR-T)
-get accuracy per finding; both get the macro average. An answer the parser cannot read counts in
-the "unparsed" column and is wrong on every finding.
+What happens, top to bottom (`evaluate`; after it in this file: the server connection, the
+predictions file with its resume checks, the table and the plot):
+1. The labelled instances of --split (default test) are read; unlabelled ones are only counted.
+2. Sources are scored from the trajectories already in the file; each model answers every instance
+   of the split (greedy, batched, the chat format of training), its answers appended to
+   predictions.jsonl as they come.
+3. Every answer is parsed and scored per finding against the labels, the same way for sources and
+   models. Presence tasks (14 findings) get accuracy, precision, recall and F1 per finding; change
+   tasks (MS-CXR-T) get accuracy per finding; both get the macro average. An answer the parser
+   cannot read counts in the "unparsed" column and is wrong on every finding.
+4. metrics.json, table.md (printed) and accuracy.png are written.
 
 Outputs in --out:
     predictions.jsonl  one line per (model, instance): id, model, text, answer (parsed or null)
@@ -90,7 +96,44 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Data
+# The step: every source and every model answers the same held-out instances; each answer is
+# parsed and scored per finding against the labels
+
+
+def evaluate(args):
+    transformers.utils.logging.disable_progress_bar()
+    accelerator = Accelerator()
+    set_seed(args.seed)
+    out = Path(args.out)
+    try:
+        instances, unlabelled = load_eval_instances(args.data, args.split, check_images=not args.sources_only)
+        sources = source_names(instances)
+        models, served = ([], {}) if args.sources_only else check_models(args, instances, sources, accelerator)
+        check_output_paths(files=[out / name for name in OUTPUT_FILES], folders=[out], inputs={"--data": args.data},
+                           model_dirs={f"--models {name}": path for name, path in models})
+    except (RecordError, chat_client.ServerError) as e:
+        stop(accelerator, str(e))
+    keys = {r["id"]: content_key(r) for r in instances}
+
+    # What an earlier run answered is not asked again (the same weights and settings: models.json).
+    done = resume(out, models, keys, served, args, accelerator)
+    reused = sum((n, r["id"]) in done for n, _ in models for r in instances)
+    generated, failed = answer_missing(accelerator, models, served, instances, done, out, args)
+
+    # Scored from the files, so a resumed run scores exactly what an uninterrupted one would.
+    if accelerator.is_main_process:
+        rows = [{"name": s, "kind": "source", **score_row(instances, source_texts(instances, s))} for s in sources]
+        rows += model_rows(out / "predictions.jsonl", models, instances, keys)
+        tasks = write_outputs(out, rows, instances, unlabelled, args)
+        print(summary(rows, tasks, unlabelled, len(sources), len(models), generated, reused, args))
+        if failed:
+            print(f"{sum(failed.values())} answers failed (run the same command again to ask them again; "
+                  "their rows count them as missing):")
+            for reason, n in failed.most_common():
+                print(f"  {n} failed: {reason}")
+    accelerator.end_training()
+    if failed:
+        raise SystemExit(3)
 
 
 def load_eval_instances(path, split, check_images):
@@ -128,15 +171,122 @@ def source_texts(instances, source):
     return texts
 
 
+def score_row(instances, texts):
+    """{task: score} of one row; `texts` maps id -> output text, an absent id counts as missing."""
+    out = {}
+    for task in ("presence", "change"):
+        group = [r for r in instances if r["_task"] == task]
+        if not group:
+            continue
+        result = score([parse_answer(texts.get(r["id"])) for r in group], [r["labels"] for r in group])
+        result["missing"] = sum(r["id"] not in texts for r in group)
+        out[task] = result
+    return out
+
+
+def model_rows(path, models, instances, keys):
+    """The models' rows, scored from predictions.jsonl, which is rewritten in (model, instance) order."""
+    if not models:
+        return []
+    predictions = read_predictions(path, keys)
+    rows = []
+    for name, model_path in models:
+        texts = {i: row["text"] for (m, i), row in predictions.items() if m == name}
+        rows.append({"name": name, "kind": "model", "path": model_path, **score_row(instances, texts)})
+    rewrite_in_order(path, predictions.values(),
+                     {n: k for k, (n, _) in enumerate(models)}, {r["id"]: k for k, r in enumerate(instances)})
+    return rows
+
+
+def answer_missing(accelerator, models, served, instances, done, out, args):
+    """(answers generated, Counter of failed requests): each model answers the instances it has not
+    answered yet (done: {(model, id)}), appended to predictions.jsonl on the main process."""
+    generated, failed = 0, Counter()
+    appender = JsonlAppender(out / "predictions.jsonl") if accelerator.is_main_process and models else None
+    try:
+        for name, path in models:
+            if name in served:
+                generated += ask_missing(name, served[name], instances, done, appender, failed, args)
+            else:
+                generated += generate_missing(accelerator, name, path, instances, done, appender, args)
+    except RecordError as e:  # every process checks the same prompts, so all stop together
+        stop(accelerator, str(e))
+    if appender:
+        appender.close()
+    accelerator.wait_for_everyone()
+    return generated, failed
+
+
+def generate_missing(accelerator, name, path, instances, done, appender, args):
+    """Answers of one model loaded here, shared out across processes; every batch is gathered on the
+    main process and appended at once."""
+    todo = [r for r in instances if (name, r["id"]) not in done]
+    if not todo:
+        return 0
+    processor = modeling.load_processor(path)
+    model = modeling.load_model(path, dtype=modeling.default_dtype(accelerator)).to(accelerator.device).eval()
+    check_context(model, processor, todo, args)
+    mine = todo[accelerator.process_index :: accelerator.num_processes]
+    # Every process runs the same number of steps (some with an empty batch) because each step
+    # ends in a collective gather.
+    steps = math.ceil(math.ceil(len(todo) / accelerator.num_processes) / args.batch_size)
+    bar = tqdm(total=len(todo), desc=name, disable=not accelerator.is_main_process)
+    for step in range(steps):
+        batch = mine[step * args.batch_size : (step + 1) * args.batch_size]
+        texts, ended = modeling.generate(model, processor, batch, data_path=args.data, batch_size=args.batch_size,
+                                         max_new_tokens=args.max_new_tokens, return_ended=True,
+                                         repetition_penalty=args.repetition_penalty) if batch else ([], [])
+        rows = gather_object([prediction_row(name, r["id"], t, content_key(r), e)
+                              for r, t, e in zip(batch, texts, ended)])
+        if accelerator.is_main_process:
+            for row in rows:
+                appender.write(row)
+        bar.update(len(rows))
+    bar.close()
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return len(todo)
+
+
+def check_context(model, processor, instances, args):
+    """A prompt that leaves no room for the answer would fail deep inside generate: name it here."""
+    limit = modeling.max_positions(model)
+    if not limit:
+        return
+    for r in instances:
+        length = len(modeling.encode_prompt(processor, r, args.data)[0])
+        if length + args.max_new_tokens > limit:
+            raise RecordError(args.data, r.get("_line"), "prompt",
+                              f"{length} tokens + --max-new-tokens {args.max_new_tokens} exceed the model's "
+                              f"{limit} positions")
+
+
 # ---------------------------------------------------------------------------------------------
-# Models
+# The models: names, folders, and the servers that answer for some of them
+
+
+def check_models(args, instances, sources, accelerator):
+    """([(name, path)], {name: chat_client.Served}) of --models, checked before any answer is asked."""
+    models, urls = parse_models(args.models, args.server)
+    if urls and accelerator.num_processes > 1:
+        raise RecordError("--models", None, None, "a server answers for " + ", ".join(urls) + ": run "
+                          "evaluate.py with python, not with several processes")
+    served = connect(models, urls, args)
+    check_text_models(models, instances, args.data, served)
+    clash = sorted({n for n, _ in models} & set(sources))
+    if clash:
+        raise RecordError("--models", None, None, f"model name(s) {clash} are also source names in "
+                                                  f"{args.data}; name the models with NAME=DIR")
+    return models, served
 
 
 # A server URL starts at the last "@http(s)://", as in collect.py's openai: sources.
 _SERVED_RE = re.compile(r"^(?P<spec>.+?)@(?P<url>https?://\S+)$")
 
 
-def parse_models(specs, server=None):
+def parse_models(specs, server):
     """([(name, path)], {name: server URL}) from "DIR" or "NAME=DIR", each with an optional
     "@URL" (else --server, if given). A folder must hold a Hugging Face model; a served DIR may
     also be a folder on the server's machine or the server's name for it."""
@@ -171,7 +321,8 @@ def parse_models(specs, server=None):
     return models, urls
 
 
-def check_text_models(models, instances, data_path, served=()):
+def check_text_models(models, instances, data_path, served):
+    """Images go only to vision models."""
     with_images = sum(bool(r.get("images")) for r in instances)
     for name, path in models:
         if name in served and not Path(path).is_dir():
@@ -181,8 +332,67 @@ def check_text_models(models, instances, data_path, served=()):
                               f"{with_images} instances have images but model {name!r} ({path}) is a text model")
 
 
+def connect(models, urls, args):
+    """{name: chat_client.Served} of the models answered by a server, each checked to serve its DIR."""
+    served = {}
+    for name, path in models:
+        if name in urls:
+            client = chat_client.make_client(urls[name], os.environ.get(args.api_key_env), args.timeout)
+            try:
+                served[name] = chat_client.served_model(client, urls[name], want=path, max_retries=args.max_retries,
+                                                        backoff=args.backoff)
+            finally:
+                client.close()
+    return served
+
+
+def ask_missing(name, served, instances, done, appender, failed, args):
+    """generate_missing through a server (one process): each answer is appended as it comes, a
+    failure is counted in `failed` and left for the next run."""
+    todo = [r for r in instances if (name, r["id"]) not in done]
+    api_key = os.environ.get(args.api_key_env)
+    # repetition_penalty is sent only when set: `transformers serve` refuses the field
+    request = chat_client.request_fields(args.max_new_tokens, 0.0, repetition_penalty=(
+        args.repetition_penalty if args.repetition_penalty != 1.0 else None))
+    client = chat_client.make_client(served.url, api_key, args.timeout)
+    bar = tqdm(total=len(todo), desc=name)
+    try:
+        for r, text, error in chat_client.answer_all(
+                client, served.name, todo, lambda r: chat_client.api_messages(r, args.data), lambda r: request,
+                args.concurrency, args.max_retries, args.backoff, secrets=[api_key], generation=True):
+            if error:
+                failed[error] += 1
+            else:
+                answer, ended = text
+                appender.write(prediction_row(name, r["id"], answer, content_key(r), ended))
+            bar.update(1)
+    finally:
+        bar.close()
+        client.close()
+    return len(todo) - sum(failed.values())
+
+
 # ---------------------------------------------------------------------------------------------
-# Predictions file
+# The predictions file: what is already answered, under which weights and settings, in which order
+
+
+def resume(out, models, keys, served, args, accelerator):
+    """{(model, id)} already in predictions.jsonl, after locking the output and checking models.json.
+    The main process alone touches the output files; the others learn from it what is done."""
+    shared = [None, set()]
+    if accelerator.is_main_process:
+        try:
+            OutputLock(out, "evaluate.py", folder=True)
+            if models:
+                existing = read_predictions(out / "predictions.jsonl", keys)
+                check_manifest(out, models, existing, args, served)
+                shared = [None, set(existing)]  # the keys only: texts stay on disk
+        except RecordError as e:
+            shared = [str(e), set()]
+    broadcast_object_list(shared)
+    if shared[0]:
+        stop(accelerator, shared[0])
+    return shared[1]
 
 
 def read_predictions(path, keys):
@@ -203,21 +413,7 @@ def read_predictions(path, keys):
     return rows
 
 
-def connect(models, urls, args):
-    """{name: chat_client.Served} of the models answered by a server, each checked to serve its DIR."""
-    served = {}
-    for name, path in models:
-        if name in urls:
-            client = chat_client.make_client(urls[name], os.environ.get(args.api_key_env), args.timeout)
-            try:
-                served[name] = chat_client.served_model(client, urls[name], want=path, max_retries=args.max_retries,
-                                                        backoff=args.backoff)
-            finally:
-                client.close()
-    return served
-
-
-def fingerprint(path, served=None):
+def fingerprint(path, served):
     """What predictions are tied to: the folder's fingerprint when it is here (whether loaded here or
     served from it), else the model id the server reports."""
     if served is not None and not Path(path).is_dir():
@@ -229,9 +425,8 @@ def decoding_settings(args):
     return {k: getattr(args, k) for k in DECODING_ARGS}
 
 
-def check_manifest(out, models, existing, args, served=None):
+def check_manifest(out, models, existing, args, served):
     """Refuse to mix predictions of other weights or settings into a model's rows; record ours."""
-    served = served or {}
     manifest_path = out / "models.json"
     try:
         manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
@@ -261,7 +456,7 @@ def check_manifest(out, models, existing, args, served=None):
     write_json_atomic(manifest_path, manifest)
 
 
-def prediction_row(model, record_id, text, key, ended=None):
+def prediction_row(model, record_id, text, key, ended):
     """key: records.content_key of the instance answered; ended: the answer stopped on its own
     (False: cut at --max-new-tokens; None: not known)."""
     return {"id": record_id, "model": model, "text": text, "answer": parse_answer(text), "ended": ended, "h": key}
@@ -281,98 +476,21 @@ def rewrite_in_order(path, rows, model_order, id_order):
 
 
 # ---------------------------------------------------------------------------------------------
-# Generation
+# Outputs: metrics.json, the table, the plot, the summary line
 
 
-def check_context(model, processor, instances, args):
-    """A prompt that leaves no room for the answer would fail deep inside generate: name it here."""
-    limit = modeling.max_positions(model)
-    if not limit:
-        return
-    for r in instances:
-        length = len(modeling.encode_prompt(processor, r, args.data)[0])
-        if length + args.max_new_tokens > limit:
-            raise RecordError(args.data, r.get("_line"), "prompt",
-                              f"{length} tokens + --max-new-tokens {args.max_new_tokens} exceed the model's "
-                              f"{limit} positions")
-
-
-def ask_missing(name, served, instances, done, appender, failed, args):
-    """generate_missing through a server (one process): each answer is appended as it comes, a
-    failure is counted in `failed` and left for the next run."""
-    todo = [r for r in instances if (name, r["id"]) not in done]
-    api_key = os.environ.get(args.api_key_env)
-    # repetition_penalty is sent only when set: `transformers serve` refuses the field
-    request = chat_client.request_fields(args.max_new_tokens, 0.0, repetition_penalty=(
-        args.repetition_penalty if args.repetition_penalty != 1.0 else None))
-    client = chat_client.make_client(served.url, api_key, args.timeout)
-    bar = tqdm(total=len(todo), desc=name)
-    try:
-        for r, text, error in chat_client.answer_all(
-                client, served.name, todo, lambda r: chat_client.api_messages(r, args.data), lambda r: request,
-                args.concurrency, args.max_retries, args.backoff, secrets=[api_key], generation=True):
-            if error:
-                failed[error] += 1
-            else:
-                answer, ended = text
-                appender.write(prediction_row(name, r["id"], answer, content_key(r), ended))
-                done.add((name, r["id"]))
-            bar.update(1)
-    finally:
-        bar.close()
-        client.close()
-    return len(todo) - sum(failed.values())
-
-
-def generate_missing(accelerator, name, path, instances, done, appender, args):
-    """Answers of one model for the instances it has not answered yet, shared out across
-    processes; every batch is gathered on the main process and appended at once."""
-    todo = [r for r in instances if (name, r["id"]) not in done]  # done: {(model, id)}
-    if not todo:
-        return 0
-    processor = modeling.load_processor(path)
-    model = modeling.load_model(path, dtype=modeling.default_dtype(accelerator)).to(accelerator.device).eval()
-    check_context(model, processor, todo, args)
-    mine = todo[accelerator.process_index :: accelerator.num_processes]
-    # Every process runs the same number of steps (some with an empty batch) because each step
-    # ends in a collective gather.
-    steps = math.ceil(math.ceil(len(todo) / accelerator.num_processes) / args.batch_size)
-    bar = tqdm(total=len(todo), desc=name, disable=not accelerator.is_main_process)
-    for step in range(steps):
-        batch = mine[step * args.batch_size : (step + 1) * args.batch_size]
-        texts, ended = modeling.generate(model, processor, batch, data_path=args.data, batch_size=args.batch_size,
-                                         max_new_tokens=args.max_new_tokens, return_ended=True,
-                                         repetition_penalty=args.repetition_penalty) if batch else ([], [])
-        rows = gather_object([prediction_row(name, r["id"], t, content_key(r), e)
-                              for r, t, e in zip(batch, texts, ended)])
-        if accelerator.is_main_process:
-            for row in rows:
-                appender.write(row)
-                done.add((name, row["id"]))
-        bar.update(len(rows))
-    bar.close()
-    del model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return len(todo)
-
-
-# ---------------------------------------------------------------------------------------------
-# Scoring and outputs
-
-
-def score_row(instances, texts):
-    """{task: score} of one row; `texts` maps id -> output text, an absent id counts as missing."""
-    out = {}
-    for task in ("presence", "change"):
-        group = [r for r in instances if r["_task"] == task]
-        if not group:
-            continue
-        result = score([parse_answer(texts.get(r["id"])) for r in group], [r["labels"] for r in group])
-        result["missing"] = sum(r["id"] not in texts for r in group)
-        out[task] = result
-    return out
+def write_outputs(out, rows, instances, unlabelled, args):
+    """metrics.json, table.md (also printed) and accuracy.png; returns the instances per task."""
+    tasks = {t: sum(r["_task"] == t for r in instances) for t in ("presence", "change")}
+    write_json_atomic(out / "metrics.json", {
+        "data": str(args.data), "split": args.split, "instances": len(instances),
+        "unlabelled_skipped": unlabelled, "tasks": {t: n for t, n in tasks.items() if n}, "rows": rows})
+    table = markdown_tables(rows)
+    (out / "table.md").write_text(table)
+    print("\n" + table)
+    if not plot_accuracy(rows, out / "accuracy.png"):
+        print("note: matplotlib is not installed; accuracy.png skipped (pip install matplotlib)")
+    return tasks
 
 
 def markdown_tables(rows):
@@ -430,13 +548,6 @@ def plot_accuracy(rows, path):
     return True
 
 
-def stop(accelerator, message):
-    """Exit 2 on bad input; every process exits, the main one says why (once, not once per process)."""
-    if accelerator.is_main_process:
-        fail(message)
-    raise SystemExit(2)
-
-
 def summary(rows, tasks, unlabelled, n_sources, n_models, generated, reused, args):
     counts = ", ".join(f"{n} {t}" for t, n in tasks.items() if n)
     if unlabelled:
@@ -453,98 +564,18 @@ def summary(rows, tasks, unlabelled, n_sources, n_models, generated, reused, arg
     return line + f"; outputs in {args.out}"
 
 
+def stop(accelerator, message):
+    """Exit 2 on bad input; every process exits, the main one says why (once, not once per process)."""
+    if accelerator.is_main_process:
+        fail(message)
+    raise SystemExit(2)
+
+
 def main(argv=None):
     try:
         evaluate(parse_args(argv))
     finally:
         release_locks()
-
-
-def evaluate(args):
-    transformers.utils.logging.disable_progress_bar()
-    accelerator = Accelerator()
-    set_seed(args.seed)
-    out = Path(args.out)
-    predictions_path = out / "predictions.jsonl"
-    models, served, failed = [], {}, Counter()
-    try:
-        instances, unlabelled = load_eval_instances(args.data, args.split, check_images=not args.sources_only)
-        sources = source_names(instances)
-        if not args.sources_only:
-            models, urls = parse_models(args.models, args.server)
-            if urls and accelerator.num_processes > 1:
-                raise RecordError("--models", None, None, "a server answers for " + ", ".join(urls) + ": run "
-                                  "evaluate.py with python, not with several processes")
-            served = connect(models, urls, args)
-            check_text_models(models, instances, args.data, served)
-            clash = sorted({n for n, _ in models} & set(sources))
-            if clash:
-                raise RecordError("--models", None, None, f"model name(s) {clash} are also source names in "
-                                                          f"{args.data}; name the models with NAME=DIR")
-        check_output_paths(files=[out / name for name in OUTPUT_FILES], folders=[out], inputs={"--data": args.data},
-                           model_dirs={f"--models {name}": path for name, path in models})
-    except (RecordError, chat_client.ServerError) as e:
-        stop(accelerator, str(e))
-    keys = {r["id"]: content_key(r) for r in instances}
-
-    # The main process alone touches the output files; the others learn from it what is done.
-    shared = [None, set()]
-    if accelerator.is_main_process:
-        try:
-            OutputLock(out, "evaluate.py", folder=True)
-            if models:
-                existing = read_predictions(predictions_path, keys)
-                check_manifest(out, models, existing, args, served)
-                shared = [None, set(existing)]  # the keys only: texts stay on disk
-        except RecordError as e:
-            shared = [str(e), set()]
-    broadcast_object_list(shared)
-    if shared[0]:
-        stop(accelerator, shared[0])
-    done = shared[1]
-    reused = sum((n, r["id"]) in done for n, _ in models for r in instances)
-
-    generated = 0
-    appender = JsonlAppender(predictions_path) if accelerator.is_main_process and models else None
-    try:
-        for name, path in models:
-            if name in served:
-                generated += ask_missing(name, served[name], instances, done, appender, failed, args)
-            else:
-                generated += generate_missing(accelerator, name, path, instances, done, appender, args)
-    except RecordError as e:  # every process checks the same prompts, so all stop together
-        stop(accelerator, str(e))
-    if appender:
-        appender.close()
-    accelerator.wait_for_everyone()
-
-    if accelerator.is_main_process:
-        rows = [{"name": s, "kind": "source", **score_row(instances, source_texts(instances, s))} for s in sources]
-        if models:
-            predictions = read_predictions(predictions_path, keys)
-            for name, path in models:
-                texts = {i: row["text"] for (m, i), row in predictions.items() if m == name}
-                rows.append({"name": name, "kind": "model", "path": path, **score_row(instances, texts)})
-            rewrite_in_order(predictions_path, predictions.values(),
-                             {n: k for k, (n, _) in enumerate(models)}, {r["id"]: k for k, r in enumerate(instances)})
-        tasks = {t: sum(r["_task"] == t for r in instances) for t in ("presence", "change")}
-        write_json_atomic(out / "metrics.json", {
-            "data": str(args.data), "split": args.split, "instances": len(instances),
-            "unlabelled_skipped": unlabelled, "tasks": {t: n for t, n in tasks.items() if n}, "rows": rows})
-        table = markdown_tables(rows)
-        (out / "table.md").write_text(table)
-        print("\n" + table)
-        if not plot_accuracy(rows, out / "accuracy.png"):
-            print("note: matplotlib is not installed; accuracy.png skipped (pip install matplotlib)")
-        print(summary(rows, tasks, unlabelled, len(sources), len(models), generated, reused, args))
-        if failed:
-            print(f"{sum(failed.values())} answers failed (run the same command again to ask them again; "
-                  "their rows count them as missing):")
-            for reason, n in failed.most_common():
-                print(f"  {n} failed: {reason}")
-    accelerator.end_training()
-    if failed:
-        raise SystemExit(3)
 
 
 if __name__ == "__main__":
