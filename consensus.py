@@ -102,6 +102,8 @@ import chat_client
 import records
 from records import RecordError
 
+# What the bootstrapped model reads to write the consensus (Eq. (5)): the question and every source
+# trajectory of the instance, in one context.
 CONSENSUS_PROMPT = """Several assistants answered the question below independently. Their responses follow, in random order and under neutral labels.
 
 Question:
@@ -142,9 +144,11 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="preferences.jsonl to write (resumed when it exists)")
     p.add_argument("--model", help="the bootstrapped model folder (bootstrap.py); not needed with --consensus vote")
     p.add_argument("--consensus", choices=("model", "vote", "model+vote"), default="model",
-                   help="where the chosen trajectory comes from (see above; default: model, the paper)")
+                   help="where the chosen trajectory comes from (see above; default: model, the paper; vote "
+                        "and model+vote are this project's additions)")
     p.add_argument("--negatives", choices=("all", "drifting"), default="all",
-                   help="which source trajectories become negatives (default: all, the paper)")
+                   help="which source trajectories become negatives (default: all, the paper; drifting is this "
+                        "project's addition)")
     p.add_argument("--min-agreement", type=float, default=0.5,
                    help="model+vote: least share of the parsed source answers that must make the consensus' "
                         "call on every finding (default 0.5)")
@@ -208,12 +212,14 @@ def run(args):
         generator = load_generator(args, accelerator)
         prompts, shortened = build_prompts(train, skips, template, generator, args, is_main)
 
+    # Resume: what an earlier run wrote or skipped is settled and not generated again.
     outputs, settled = open_outputs(args, train, skips, accelerator)
 
     todo = [r for r in train if r["id"] not in skips]
     progress = tqdm(total=len(todo), initial=sum(r["id"] in settled for r in todo), desc="consensus",
                     disable=not is_main)
     failed = Counter()
+    # Each instance is written as soon as its consensus is settled, so an interrupted run loses none.
     for record, consensus, error in consensuses(args, accelerator, todo, settled, prompts, generator):
         if error:  # written nowhere: the same command asks it again
             failed[error] += 1
@@ -330,9 +336,9 @@ def consensuses(args, accelerator, todo, settled, prompts, generator):
 
 
 def generate_rounds(args, accelerator, todo, settled, prompts, generator):
-    """consensuses() from the model loaded here. Fixed rounds of --batch-size prompts per process, so a
-    resumed run generates exactly the batches an uninterrupted one would; each consensus is made by
-    one process and gathered once."""
+    """consensuses() without a server (in vote mode nothing is generated). Fixed rounds of --batch-size
+    prompts per process, so a resumed run generates exactly the batches an uninterrupted one would;
+    each consensus is made by one process and gathered once."""
     from accelerate.utils import gather_object, set_seed
 
     round_size = args.batch_size * accelerator.num_processes
@@ -361,7 +367,8 @@ def generate_rounds(args, accelerator, todo, settled, prompts, generator):
 
 
 def settle(record, consensus, args):
-    """The preference record of one instance, or the reason it is skipped (a string).
+    """The preference record of one instance, or the reason it is skipped (a string): the consensus
+    is chosen, the source trajectories are rejected, each with its drift from the chosen answer.
     consensus: the model's (text, ended), None in vote mode."""
     choice = choose(record, consensus, args.consensus, args.min_agreement)
     if choice is None:
@@ -392,7 +399,7 @@ def choose(record, consensus, mode, min_agreement):
     consensus_text, ended = consensus
     answer = answers.parse_answer(consensus_text)
     defect = consensus_defect(consensus_text, ended)
-    if defect is not None:
+    if defect is not None:  # not in the paper: APO would teach the model to write it
         return vote_choice(record, "vote:" + defect)
     if mode == "model+vote" and majority_support(answer, record["_answers"]) < min_agreement:
         return vote_choice(record, "vote:disagreed")
