@@ -742,8 +742,8 @@ def open_outputs(args, train, skips, accelerator):
 
 
 def write_in_order(args, train, outputs):
-    """(written, skipped) in input order, the files rewritten so (a resumed run may have appended out
-    of order); a record written twice counts once."""
+    """(written, skipped) in input order, an id's first line kept when it has two; the files are
+    rewritten so, since a resumed run may have appended out of order."""
     outputs.close()
     known = {r["id"] for r in train}
     order = {r["id"]: i for i, r in enumerate(train)}
