@@ -16,6 +16,7 @@ predictions file with its resume checks, the table and the plot):
    tasks (MS-CXR-T) get accuracy per finding; both get the macro average. An answer the parser
    cannot read counts in the "unparsed" column and is wrong on every finding.
 4. metrics.json, table.md (printed) and accuracy.png are written.
+The paper reports accuracy per finding; precision, recall, F1 and the unparsed count are added here.
 
 Outputs in --out:
     predictions.jsonl  one line per (model, instance): id, model, text, answer (parsed or null)
