@@ -56,8 +56,8 @@ def hand_written(path):
     return write_jsonl(path, records)
 
 
-def run_cli(*args, launcher=()):
-    return subprocess.run([sys.executable, *launcher, "evaluate.py", *map(str, args)], cwd=REPO, env=ENV,
+def run_cli(*args, launcher=(), env=None):
+    return subprocess.run([sys.executable, *launcher, "evaluate.py", *map(str, args)], cwd=REPO, env=env or ENV,
                           capture_output=True, text=True, timeout=900)
 
 
@@ -222,9 +222,12 @@ def free_port():
 
 def test_two_processes_gather_each_prediction_once(text_run, tmp_path):
     # 7 instances on 2 processes with batches of 3: shards of 4 and 3, the second ends in an empty batch
-    launcher = ["-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+    # `--cpu --num_processes 2` starts ONE process in accelerate 1.15; --multi_gpu with ACCELERATE_USE_CPU
+    # starts two that talk over gloo on the CPU.
+    launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
-    result = run_cli(*text_run["command"], "--out", tmp_path / "out", launcher=launcher)
+    result = run_cli(*text_run["command"], "--out", tmp_path / "out", launcher=launcher,
+                     env=dict(ENV, ACCELERATE_USE_CPU="1"))
     assert result.returncode == 0, result.stderr
     preds = lines(tmp_path / "out" / "predictions.jsonl")
     assert sorted((p["model"], p["id"]) for p in preds) == sorted({(p["model"], p["id"]) for p in preds})
