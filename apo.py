@@ -46,8 +46,8 @@ import torch
 
 import training
 from apo_loss import LOSSES
-from modeling import (PromptTooLong, ResponseLogps, collate, encode, is_vision_model, load_model, load_processor,
-                      model_fingerprint, tokenizer_of)
+from modeling import (PromptTooLong, ResponseLogps, collate, encode, is_vision_model, load_processor, model_fingerprint,
+                      tokenizer_of)
 from records import RecordError, disk_full_reported, fail, file_hash, load_preferences
 from shared_prompt import SharedPromptLogps, check_attention, pack_shared_prompt
 

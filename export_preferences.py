@@ -20,7 +20,6 @@ Image paths are written absolute, so the file works from any working directory.
 """
 
 import argparse
-import json
 from pathlib import Path
 
 from modeling import messages_for
