@@ -38,8 +38,10 @@ from tqdm.auto import tqdm
 
 import training
 from answers import parse_answer
-from modeling import PromptTooLong, ResponseLogps, collate, encode, is_vision_model, load_processor, model_fingerprint, tokenizer_of
+from modeling import (PromptTooLong, ResponseLogps, collate, encode, is_vision_model, load_processor, model_fingerprint,
+                      tokenizer_of)
 from records import RecordError, file_hash, load_instances
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -129,8 +131,8 @@ def measure_examples(processor, examples, args, data_path, accelerator):
         try:
             enc = encode(processor, examples[idx[0]].record, [examples[i].text for i in idx], args.max_length,
                          data_path)
-        except PromptTooLong as e:
-            rows += [(i, None, None, f"{data_path}:{line}: {e}") for i in idx]
+        except PromptTooLong as e:  # one message an instance, on its first example
+            rows += [(i, None, None, f"{data_path}:{line}: {e}" if k == 0 else None) for k, i in enumerate(idx)]
             continue
         rows += [(i, len(enc.prompt_ids) + len(ids), len(ids), enc.truncated if k == 0 else 0)
                  for k, (i, ids) in enumerate(zip(idx, enc.responses))]
@@ -139,7 +141,7 @@ def measure_examples(processor, examples, args, data_path, accelerator):
     kept, skipped, truncated = [], [], 0
     for i, length, response_tokens, extra in sorted(rows, key=lambda row: row[0]):
         if length is None:
-            if extra not in skipped:  # one message an instance
+            if extra is not None:
                 skipped.append(extra)
         else:
             examples[i].length, examples[i].response_tokens = length, response_tokens
@@ -190,8 +192,8 @@ def train(args):
     except OSError as e:
         raise RecordError(args.model, None, None, f"cannot load the model's tokenizer/processor: {e}") from None
     measured = len(examples)
-    examples, skipped, truncated = measure_examples(processor, examples, args, args.data, accelerator)
-    too_long = measured - len(examples)
+    examples, _, truncated = measure_examples(processor, examples, args, args.data, accelerator)
+    too_long = measured - len(examples)  # counted in examples (the summary's unit), not instances
     micro_global = args.batch_size * accelerator.num_processes
     if len(examples) < micro_global:
         raise RecordError(args.data, None, None, f"{len(examples)} usable training examples, fewer than one "

@@ -2,9 +2,10 @@
 metrics, and the final Hugging Face folder.
 
 The loop itself stays in each script (it is the method); this module holds the plumbing, written
-once. Both stages call it in the same order: start_run, load_trainable_model, prepare_training,
-resume_run, then per step optimizer_step and end_of_step, then save_final. Multi-GPU and multi-node come from `accelerate launch` (DDP, FSDP, DeepSpeed configs); nothing
-here is home-made distribution.
+once. Both stages call it in the same order: start_run, finished_run, load_trainable_model,
+prepare_training, resume_run, then per step optimizer_step and end_of_step, then save_final and
+write_summary. Multi-GPU and multi-node come from `accelerate launch` (DDP, FSDP, DeepSpeed
+configs); nothing here is home-made distribution.
 """
 
 import json
