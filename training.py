@@ -25,6 +25,7 @@ from records import (OutputLock, RecordError, check_output_paths, disk_full_repo
                      release_locks, settings_mismatch, write_json_atomic)
 
 CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
 
 
 class NonFiniteLoss(RuntimeError):
@@ -196,7 +197,7 @@ def finished_run(out_dir, config):
 
 
 def read_losses(out_dir):
-    path = Path(out_dir) / "metrics.jsonl"
+    path = Path(out_dir) / METRICS
     if not path.is_file():
         return []
     return [json.loads(line)["loss"] for line in path.read_text().splitlines() if line.strip()]
@@ -678,7 +679,7 @@ class Metrics:
 
     def __init__(self, accelerator, out_dir, resumed_step=0):
         self.accelerator = accelerator
-        self.path = Path(out_dir) / "metrics.jsonl"
+        self.path = Path(out_dir) / METRICS
         if accelerator.is_main_process:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         if accelerator.is_main_process and self.path.exists():
