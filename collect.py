@@ -404,9 +404,9 @@ def collect_all(args):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         records.fail("collect.py runs as one process (python collect.py …): an hf: model is spread over all "
                      "visible GPUs by itself, and one journal must have one writer")
-    out = Path(args.out)
-    journal_path = out.with_name(out.name + ".parts.jsonl")
     try:
+        out = records.output_file(args.out)
+        journal_path = out.with_name(out.name + ".parts.jsonl")
         srcs = sources.parse_sources(args.sources, args.sim_profiles)
         key_envs = parse_key_envs(args.api_key_env, srcs)
         records.check_output_paths(

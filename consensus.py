@@ -672,7 +672,7 @@ def run_settings(args, train, template):
 
 def claim_output(args, train, template, accelerator):
     """Lock the output and tie it to this run's settings (main process), before any model work."""
-    out = Path(args.out)
+    out = records.output_file(args.out)
     records.check_output_paths(
         files=[out, skipped_path(out), records.manifest_path(out), args.save_prompts, args.summary],
         inputs={"--data": args.data, "--prompt-file": args.prompt_file}, model_dirs={"--model": args.model})

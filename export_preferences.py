@@ -23,7 +23,8 @@ import argparse
 from pathlib import Path
 
 from modeling import messages_for
-from records import JsonlAppender, RecordError, fail, load_preferences, resolve_image
+from records import (OutputLock, RecordError, check_output_paths, fail, load_preferences, manifest_path, output_file,
+                     release_locks, resolve_image, tie_to_run, write_json_atomic, write_jsonl_atomic)
 
 FORMATS = ("swift", "trl")
 
@@ -33,7 +34,8 @@ def parse_args(argv=None):
     parser.add_argument("--data", required=True, help="preferences.jsonl written by consensus.py")
     parser.add_argument("--format", required=True, choices=FORMATS, help="swift: ms-swift DPO JSONL; trl: TRL's "
                         "conversational preference format")
-    parser.add_argument("--out", required=True, help="the JSONL file to write (replaced if it exists)")
+    parser.add_argument("--out", required=True, help="the JSONL file to write (an earlier export there is replaced; "
+                        "any other file, the input or a model folder is refused)")
     parser.add_argument("--max-negatives", type=int, default=None,
                         help="keep at most this many negatives per instance, chosen as apo.py chooses them "
                              "(highest drift first); default: all")
@@ -80,24 +82,33 @@ def trl_rows(record, max_negatives, data_path, with_images):
         yield row
 
 
+def claim_output(out, data_path, fmt, max_negatives):
+    """The output contract of every stage, before anything is read: never over the input, never
+    into a model folder, never over a file another tool wrote (an existing output without its
+    <out>.run.json), and locked against a second export to the same file."""
+    out = output_file(out)
+    manifest = manifest_path(out)
+    model_dir = {"(a model folder: config.json)": out.parent} if (out.parent / "config.json").is_file() else {}
+    check_output_paths(files=[out, manifest], inputs={"--data": data_path}, model_dirs=model_dir)
+    OutputLock(out, "export_preferences.py")
+    # used=set(): a rerun with other flags simply replaces the export (it is rebuilt whole, in seconds)
+    saved = tie_to_run(out, manifest, {"run": {"data": str(Path(data_path).resolve()), "format": fmt,
+                                               "max_negatives": max_negatives}},
+                       "export_preferences.py", "", used=set())
+    return out, manifest, saved
+
+
 def export(data_path, fmt, out, max_negatives=None):
-    """Write the export; returns (instances, lines)."""
+    """Write the export (whole, then renamed over OUT); returns (instances, lines)."""
+    out, manifest, saved = claim_output(out, data_path, fmt, max_negatives)
     records = load_preferences(data_path)
     with_images = any(r.get("images") for r in records)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    lines = 0
-    with JsonlAppender(tmp) as sink:
-        for record in records:
-            rows = (swift_rows(record, max_negatives, data_path) if fmt == "swift"
-                    else trl_rows(record, max_negatives, data_path, with_images))
-            for row in rows:
-                sink.write(row)
-                lines += 1
-    tmp.replace(out)
-    return len(records), lines
+    rows = [row for record in records
+            for row in (swift_rows(record, max_negatives, data_path) if fmt == "swift"
+                        else trl_rows(record, max_negatives, data_path, with_images))]
+    write_json_atomic(manifest, saved)
+    write_jsonl_atomic(out, rows)
+    return len(records), len(rows)
 
 
 def main(argv=None):
@@ -106,6 +117,8 @@ def main(argv=None):
         instances, lines = export(args.data, args.format, args.out, args.max_negatives)
     except RecordError as e:
         fail(str(e))
+    finally:
+        release_locks()
     print(f"export_preferences: {instances} instances -> {lines} {args.format} pairs in {args.out}")
 
 

@@ -17,6 +17,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,11 +80,41 @@ def read_jsonl(path):
                                                                "numbers JSON allows; write a finite number or null)")
             if not isinstance(obj, dict):
                 raise RecordError(path, lineno, None, f"expected a JSON object, got {type(obj).__name__}")
+            if _ESCAPED_SURROGATE.search(text):  # only an escape can hold one: the bytes were valid UTF-8
+                found = _first_lone_surrogate(obj)
+                if found:
+                    raise RecordError(path, lineno, found[0] or None,
+                                      f"holds a lone surrogate '{found[1]}' (half of a UTF-16 pair, not a character; "
+                                      "no file, tokenizer or server can take it); fix or remove it")
             yield lineno, obj
 
 
 class _NonFinite(str):
     """Stands in for a NaN / Infinity while a line is parsed, so the field holding it can be named."""
+
+
+_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins a valid pair into one character
+
+
+def _first_lone_surrogate(value, where=""):
+    """(field path, the escape as written) of the first string, key or value, holding a lone surrogate."""
+    if isinstance(value, str):
+        match = _LONE_SURROGATE.search(value)
+        return (where, f"\\u{ord(match.group()):04x}") if match else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        path = f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}" if where else key
+        found = (_first_lone_surrogate(key, path) if isinstance(key, str) else None) or _first_lone_surrogate(item, path)
+        if found:
+            return found
+    return None
+
+
+def replace_lone_surrogates(text):
+    """(text with each lone surrogate replaced by U+FFFD, how many): an answer holding one can be
+    written, so it is kept rather than asked again on every run."""
+    return _LONE_SURROGATE.subn("\ufffd", text)
 
 
 def _first_non_finite(value, where=""):
@@ -440,7 +471,7 @@ class OutputLock:
     """
 
     def __init__(self, out, stage, folder=False):
-        out = Path(out)
+        out = Path(out) if folder else output_file(out)
         self.path = out / ".lock" if folder else out.with_name(out.name + ".lock")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -490,11 +521,17 @@ def check_output_paths(files=(), folders=(), inputs=None, model_dirs=None):
     models = [(flag, Path(folder)) for flag, folder in (model_dirs or {}).items()
               if folder is not None and Path(folder).is_dir()]
     for out in map(Path, filter(None, folders)):
+        if is_root(out):
+            raise RecordError(out, None, None, "is the root of the file system; choose an output folder of its own")
         for flag, folder in models:
             if same(out, folder):
                 raise RecordError(out, None, None, f"is the model folder {flag} {folder}, which this stage reads; "
                                                    "choose another output folder")
+            if out.resolve().is_relative_to(folder.resolve()):
+                raise RecordError(out, None, None, f"lies inside the model folder {flag} {folder}, which this stage "
+                                                   "reads; choose an output folder outside it")
     for out in map(Path, filter(None, files)):
+        output_file(out)
         for flag, path in (inputs or {}).items():
             if path is not None and same(out, Path(path)):
                 raise RecordError(out, None, None, f"is also the input {flag} {path}: a stage never writes over "
@@ -505,6 +542,20 @@ def check_output_paths(files=(), folders=(), inputs=None, model_dirs=None):
                                                    "reads; choose an output outside it")
 
 
+def is_root(path):
+    resolved = Path(path).resolve()
+    return resolved == resolved.parent
+
+
+def output_file(out):
+    """--out of a stage that writes a file, as a Path: refused when it names a folder with no file
+    name (`/`, `.`), since the stage's companion files (<out>.lock, <out>.run.json) hang off that name."""
+    out = Path(out)
+    if not out.name or out.name in (".", "..") or is_root(out):
+        raise RecordError(out, None, None, "names a folder, not a file; the output is a file (e.g. out.jsonl)")
+    return out
+
+
 def settings_mismatch(saved, now):
     """'key: saved -> now' for each setting that differs, or '' when they agree."""
     keys = sorted(set(saved) | set(now))
@@ -513,7 +564,7 @@ def settings_mismatch(saved, now):
 
 def manifest_path(out):
     """Where a file output's run manifest lives: next to it, <out>.run.json."""
-    out = Path(out)
+    out = output_file(out)
     return out.with_name(out.name + ".run.json")
 
 

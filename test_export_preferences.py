@@ -108,3 +108,54 @@ def test_import_swift_takes_rejected_response_as_assistant_messages(tmp_path):
         sources.import_swift(write_jsonl(tmp_path / "bad.jsonl", rows))
     assert str(e.value).startswith(f"{tmp_path / 'bad.jsonl'}:1: field 'rejected_response[1]': must be a string or "
                                    f"an assistant message")
+
+
+def run_export(*args):
+    return subprocess.run([sys.executable, "export_preferences.py", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_the_export_never_writes_over_its_input_a_model_or_another_export_in_progress(data, tmp_path):
+    """The export used to replace whatever --out named and exit 0: the consensus file itself, or a
+    model's weights. It now has every stage's output contract."""
+    before = data.read_bytes()
+    result = run_export("--data", data, "--format", "swift", "--out", data)
+    assert result.returncode == 2 and "is also the input --data" in result.stderr, result.stderr
+    assert data.read_bytes() == before and not Path(f"{data}.lock").exists()
+
+    model = tmp_path / "model"  # a model folder as from_pretrained reads it (the export never loads one)
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "qwen2"}')
+    (model / "model.safetensors").write_bytes(b"weights")
+    for out in (model / "model.safetensors", model / "dpo.jsonl"):
+        result = run_export("--data", data, "--format", "trl", "--out", out)
+        assert result.returncode == 2 and "lies in the model folder" in result.stderr, result.stderr
+    assert sorted(p.name for p in model.iterdir()) == ["config.json", "model.safetensors"]
+    assert (model / "model.safetensors").read_bytes() == b"weights"
+
+    other = tmp_path / "notes.jsonl"  # a file no export wrote (no notes.jsonl.run.json beside it)
+    other.write_text('{"mine": 1}\n')
+    result = run_export("--data", data, "--format", "swift", "--out", other)
+    assert result.returncode == 2 and "exists and was not written by export_preferences.py" in result.stderr
+    assert other.read_text() == '{"mine": 1}\n'
+
+    result = run_export("--data", data, "--format", "swift", "--out", "/")
+    assert result.returncode == 2 and "names a folder, not a file" in result.stderr and "Traceback" not in result.stderr
+
+    out = tmp_path / "dpo.jsonl"
+    assert run_export("--data", data, "--format", "swift", "--out", out).returncode == 0
+    swift = out.read_bytes()
+    assert run_export("--data", data, "--format", "trl", "--out", out).returncode == 0  # its own export: replaced
+    assert out.read_bytes() != swift and not Path(f"{out}.tmp").exists()
+
+    # A second export while the first holds the lock (held here by a real process) is refused.
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, records; records.OutputLock(sys.argv[1], "
+                               "'export_preferences.py'); print('locked', flush=True); time.sleep(60)", str(out)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = run_export("--data", data, "--format", "trl", "--out", out)
+        assert result.returncode == 2 and "another export_preferences.py is writing this output" in result.stderr
+    finally:
+        holder.kill()
+        holder.wait()
