@@ -13,11 +13,15 @@ run to ask again.
 
 import base64
 import contextlib
+import importlib
 import json
 import mimetypes
+import re
 import socket
+import sys
 import threading
 import time
+from urllib.parse import urlsplit, urlunsplit
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,12 +75,42 @@ def api_messages(record, data_path=None, allow_outside_images=False):
 # them would mangle answers.
 MIN_SECRET_LENGTH = 8
 
+# An Authorization header's Basic credentials, as a server or proxy may echo them: base64 of user:password
+_BASIC = re.compile(r"\b(Basic\s+)([A-Za-z0-9+/]{4,}={0,2})")
+
 
 def redact(text, secrets):
     for s in secrets:
         if s and len(s) >= MIN_SECRET_LENGTH:
             text = text.replace(s, "***")
-    return text
+    return _BASIC.sub(_redact_basic, text)
+
+
+def _redact_basic(match):
+    """'Basic ***' where the word after 'Basic' decodes to user:password; prose ('Basic anatomy') stays."""
+    try:
+        decoded = base64.b64decode(match.group(2), validate=True).decode("ascii")
+    except ValueError:  # not base64, or not ASCII (binascii.Error and UnicodeDecodeError are ValueErrors)
+        return match.group(0)
+    return match.group(1) + "***" if ":" in decoded else match.group(0)
+
+
+def redacted_url(url):
+    """The URL with any user:password@ replaced by ***@, for messages."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+
+
+def refuse_credentials(url, flag):
+    """A URL holding user:password@ is refused: the client would send it as Basic auth instead of the
+    key, and the URL is written into run manifests and summaries. The key belongs in an environment
+    variable (--api-key-env), which is never written anywhere."""
+    if url and (urlsplit(url).username is not None or urlsplit(url).password is not None):
+        raise ServerError(f"{flag} {redacted_url(url)}: a URL may not hold credentials (user:password@); give "
+                          "the server's key in an environment variable named by --api-key-env instead")
+    return url
 
 
 def _retry_after(error):
@@ -176,18 +210,73 @@ class _Watch:
             self.timer.cancel()
 
 
-def api_client(base_url, api_key, timeout):
-    """An OpenAI client that never follows a redirect and ends every request after `timeout` s.
+class ResponseTooLarge(Exception):
+    """The server's answer grew past --max-response-mb; raised while its body is read."""
+
+
+# A chat answer is text: 32 MiB is thousands of times the longest one a model writes, and bounds
+# what --concurrency requests in flight can hold in memory against a hostile or broken server.
+MAX_RESPONSE_MB = 32.0
+
+
+class BodyCap:
+    """Stops reading a response body at `limit` bytes, whether or not it says its length: the
+    response hook refuses a Content-Length over the limit and wraps the body stream, which the client
+    reads after the hooks, so a chunked body is cut as it arrives."""
+
+    def __init__(self, limit_bytes):
+        self.limit = int(limit_bytes)
+
+    def as_event_hooks(self):
+        return {"response": [self._on_response]}
+
+    def _on_response(self, response):
+        length = response.headers.get("content-length")
+        if length and length.isdigit() and int(length) > self.limit:
+            raise ResponseTooLarge(self._message())
+        response.stream = self._capped(response.stream)
+
+    def _capped(self, stream):
+        # the client checks the stream's type, so the wrapper is its library's SyncByteStream
+        library = importlib.import_module(type(stream).__module__.split(".")[0])
+        cap = self
+
+        class Capped(library.SyncByteStream):
+            def __iter__(self):
+                seen = 0
+                for chunk in stream:
+                    seen += len(chunk)
+                    if seen > cap.limit:
+                        raise ResponseTooLarge(cap._message())
+                    yield chunk
+
+            def close(self):
+                stream.close()
+
+        return Capped()
+
+    def _message(self):
+        return (f"response too large: the body passed {self.limit / 2 ** 20:g} MiB (--max-response-mb) and was "
+                "not read further")
+
+
+def api_client(base_url, api_key, timeout, max_response_mb=MAX_RESPONSE_MB):
+    """An OpenAI client that never follows a redirect, ends every request after `timeout` s and
+    reads no answer past max_response_mb.
 
     A 307/308 would re-send the request, images included, to wherever the server points; a
     redirect therefore comes back as an HTTP status and is counted as a failure (see ask). The
     client's own retries are off: ask() retries, so that failures are counted and backed off the
     same way whatever the client version does. Returns (client, deadline) for ask().
     """
+    import os
+
     import openai
 
+    refuse_credentials(base_url or os.environ.get("OPENAI_BASE_URL"), "the base URL")  # also checked when parsed
     deadline = RequestDeadline(timeout)
-    http = openai.DefaultHttpxClient(timeout=timeout, follow_redirects=False, event_hooks=deadline.as_event_hooks())
+    hooks = {**deadline.as_event_hooks(), **BodyCap(max_response_mb * 2 ** 20).as_event_hooks()}
+    http = openai.DefaultHttpxClient(timeout=timeout, follow_redirects=False, event_hooks=hooks)
     client = openai.OpenAI(api_key=api_key or "EMPTY", base_url=base_url, timeout=timeout, max_retries=0,
                            http_client=http)
     return client, deadline
@@ -212,7 +301,10 @@ def completion_text(raw, secrets=(), generation=False):
     content = message.get("content") if isinstance(message, dict) else None
     if not isinstance(message, dict) or not isinstance(content, (str, type(None))):
         return None, _reason(f"malformed response: no choices[0].message.content string in {body[:160]!r}", secrets)
-    text = redact((content or "").strip(), secrets)
+    text, replaced = records.replace_lone_surrogates(redact((content or "").strip(), secrets))
+    if replaced:  # half a UTF-16 pair cannot be written to any file; the answer is kept, not asked again
+        print(f"warning: an answer held {replaced} lone surrogate(s) (half a UTF-16 pair), each replaced by U+FFFD",
+              file=sys.stderr, flush=True)
     if generation:  # what the in-process path gives: the text, empty or not, and whether it ended
         return (text, choice.get("finish_reason") == "stop"), None
     if text:
@@ -260,6 +352,8 @@ def ask(client, model, messages, request, max_retries=5, backoff=1.0, max_backof
             if not (e.status_code in (408, 409, 429) or e.status_code >= 500):
                 return None, error
             wait = _retry_after(e)
+        except ResponseTooLarge as e:  # asking again would bring the same flood
+            return None, str(e)
         except (openai.APITimeoutError, openai.APIConnectionError) as e:
             # a connection the deadline shut down reads as a dropped connection: it was a timeout
             timed_out = isinstance(e, openai.APITimeoutError) or watch.passed
@@ -269,9 +363,9 @@ def ask(client, model, messages, request, max_retries=5, backoff=1.0, max_backof
     return None, f"{error} (after {max_retries + 1} attempts)"
 
 
-def make_client(base_url, api_key=None, timeout=300.0):
+def make_client(base_url, api_key=None, timeout=300.0, max_response_mb=MAX_RESPONSE_MB):
     """api_client with its deadline kept on the client, for answer_all and list_models."""
-    client, deadline = api_client(base_url, api_key, timeout)
+    client, deadline = api_client(base_url, api_key, timeout, max_response_mb)
     client.apo_deadline = deadline
     return client
 
@@ -402,6 +496,9 @@ def add_request_options(group, concurrency=8, timeout=300.0):
     group.add_argument("--backoff", type=float, default=1.0, metavar="SECONDS",
                        help="first retry delay in seconds, doubled each retry (capped at 60, or the server's "
                             "Retry-After)")
+    group.add_argument("--max-response-mb", type=float, default=MAX_RESPONSE_MB, metavar="MIB",
+                       help="largest answer body read from a server, in MiB; a larger one is cut off and counted "
+                            f"as a failure, not retried (default {MAX_RESPONSE_MB:g})")
 
 
 def add_server_options(parser, what):

@@ -24,6 +24,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import answers
+import chat_client
 import records
 import sources
 from records import RecordError
@@ -117,6 +118,9 @@ def build_parser():
     api.add_argument("--backoff", type=float, default=1.0, metavar="SECONDS",
                      help="first retry delay in seconds, doubled each retry (capped at 60, or the server's "
                           "Retry-After)")
+    api.add_argument("--max-response-mb", type=float, default=chat_client.MAX_RESPONSE_MB, metavar="MIB",
+                     help="largest answer body read from an API source, in MiB; a larger one is cut off and "
+                          "counted as a failure, not retried (default %(default)g)")
     return p
 
 
@@ -275,6 +279,7 @@ def answers_of(source, instances, todo, origin, positions, args, key_envs):
         return sources.openai_answers(source, todo_records, data_path=origin, api_key=api_key(source, key_envs),
                                       concurrency=args.concurrency, max_retries=args.max_retries,
                                       timeout=args.timeout, backoff=args.backoff, request=api_request(args),
+                                      max_response_mb=args.max_response_mb,
                                       allow_outside_images=args.allow_outside_images)
     return sources.sim_answers(source, todo_records, positions, seed=args.seed, delay=args.sim_delay)
 

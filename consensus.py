@@ -177,6 +177,10 @@ def parse_args(argv=None):
         p.error(f"--model (or --server) is required with --consensus {args.consensus}")
     if args.server and args.consensus == "vote":
         p.error("--server generates consensuses; --consensus vote asks no model")
+    try:
+        chat_client.refuse_credentials(args.server, "--server")
+    except chat_client.ServerError as e:
+        p.error(str(e))
     if args.concurrency < 1:
         p.error("--concurrency must be at least 1")
     if args.save_prompts and args.consensus == "vote":
@@ -620,7 +624,8 @@ def served_model(args):
     """The server's model for this run: the one --model names, refused if it serves another."""
     if not chat_client.have_openai():
         raise RecordError("--server", None, None, "the `openai` package is needed: pip install openai")
-    client = chat_client.make_client(args.server, os.environ.get(args.api_key_env), args.timeout)
+    client = chat_client.make_client(args.server, os.environ.get(args.api_key_env), args.timeout,
+                                     args.max_response_mb)
     try:
         return chat_client.served_model(client, args.server, want=args.model, name=args.served_model,
                                         max_retries=args.max_retries, backoff=args.backoff)
@@ -642,7 +647,7 @@ def ask_server(args, served, todo, prompts):
     def request_of(record):  # a seed per instance: a resumed sampled run asks exactly what the first did
         return {**request, "seed": sources.seed_for(args.seed, record["id"])} if sampling else request
 
-    client = chat_client.make_client(served.url, api_key, args.timeout)
+    client = chat_client.make_client(served.url, api_key, args.timeout, args.max_response_mb)
     try:
         yield from chat_client.answer_all(
             client, served.name, todo,

@@ -295,6 +295,7 @@ def parse_models(specs, server):
     for spec in specs:
         m = _SERVED_RE.match(spec)
         spec, url = (m["spec"], m["url"]) if m else (spec, server)
+        chat_client.refuse_credentials(url, "--models" if m else "--server")
         name, sep, path = spec.partition("=")
         if not sep or "/" in name:  # a path that merely contains "="
             name, path = Path(spec.rstrip("/")).name, spec
@@ -338,7 +339,8 @@ def connect(models, urls, args):
     served = {}
     for name, path in models:
         if name in urls:
-            client = chat_client.make_client(urls[name], os.environ.get(args.api_key_env), args.timeout)
+            client = chat_client.make_client(urls[name], os.environ.get(args.api_key_env), args.timeout,
+                                             args.max_response_mb)
             try:
                 served[name] = chat_client.served_model(client, urls[name], want=path, max_retries=args.max_retries,
                                                         backoff=args.backoff)
@@ -355,7 +357,7 @@ def ask_missing(name, served, instances, done, appender, failed, args):
     # repetition_penalty is sent only when set: `transformers serve` refuses the field
     request = chat_client.request_fields(args.max_new_tokens, 0.0, repetition_penalty=(
         args.repetition_penalty if args.repetition_penalty != 1.0 else None))
-    client = chat_client.make_client(served.url, api_key, args.timeout)
+    client = chat_client.make_client(served.url, api_key, args.timeout, args.max_response_mb)
     bar = tqdm(total=len(todo), desc=name)
     try:
         for r, text, error in chat_client.answer_all(

@@ -20,6 +20,7 @@ JSONL (the format of the official APO scripts) and any JSONL through a field map
 
 import hashlib
 import json
+import os
 import re
 import time
 from collections import Counter
@@ -29,7 +30,8 @@ from pathlib import Path
 
 import records
 # the OpenAI-compatible client, shared with consensus.py and evaluate.py --server
-from chat_client import api_client, api_messages, ask, image_data_url  # noqa: F401 (image_data_url: sources.*)
+from chat_client import (ServerError, api_client, api_messages, ask, image_data_url,  # noqa: F401 (image_data_url: sources.*)
+                         refuse_credentials)
 from records import RecordError
 
 KINDS = ("hf", "openai", "sim")
@@ -79,6 +81,10 @@ def parse_sources(specs, sim_profiles=None):
         elif kind == "openai":
             m = _OPENAI_RE.match(target)
             model, url = (m["model"], m["url"]) if m else (target, None)
+            try:
+                refuse_credentials(url or os.environ.get("OPENAI_BASE_URL"), f"--sources {name or model}:")
+            except ServerError as e:
+                raise SourceError(str(e)) from None
             out.append(Source(name or model, "openai", model, base_url=url))
         else:
             import simulator
@@ -176,13 +182,14 @@ def is_text_model(source):
 
 
 def openai_answers(source, instances, data_path=None, api_key=None, concurrency=8, max_retries=5, timeout=120.0,
-                   backoff=1.0, request=None, allow_outside_images=False):
+                   backoff=1.0, request=None, allow_outside_images=False, max_response_mb=None):
     """Yield (id, text, error) for each instance as its request finishes, at most `concurrency` in
     flight. `request` holds the extra chat.completions fields (max_completion_tokens, temperature …);
     `timeout` is each request's total deadline. The key is removed from every answer and error,
     whatever the server echoes back.
     """
-    client, deadline = api_client(source.base_url, api_key, timeout)
+    client, deadline = api_client(source.base_url, api_key, timeout,
+                                  *(() if max_response_mb is None else (max_response_mb,)))
     secrets = [api_key]
 
     def answer(record):

@@ -923,3 +923,117 @@ def test_a_full_disk_while_journalling_is_named_cut_clean_and_the_rerun_resumes(
                                                                   "t.jsonl.run.json"]
     assert f"{len(kept)} resumed from the journal" in (tmp_path / "second.out").read_text()
     assert (tmp_path / "resumed.jsonl").read_text() == straight.read_text()
+
+
+def test_credentials_in_a_url_are_refused_unwritten_and_echoed_basic_credentials_redacted(tmp_path, chat_server,
+                                                                                          capsys, monkeypatch):
+    """user:password@ in a source URL used to be written into OUT.run.json and sent as Basic auth
+    instead of the key; it is refused before anything is asked or written, the password nowhere."""
+    password = "hunter2-password-0042"
+    basic = __import__("base64").b64encode(f"alice:{password}".encode()).decode()
+
+    def behave(prompt, n, body):  # a server (or proxy) that echoes Basic credentials into its answer
+        return 200, completion(f"Basic anatomy is fine. Header: Authorization: Basic {basic}\nAnswer: No Finding"), {}, 0
+
+    server = chat_server(behave)
+    data, out = write_jsonl(tmp_path / "data.jsonl", text_rows(2)), tmp_path / "t.jsonl"
+    url = server.url.replace("http://", f"http://alice:{password}@")
+    code, stdout, err = collect_in_process(capsys, "--data", data, "--sources", f"api=openai:m@{url}", "--out", out)
+    assert code == 2 and "may not hold credentials" in err and "http://***@127.0.0.1:" in err, err
+    assert password not in stdout + err and server.requests == [] and list(tmp_path.iterdir()) == [data]
+    monkeypatch.setenv("OPENAI_BASE_URL", url)  # the client's default endpoint is checked the same way
+    code, stdout, err = collect_in_process(capsys, "--data", data, "--sources", "api=openai:m", "--out", out)
+    assert code == 2 and password not in stdout + err and server.requests == []
+    monkeypatch.delenv("OPENAI_BASE_URL")
+
+    code, stdout, err = collect_in_process(capsys, "--data", data, "--sources", f"api=openai:m@{server.url}",
+                                           "--out", out)
+    assert code == 0, err
+    texts = [t["text"] for r in read_jsonl(out) for t in r["trajectories"]]
+    assert texts == ["Basic anatomy is fine. Header: Authorization: Basic ***\nAnswer: No Finding"] * 2
+    for path in tmp_path.iterdir():
+        assert basic not in path.read_text() and password not in path.read_text()
+
+
+def test_lone_surrogates_are_refused_at_load_and_replaced_in_answers_without_asking_again(tmp_path, chat_server,
+                                                                                         capsys):
+    """A lone surrogate ("\\ud800") passed validation and crashed the final write, leaving *.tmp;
+    one in a server's answer crashed the journal write on every run, asking again each time."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "prompt": "fine"}\n{"id": "b", "prompt": "half \\ud800 a pair"}\n')
+    code, _, err = collect_in_process(capsys, "--data", bad, "--sources", "sim:concise", "--out", tmp_path / "o.jsonl")
+    assert code == 2 and f"{bad}:2: field 'prompt': holds a lone surrogate '\\ud800'" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+
+    server = chat_server(lambda prompt, n, body: (200, completion("Answer: No Finding \ud83d cut"), {}, 0))
+    data, out = write_jsonl(tmp_path / "data.jsonl", text_rows(3)), tmp_path / "t.jsonl"
+    code, _, err = collect_in_process(capsys, "--data", data, "--sources", f"api=openai:m@{server.url}", "--out", out)
+    assert code == 0 and err.count("1 lone surrogate(s)") == 3, err
+    assert [t["text"] for r in read_jsonl(out) for t in r["trajectories"]] == ["Answer: No Finding \ufffd cut"] * 3
+    assert len(server.requests) == 3 and not Path(f"{out}.tmp").exists()
+    code, _, err = collect_in_process(capsys, "--data", data, "--sources", f"api=openai:m@{server.url}", "--out", out)
+    assert code == 0 and len(server.requests) == 3  # nothing asked again
+
+
+class EndlessChunkedServer:
+    """A hostile server on 127.0.0.1: a chat completion whose chunked body never ends (a JSON string
+    that grows 64 KiB at a time until the client hangs up), counting what it sent."""
+
+    def __init__(self):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests, self.sent = 0, 0
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                owner.requests += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                chunks = [b'{"choices": [{"message": {"role": "assistant", "content": "'] + [b"x" * 65536] * 100000
+                try:
+                    for chunk in chunks:
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                        owner.sent += len(chunk)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_an_oversized_answer_is_cut_at_the_cap_counted_and_not_retried(tmp_path, chat_server):
+    """A 100 MB answer used to be read whole into memory and written into the journal; an endless
+    chunked one grew memory until --timeout. Now the body is cut at --max-response-mb: a failure
+    (exit 3), asked once, nothing of it written; a Content-Length over the cap is refused unread."""
+    endless = EndlessChunkedServer()
+    big = chat_server(lambda prompt, n, body: (200, completion("y" * (3 << 20)), {}, 0))  # 3 MiB, Content-Length
+    try:
+        data, out = write_jsonl(tmp_path / "data.jsonl", text_rows(2)), tmp_path / "t.jsonl"
+        result = run_collect("--data", data, "--sources", f"endless=openai:m@{endless.url}",
+                             f"big=openai:m@{big.url}", "--max-response-mb", 1, "--backoff", 0.01, "--out", out)
+        assert result.returncode == 3, result.stderr
+        errors = [l["error"] for l in read_jsonl(journal_of(out))]
+        assert errors == ["response too large: the body passed 1 MiB (--max-response-mb) and was not read further"] * 4
+        assert endless.requests == 2 and len(big.requests) == 2  # not retried
+        # the client stopped reading within a few socket buffers of the cap (the kernel buffers what
+        # the server wrote before the client hung up: far less than the 6.5 GB it offered)
+        assert endless.sent < 2 * (64 << 20)
+        assert journal_of(out).stat().st_size < 4096 and "yyyy" not in out.read_text()
+    finally:
+        endless.close()
