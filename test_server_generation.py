@@ -248,3 +248,33 @@ def test_served_model_resolution(chat_server, tiny_text_model):
                          models=[{"id": "a", "root": "/a"}, {"id": "b", "root": "/b"}])
     with pytest.raises(chat_client.ServerError, match="lists 'a', 'b': name the model to ask for with --served-model"):
         chat_client.served_model(chat_client.make_client(server.url), server.url)
+
+
+def test_server_urls_with_credentials_are_refused_and_lone_surrogates_in_answers_kept(tmp_path, capsys, chat_server,
+                                                                                   tiny_text_model):
+    """consensus/evaluate --server: user:password@ used to be written into the summary and
+    models.json and sent as Basic auth; a lone surrogate in an answer crashed the write on every run."""
+    server = chat_server(lambda prompt, n, body: (200, completion("Fluid \ud83d cut.\nAnswer: Pleural Effusion"), {}, 0),
+                         models=[{"id": tiny_text_model, "root": tiny_text_model, "max_model_len": 2048}])
+    password = "hunter2-password-0042"
+    secret_url = server.url.replace("http://", f"http://bob:{password}@")
+    data, test_data = write_jsonl(tmp_path / "d.jsonl", instances(2)), write_jsonl(tmp_path / "t.jsonl", instances(2, "test"))
+    code, out, err = run_main(consensus, capsys, "--server", secret_url, "--model", tiny_text_model, "--data", data,
+                              "--out", tmp_path / "p.jsonl", "--summary", tmp_path / "s.json")
+    assert code == 2 and "may not hold credentials" in err and password not in out + err
+    code, out, err = run_main(evaluate, capsys, "--models", f"m={tiny_text_model}@{secret_url}", "--data", test_data,
+                              "--out", tmp_path / "e")
+    assert code == 2 and "may not hold credentials" in err and password not in out + err
+    assert server.requests == [] and sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "t.jsonl"]
+
+    args = ["--server", server.url, "--model", tiny_text_model, "--data", data, "--out", tmp_path / "p.jsonl",
+            "--max-new-tokens", 16]
+    code, _, err = run_main(consensus, capsys, *args)
+    assert code == 0 and err.count("1 lone surrogate(s)") == 2, err
+    assert {p["chosen"] for p in read_jsonl(tmp_path / "p.jsonl")} == {"Fluid \ufffd cut.\nAnswer: Pleural Effusion"}
+    eval_args = ["--models", f"m={tiny_text_model}", "--server", server.url, "--data", test_data, "--out", tmp_path / "e"]
+    code, out, err = run_main(evaluate, capsys, *eval_args)
+    assert code == 0 and "2 answers generated" in out, err
+    asked = len(server.requests)
+    assert run_main(consensus, capsys, *args)[0] == 0 and run_main(evaluate, capsys, *eval_args)[0] == 0
+    assert len(server.requests) == asked  # what was answered is never asked again
