@@ -189,7 +189,7 @@ def train(args):
 
     try:
         processor = load_processor(args.model)
-    except OSError as e:
+    except OSError as e:  # a broken or missing tokenizer is a RecordError from load_processor itself
         raise RecordError(args.model, None, None, f"cannot load the model's tokenizer/processor: {e}") from None
     measured = len(examples)
     examples, _, truncated = measure_examples(processor, examples, args, args.data, accelerator)

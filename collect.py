@@ -186,6 +186,9 @@ def check_sources(srcs, instances, origin, key_envs, allow_outside_images=False)
             if text_only and with_images:
                 raise SourceError(f"{s} is a text model but {with_images} instances have images; name a VLM "
                                   "(its config has a vision_config) or instances without images")
+            import modeling
+
+            modeling.load_processor(s.target)  # its tokenizer checked now, not after the other sources' answers
         if s.kind == "openai" and api_key(s, key_envs) is None and (
                 s.name in key_envs or (s.base_url is None and not os.environ.get("OPENAI_BASE_URL"))):
             # a local server may need no key; OpenAI itself, or a key named for this source, does

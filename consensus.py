@@ -678,6 +678,10 @@ def run_settings(args, train, template):
 def claim_output(args, train, template, accelerator):
     """Lock the output and tie it to this run's settings (main process), before any model work."""
     out = records.output_file(args.out)
+    if args.consensus != "vote" and args.model:
+        import modeling
+
+        modeling.load_processor(args.model)  # a folder without its tokenizer is refused before the manifest
     records.check_output_paths(
         files=[out, skipped_path(out), records.manifest_path(out), args.save_prompts, args.summary],
         inputs={"--data": args.data, "--prompt-file": args.prompt_file}, model_dirs={"--model": args.model})

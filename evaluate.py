@@ -332,6 +332,8 @@ def check_text_models(models, instances, data_path, served):
         if with_images and not modeling.is_vision_model(path):
             raise RecordError(data_path, None, "images",
                               f"{with_images} instances have images but model {name!r} ({path}) is a text model")
+        if name not in served:
+            modeling.load_processor(path)  # its tokenizer checked now, not after the other models' answers
 
 
 def connect(models, urls, args):

@@ -55,20 +55,56 @@ def model_fingerprint(path):
 
 
 def load_processor(path):
-    """The processor of a VLM or the tokenizer of a text model, padded on the left for generation."""
-    if is_vision_model(path):
-        from transformers import AutoProcessor  # imports the image stack (torchvision, ~5 s CPU): VLMs only
+    """The processor of a VLM or the tokenizer of a text model, padded on the left for generation;
+    checked against the model (check_tokenizer), RecordError naming the folder when it is unusable."""
+    from records import RecordError
 
-        processor = AutoProcessor.from_pretrained(path)
-    else:
-        from transformers import AutoTokenizer
+    try:
+        if is_vision_model(path):
+            from transformers import AutoProcessor  # imports the image stack (torchvision, ~5 s CPU): VLMs only
 
-        processor = AutoTokenizer.from_pretrained(path)
+            processor = AutoProcessor.from_pretrained(path)
+        else:
+            from transformers import AutoTokenizer
+
+            processor = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:  # no tokenizer file at all: transformers cannot tell what to build
+        raise RecordError(path, None, None, f"cannot load the model's tokenizer ({' '.join(str(e).split())[:300]}); "
+                                            "a model folder needs its tokenizer files (tokenizer.json, "
+                                            "tokenizer_config.json)") from None
+    check_tokenizer(processor, path)
     tok = tokenizer_of(processor)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     return processor
+
+
+def check_tokenizer(processor, path):
+    """A tokenizer that cannot be this model's is refused: with tokenizer.json missing, transformers
+    builds a near-empty one from the other files, and a run would train and write a "finished" model
+    on text it cannot see. Its vocabulary must fit the model's embeddings and be most of them
+    (models pad their embedding rows a little past the vocabulary, never to twice its size), and it
+    must have the chat template every stage formats with."""
+    from records import RecordError
+
+    tok = tokenizer_of(processor)
+    rows = _embedding_rows(path)
+    if rows is not None and not rows / 2 < len(tok) <= rows:
+        raise RecordError(path, None, None, f"the tokenizer has {len(tok)} tokens but the model has {rows} embedding "
+                                            "rows: it is not this model's tokenizer (is tokenizer.json missing or "
+                                            "from another model?)")
+    if not (getattr(processor, "chat_template", None) or getattr(tok, "chat_template", None)):
+        raise RecordError(path, None, None, "the tokenizer has no chat template (chat_template.jinja or "
+                                            "tokenizer_config.json's chat_template); every stage formats prompts "
+                                            "with it")
+
+
+def _embedding_rows(path):
+    """vocab_size of the (text) model's config, None where it does not say."""
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(path).get_text_config(), "vocab_size", None)
 
 
 def load_model(path, dtype=None, device_map=None):

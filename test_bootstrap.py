@@ -455,3 +455,47 @@ def test_a_second_signal_stops_at_once(tmp_path, straight, tiny_text_model):
     assert "SIGINT: finishing this optimizer step" in stderr and "SIGTERM: stopping at once" in stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     assert training.checkpoint_dirs(out) == [] and not (out / "model.safetensors").exists()
+
+
+def test_a_model_folder_without_its_tokenizer_is_refused_by_every_stage(tmp_path, capsys, tiny_text_model):
+    """With tokenizer.json deleted, transformers builds a 7-token tokenizer and bootstrap used to train
+    and write a "finished" model on it (exit 0); with every tokenizer file gone, each stage ended in a
+    ValueError traceback. Now each stage exits 2 naming the folder before any output is written."""
+    import shutil
+
+    import apo
+    import collect
+    import consensus
+    import evaluate
+    from test_apo_stage import PREFERENCES, write_jsonl
+
+    data = write_data(tmp_path / "data", n_train=4)
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", PREFERENCES)
+    no_json, bare, no_template = tmp_path / "no-json", tmp_path / "bare", tmp_path / "no-template"
+    for folder in (no_json, bare, no_template):
+        shutil.copytree(tiny_text_model, folder)
+    (no_json / "tokenizer.json").unlink()
+    for f in bare.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "chat_template.jinja":
+            f.unlink()
+    (no_template / "chat_template.jinja").unlink()
+
+    def stage_runs(model):
+        yield bootstrap.main, ["--model", model, "--data", data, "--out", tmp_path / "boot"]
+        yield apo.main, ["--model", model, "--data", prefs, "--out", tmp_path / "apo"]
+        yield consensus.main, ["--model", model, "--data", data, "--out", tmp_path / "p.jsonl"]
+        yield evaluate.main, ["--models", model, "--data", data, "--split", "train", "--out", tmp_path / "eval"]
+        yield collect.main, ["--data", data, "--sources", f"hf:{model}", "--out", tmp_path / "t.jsonl"]
+
+    expected = {no_json: "the tokenizer has 7 tokens but the model has 400 embedding rows",
+                bare: "it is not this model's tokenizer", no_template: "the tokenizer has no chat template"}
+    for model, message in expected.items():
+        for main, args in stage_runs(model):
+            with pytest.raises(SystemExit) as exit_:
+                main([str(a) for a in args])
+            err = capsys.readouterr().err
+            assert exit_.value.code == 2 and str(model) in err and message in err, (main.__module__, err)
+            assert "Traceback" not in err
+    assert not (tmp_path / "boot" / "model.safetensors").exists() and not (tmp_path / "apo" / "model.safetensors").exists()
+    assert not (tmp_path / "p.jsonl").exists() and not (tmp_path / "t.jsonl").exists()
+    assert not (tmp_path / "eval" / "predictions.jsonl").exists()
