@@ -54,6 +54,7 @@ from shared_prompt import SharedPromptLogps, check_attention, pack_shared_prompt
 REFERENCE_FILE = "reference_logps.safetensors"
 # Bump when the log-prob computation changes, so caches written by older code are recomputed.
 REFERENCE_VERSION = "1"
+TENSORS_SHA256 = "tensors_sha256"  # metadata key: the cached values as saved
 
 
 def parse_args(argv=None):
@@ -385,7 +386,10 @@ def reference_logps(accelerator, module, model, processor, examples, config, arg
     weights = next(model.parameters()).dtype
     key = reference_key(config, accelerator.mixed_precision + ("" if weights == torch.float32 else f", {weights} weights"))
     path = out / REFERENCE_FILE
-    reference = load_reference(path, key, examples)
+    reference, problem = load_reference(path, key, examples)
+    if problem:
+        accelerator.print(f"reference log-probs: the cached {path} is not used, {problem}; computing them again",
+                          flush=True)
     # Decided together: the pass is collective, and a node without a shared disk sees no cache.
     state = "computed" if training.global_count(accelerator, reference is None) else "reused"
     if state == "computed":
@@ -407,30 +411,70 @@ def reference_key(config, precision):
 
 
 def load_reference(path, key, examples):
-    """The cached tensors if the file exists and matches key and data, else None."""
+    """(the cached tensors, None) if the file exists and matches key and data, else (None, why not:
+    None when there is no file, or the settings or data changed; a sentence when the file itself is bad)."""
     from safetensors import safe_open
 
     if not Path(path).is_file():
-        return None
+        return None, None
     try:
         with safe_open(str(path), framework="pt") as f:
-            if f.metadata() != key:
-                return None
+            meta = dict(f.metadata() or {})
             tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except Exception:  # a torn or foreign file is recomputed, not trusted
-        return None
+    except Exception as e:  # a torn or foreign file is recomputed, not trusted
+        return None, f"unreadable ({' '.join(str(e).split())[:200]})"
+    stored_hash = meta.pop(TENSORS_SHA256, None)
+    if meta != key:
+        return None, None
     lines = torch.tensor([ex.record["_line"] for ex in examples])
     if tensors.get("line") is None or not torch.equal(tensors["line"], lines):
-        return None
-    return tensors
+        return None, None
+    problem = reference_problem(tensors, examples)
+    if problem is None and stored_hash != tensors_sha256(tensors):
+        problem = ("its values are not the ones that were saved (content hash differs)" if stored_hash else
+                   "it carries no content hash to check its values against")
+    return (None, problem) if problem else (tensors, None)
+
+
+def reference_problem(tensors, examples):
+    """What is wrong with cached reference tensors for these examples, or None: each is a sum of
+    log-probabilities, so finite and at most 0, one per example and negative."""
+    n, width = len(examples), max(len(ex.negatives) for ex in examples)
+    shapes = {"chosen": (n,), "rejected": (n, width), "num_negatives": (n,)}
+    for name, shape in shapes.items():
+        if name not in tensors or tuple(tensors[name].shape) != shape:
+            got = tuple(tensors[name].shape) if name in tensors else "missing"
+            return f"'{name}' has shape {got}, expected {shape}"
+    if tensors["num_negatives"].tolist() != [len(ex.negatives) for ex in examples]:
+        return "'num_negatives' does not match the data"
+    for name in ("chosen", "rejected"):
+        values = tensors[name].float()
+        if not torch.isfinite(values).all():
+            return f"'{name}' holds NaN or infinite values"
+        if (values > 0).any():
+            return f"'{name}' holds positive values, which no sum of log-probabilities can be"
+    return None
+
+
+def tensors_sha256(tensors):
+    """sha256 over the tensors' names and bytes, stored in the file's metadata at save."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def save_reference(path, tensors, key):
     from safetensors.torch import save_file
 
     tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
     with disk_full_reported(path, leftovers=[tmp], resumes="the same command computes the reference pass again"):
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=key)
+        save_file(tensors, str(tmp), metadata={**key, TENSORS_SHA256: tensors_sha256(tensors)})
         os.replace(tmp, path)
 
 

@@ -401,3 +401,41 @@ def test_out_equal_to_model_or_locked_is_refused_before_any_model_work(tiny_text
             apo.main(["--model", str(model), "--data", str(data), "--out", str(out), *TRAIN])
     assert exit_.value.code == 2 and "another apo.py is writing this output" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
+def test_a_damaged_reference_cache_is_recomputed_and_said_so(tiny_text_model, tmp_path, capsys):
+    """The cache was reused whenever its metadata and lines matched: NaN values stopped training with
+    a wrong hint, a wrong shape raised an IndexError, values shifted by +500 trained silently. Each is
+    now noticed on load (shape, finiteness, log-probs <= 0, the content hash saved with it), said,
+    and recomputed to exactly the values of a clean pass."""
+    from safetensors.torch import load_file, save_file
+
+    data = write_jsonl(tmp_path / "preferences.jsonl", PREFERENCES)
+    out = tmp_path / "out"
+    cache = out / apo.REFERENCE_FILE
+    common = [str(a) for a in ("--model", tiny_text_model, "--data", data, "--out", out, "--reference-only")]
+
+    def reference_pass():  # in this process: the interpreter and torch start once
+        apo.main(common)
+        return capsys.readouterr()
+
+    reference_pass()
+    clean = load_file(str(cache))
+    with safe_open(str(cache), framework="pt") as f:
+        meta = f.metadata()
+
+    damages = {
+        "NaN": (lambda t: dict(t, chosen=torch.full_like(t["chosen"], float("nan"))), "'chosen' holds NaN or infinite"),
+        "shape": (lambda t: dict(t, rejected=t["rejected"][:, :1].contiguous()), "'rejected' has shape (4, 1)"),
+        "+500": (lambda t: dict(t, chosen=t["chosen"] + 500), "'chosen' holds positive values"),
+        "-1": (lambda t: dict(t, rejected=t["rejected"] - 1),  # plausible values, still caught
+               "its values are not the ones that were saved (content hash differs)"),
+    }
+    for name, (damage, message) in damages.items():
+        save_file(damage(dict(clean)), str(cache), metadata=meta)
+        result = reference_pass()
+        assert f"the cached {cache} is not used, {message}" in result.out, (name, result.out)
+        assert "reference log-probs computed" in result.out
+        again = load_file(str(cache))
+        assert all(torch.equal(again[k], clean[k]) for k in clean), name
+    assert "reference log-probs reused" in reference_pass().out
