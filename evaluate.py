@@ -57,9 +57,9 @@ from tqdm.auto import tqdm
 import chat_client
 import modeling
 from answers import CHANGE_FINDINGS, FINDINGS, normalize, parse_answer, score, task_of
-from records import (SPLITS, JsonlAppender, OutputLock, RecordError, check_output_paths, content_key, fail,
-                     load_instances, read_jsonl, release_locks, repair_torn_tail, write_json_atomic,
-                     write_jsonl_atomic)
+from records import (SPLITS, JsonlAppender, OutputLock, RecordError, check_output_paths, content_key,
+                     disk_full_reported, fail, load_instances, read_jsonl, release_locks, repair_torn_tail,
+                     write_json_atomic, write_jsonl_atomic, write_text_atomic)
 
 TASK_FINDINGS = {"presence": FINDINGS, "change": CHANGE_FINDINGS}
 # The flags that change a model's answers, recorded per model in models.json: predictions made
@@ -109,6 +109,10 @@ def evaluate(args):
     try:
         instances, unlabelled = load_eval_instances(args.data, args.split, check_images=not args.sources_only)
         sources = source_names(instances)
+        if args.sources_only and not sources:
+            raise RecordError(args.data, None, "trajectories", f"none of the {len(instances)} {args.split} instances "
+                                                               "has trajectories: --sources-only has nothing to score "
+                                                               "(give --models, or the file collect.py wrote)")
         models, served = ([], {}) if args.sources_only else check_models(args, instances, sources, accelerator)
         check_output_paths(files=[out / name for name in OUTPUT_FILES], folders=[out], inputs={"--data": args.data},
                            model_dirs={f"--models {name}": path for name, path in models})
@@ -125,7 +129,10 @@ def evaluate(args):
     if accelerator.is_main_process:
         rows = [{"name": s, "kind": "source", **score_row(instances, source_texts(instances, s))} for s in sources]
         rows += model_rows(out / "predictions.jsonl", models, instances, keys)
-        tasks = write_outputs(out, rows, instances, unlabelled, args)
+        try:
+            tasks = write_outputs(out, rows, instances, unlabelled, args)
+        except RecordError as e:  # a full disk: the predictions are kept, the same command writes the rest
+            fail(str(e))
         print(summary(rows, tasks, unlabelled, len(sources), len(models), generated, reused, args))
         if failed:
             print(f"{sum(failed.values())} answers failed (run the same command again to ask them again; "
@@ -491,10 +498,14 @@ def write_outputs(out, rows, instances, unlabelled, args):
         "data": str(args.data), "split": args.split, "instances": len(instances),
         "unlabelled_skipped": unlabelled, "tasks": {t: n for t, n in tasks.items() if n}, "rows": rows})
     table = markdown_tables(rows)
-    (out / "table.md").write_text(table)
+    write_text_atomic(out / "table.md", table)
     print("\n" + table)
-    if not plot_accuracy(rows, out / "accuracy.png"):
-        print("note: matplotlib is not installed; accuracy.png skipped (pip install matplotlib)")
+    picture, tmp = out / "accuracy.png", out / "accuracy.png.tmp"
+    with disk_full_reported(picture, leftovers=[tmp], resumes="the same command writes it from the predictions kept"):
+        if not plot_accuracy(rows, tmp):
+            print("note: matplotlib is not installed; accuracy.png skipped (pip install matplotlib)")
+            return tasks
+        os.replace(tmp, picture)  # a picture cut short by a full disk never replaces a good one
     return tasks
 
 
@@ -548,8 +559,10 @@ def plot_accuracy(rows, path):
         ax.set_title(task)
         ax.legend(fontsize="small", ncol=min(4, len(scored)))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=120, format="png")
+    finally:
+        plt.close(fig)
     return True
 
 

@@ -379,6 +379,10 @@ def write_json_atomic(path, obj):
     _write_atomic(path, [json.dumps(obj, indent=2, ensure_ascii=False) + "\n"])
 
 
+def write_text_atomic(path, text):
+    _write_atomic(path, [text])
+
+
 def write_jsonl_atomic(path, rows):
     _write_atomic(path, (json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 

@@ -425,3 +425,82 @@ def test_out_a_model_folder_or_a_locked_out_is_refused(text_run, tmp_path, capsy
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         message = fails(capsys, "--sources-only", "--data", data, "--out", out)
     assert "another evaluate.py is writing this output" in message and not (out / "metrics.json").exists()
+
+
+def test_out_at_the_root_or_inside_a_model_folder_is_refused(tmp_path, capsys, tiny_text_model):
+    """As root, `evaluate.py --sources-only --out /` wrote /.lock, /metrics.json, /table.md and
+    /accuracy.png; --out / in collect, consensus and export was a ValueError traceback; apo and
+    evaluate wrote inside the model folder they read (M/apo, M/eval). Each exits 2 with a message now."""
+    import shutil
+
+    import apo
+    import bootstrap
+    import collect
+    import consensus
+    from test_apo_stage import PREFERENCES
+
+    data = hand_written(tmp_path / "data.jsonl")
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", PREFERENCES)
+    model = Path(shutil.copytree(tiny_text_model, tmp_path / "model"))
+    root_before = {name: (Path("/") / name).exists() for name in (".lock", "metrics.json", "table.md", "accuracy.png")}
+
+    def exits_2(main, *argv):
+        with pytest.raises(SystemExit) as e:
+            main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "Traceback" not in err, (main.__module__, err)
+        return err
+
+    for main, argv in ((evaluate.main, ["--sources-only", "--data", data]),
+                       (bootstrap.main, ["--model", model, "--data", data]),
+                       (apo.main, ["--model", model, "--data", prefs])):
+        assert "/: is the root of the file system; choose an output folder of its own" in exits_2(main, *argv, "--out", "/")
+    for main, argv in ((collect.main, ["--data", data, "--sources", "sim:concise"]),
+                       (consensus.main, ["--data", data, "--consensus", "vote"])):
+        assert "/: names a folder, not a file" in exits_2(main, *argv, "--out", "/")
+    assert {name: (Path("/") / name).exists() for name in root_before} == root_before
+
+    before = sorted(p.name for p in model.iterdir())
+    err = exits_2(apo.main, "--model", model, "--data", prefs, "--out", model / "apo")
+    assert f"lies inside the model folder --model {model}, which this stage reads" in err
+    err = exits_2(evaluate.main, "--models", model, "--data", data, "--out", model / "eval")
+    assert f"lies inside the model folder --models model {model}" in err
+    assert sorted(p.name for p in model.iterdir()) == before
+
+
+def test_sources_only_without_trajectories_exits_2_and_writes_nothing(tmp_path, capsys):
+    """It used to end in a matplotlib traceback, leaving an empty table.md."""
+    data = write_jsonl(tmp_path / "data.jsonl", [{"id": "p1", "split": "test", "prompt": "?", "labels": {"Edema": 1}}])
+    assert fails(capsys, "--sources-only", "--data", data, "--out", tmp_path / "out") == (
+        f"error: {data}: field 'trajectories': none of the 1 test instances has trajectories: --sources-only has "
+        "nothing to score (give --models, or the file collect.py wrote)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_at_the_picture_keeps_the_rest_and_the_rerun_writes_it(tmp_path, small_disk):
+    """On a full disk savefig raised an OSError traceback and left a 0-byte accuracy.png. Now: exit 2
+    naming the picture and the full disk, no partial file; with space the same command writes it."""
+    import shlex
+
+    data = hand_written(tmp_path / "data.jsonl")
+    straight = tmp_path / "straight"
+    assert run_cli("--sources-only", "--data", data, "--out", straight).returncode == 0
+    out = small_disk.disk / "eval"
+    command = shlex.join([sys.executable, "evaluate.py", "--sources-only", "--data", str(data), "--out", str(out)])
+    host = shlex.quote(str(tmp_path))
+    # 16 KiB: metrics.json (8 KiB in tmpfs pages) and table.md fit, the picture (~60 KiB) does not
+    result = small_disk("16k", f"""
+        {command} > {host}/first.out 2> {host}/first.err || echo $? > {host}/first.rc
+        ls -a {shlex.quote(str(out))} > {host}/after-first.txt
+        mount -o remount,size=4m {shlex.quote(str(small_disk.disk))}
+        {command} > {host}/second.out 2> {host}/second.err
+        cp -r {shlex.quote(str(out))} {host}/resumed
+        """, env=ENV)
+    assert result.returncode == 0, result.stderr + (tmp_path / "second.err").read_text()
+    err = (tmp_path / "first.err").read_text()
+    assert (tmp_path / "first.rc").read_text().strip() == "2" and "Traceback" not in err, err
+    assert f"error: {out / 'accuracy.png'}: the disk is full (No space left on device)" in err
+    assert (tmp_path / "after-first.txt").read_text().split() == [".", "..", ".lock", "metrics.json", "table.md"]
+    for name in ("metrics.json", "table.md"):
+        assert (tmp_path / "resumed" / name).read_bytes() == (straight / name).read_bytes()
+    assert (tmp_path / "resumed" / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
