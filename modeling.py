@@ -188,9 +188,28 @@ class PromptTooLong(ValueError):
     pass
 
 
-def encode_prompt(processor, record, data_path=None):
-    """Token ids of the chat prompt (image placeholders expanded) and the images' tensors."""
+def fewest_tokens(processor, text):
+    """A lower bound on the tokens of text, without tokenizing it: no token covers more characters
+    than the longest string in the vocabulary (byte-level vocabularies spell each byte as one
+    character, and a character is at least one byte)."""
+    tok = tokenizer_of(processor)
+    longest = getattr(tok, "_apo_longest_token", None)
+    if longest is None:
+        longest = tok._apo_longest_token = max(1, max(map(len, tok.get_vocab()), default=1))
+    return len(text) // longest
+
+
+def encode_prompt(processor, record, data_path=None, max_length=None):
+    """Token ids of the chat prompt (image placeholders expanded) and the images' tensors.
+
+    With max_length, a prompt that cannot fit by its characters alone raises PromptTooLong before
+    it is tokenized: a 50 MB prompt would otherwise take minutes and gigabytes (and the tokenizer,
+    running outside Python, would hold off a SIGTERM all that time) only to be skipped.
+    """
     text = prompt_text(processor, record)
+    if max_length is not None and fewest_tokens(processor, text) > max_length:
+        raise PromptTooLong(f"prompt is at least {fewest_tokens(processor, text)} tokens ({len(text)} characters), "
+                            f"max length {max_length}")
     if record.get("images"):
         inputs = processor(text=[text], images=load_images(record, data_path), return_tensors="pt")
         vision = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
@@ -209,7 +228,7 @@ def encode(processor, record, responses, max_length, data_path=None):
     Truncation cuts the end of a response, never the prompt: a prompt that leaves no room raises
     PromptTooLong, so image tokens are never cut.
     """
-    prompt_ids, vision = encode_prompt(processor, record, data_path)
+    prompt_ids, vision = encode_prompt(processor, record, data_path, max_length)
     room = max_length - len(prompt_ids)
     if room < 2:
         raise PromptTooLong(f"prompt is {len(prompt_ids)} tokens, max length {max_length}")

@@ -499,3 +499,34 @@ def test_a_model_folder_without_its_tokenizer_is_refused_by_every_stage(tmp_path
     assert not (tmp_path / "boot" / "model.safetensors").exists() and not (tmp_path / "apo" / "model.safetensors").exists()
     assert not (tmp_path / "p.jsonl").exists() and not (tmp_path / "t.jsonl").exists()
     assert not (tmp_path / "eval" / "predictions.jsonl").exists()
+
+
+def test_a_huge_prompt_is_skipped_by_its_characters_without_tokenizing_it(tmp_path, tiny_text_model):
+    """A 50 MB prompt was tokenized whole before it was found too long: 10 GB of memory, minutes in
+    the tokenizer during which SIGTERM went unanswered. Its characters alone now prove it cannot fit
+    (no token is longer than the vocabulary's longest string), so it is skipped at once."""
+    data = write_data(tmp_path / "data", n_train=4)
+    huge = {"id": "huge", "split": "train", "prompt": "The cardiac silhouette is enlarged. " * 1_400_000,
+            "trajectories": [{"source": "s0", "text": SHORT[0]}, {"source": "s1", "text": SHORT[1]}]}
+    with open(data, "a") as f:
+        f.write(json.dumps(huge) + "\n")
+    assert data.stat().st_size > 50_000_000
+
+    from accelerate import Accelerator
+
+    from modeling import prompt_text
+
+    processor = load_processor(tiny_text_model)
+    huge["_line"] = 6
+    kept, skipped, _ = bootstrap.measure_examples(processor, [bootstrap.Example(huge, SHORT[0], "s0")],
+                                                  Namespace(max_length=160), data, Accelerator(cpu=True))
+    longest = max(map(len, tokenizer_of(processor).get_vocab()))
+    chars = len(prompt_text(processor, huge))
+    # "at least N tokens (C characters)": measured by its characters (a tokenized prompt reads "is N tokens")
+    assert kept == [] and skipped == [f"{data}:6: prompt is at least {chars // longest} tokens ({chars} characters), "
+                                      "max length 160"]
+
+    # The whole stage: the huge instance is counted as skipped, the others train.
+    result = run(train_args(tiny_text_model, data, tmp_path / "out", "--max-steps", "1"), timeout=300)
+    assert "2 skipped (prompt too long)" in result.stdout
+
