@@ -16,7 +16,9 @@ Faults the reliability tests inject from here, so that the stage scripts carry n
   checkpoint race of RELIABILITY.md), under any config;
 - APO_TEST_SIGKILL_AFTER_BACKWARD=N SIGKILLs the process right after its backward number N
   (0-based), i.e. inside an optimizer step when N is not the last micro-batch of one. Works with
-  a plain `python launch_for_tests.py apo.py …` too.
+  a plain `python launch_for_tests.py apo.py …` too;
+- APO_TEST_SIGKILL_BEFORE_RENAME=NAME SIGKILLs the process just before a file is renamed onto
+  NAME (e.g. training_summary.json: everything is saved, the summary is written, not yet renamed).
 """
 
 import os
@@ -77,6 +79,20 @@ def kill_after_backward(n):
     Accelerator.backward = counted
 
 
+def kill_before_rename(name):
+    """SIGKILL this process when os.replace is about to put a file at a path named `name`."""
+    import signal
+
+    replace = os.replace
+
+    def replace_or_die(src, dst, *args, **kwargs):
+        if os.path.basename(os.fspath(dst)) == name:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return replace(src, dst, *args, **kwargs)
+
+    os.replace = replace_or_die
+
+
 def sigkill_at_line(cmd, prefix, cwd, env):
     """Start cmd and SIGKILL it as soon as its stdout prints a line starting with prefix (such as
     "checkpoint: step 3"); returns the finished process."""
@@ -101,6 +117,8 @@ if __name__ == "__main__":
         slow_down_checkpoint_writes(int(rank), float(seconds))
     if os.environ.get("APO_TEST_SIGKILL_AFTER_BACKWARD"):
         kill_after_backward(int(os.environ["APO_TEST_SIGKILL_AFTER_BACKWARD"]))
+    if os.environ.get("APO_TEST_SIGKILL_BEFORE_RENAME"):
+        kill_before_rename(os.environ["APO_TEST_SIGKILL_BEFORE_RENAME"])
     script = sys.argv[1]
     sys.argv = sys.argv[1:]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))

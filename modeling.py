@@ -36,6 +36,9 @@ def is_vision_model(path):
     return "vision_config" in config
 
 
+NOT_THE_MODEL = ("training_summary.json",)  # and its .tmp
+
+
 def model_fingerprint(path):
     """Hash of a model folder's config and its files' names, sizes and modification times.
 
@@ -48,7 +51,8 @@ def model_fingerprint(path):
     h = hashlib.sha256()
     if (folder / "config.json").is_file():
         h.update((folder / "config.json").read_bytes())
-    for f in sorted(p for p in folder.iterdir() if p.is_file()):
+    # the training summary is the run's report, not the model: it is renamed into place last
+    for f in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(NOT_THE_MODEL)):
         stat = f.stat()
         h.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
     return h.hexdigest()

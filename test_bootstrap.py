@@ -530,3 +530,29 @@ def test_a_huge_prompt_is_skipped_by_its_characters_without_tokenizing_it(tmp_pa
     result = run(train_args(tiny_text_model, data, tmp_path / "out", "--max-steps", "1"), timeout=300)
     assert "2 skipped (prompt too long)" in result.stdout
 
+
+
+def test_a_sigkill_before_the_summary_rename_is_finished_without_saving_the_model_again(tmp_path, tiny_text_model):
+    """Killed after the model and the summary were written, before the summary's rename: the rerun
+    used to save identical weights again with new modification times, and evaluate.py then refused
+    its own predictions as made "with other weights". It now finishes the rename and saves nothing."""
+    from modeling import model_fingerprint
+
+    data = write_data(tmp_path / "data", n_train=4)
+    out = tmp_path / "out"
+    args = train_args(tiny_text_model, data, out, "--max-steps", "2")
+    killed = subprocess.run([sys.executable, "launch_for_tests.py", "bootstrap.py", *args], cwd=REPO,
+                            env={**env(), "APO_TEST_SIGKILL_BEFORE_RENAME": "training_summary.json"},
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert (out / "training_summary.json.tmp").is_file() and not (out / "training_summary.json").exists()
+    fingerprint = model_fingerprint(out)  # what evaluate.py ties predictions of this folder to
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file() and not p.name.startswith("training_")}
+
+    result = run(args, timeout=300)
+    assert "nothing to do" in result.stdout
+    assert not (out / "training_summary.json.tmp").exists()
+    assert json.loads((out / "training_summary.json").read_text())["steps"] == 2
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()
+            and not p.name.startswith("training_")} == stamps
+    assert model_fingerprint(out) == fingerprint

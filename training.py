@@ -187,13 +187,35 @@ def finished_run(out_dir, config):
     """
     checkpoint_state(out_dir, config)
     path = Path(out_dir) / SUMMARY
-    if not path.is_file():
+    if not path.is_file() and not finish_summary_rename(path):
         return None
     summary = json.loads(path.read_text())
     diff = config_mismatch(summary.get("config") or {}, config)
     if diff:
         raise ResumeMismatch(f"{out_dir} holds a finished run with other settings ({diff}); use another --out")
     return summary
+
+
+def finish_summary_rename(path):
+    """A run killed between writing its summary and renaming it has saved everything before (the
+    summary is written last): the rename is finished, so the rerun does not save the model again
+    (new modification times, a new fingerprint, predictions refused). A torn summary is dropped and
+    the run finishes the usual way. Returns whether the summary is now in place."""
+    tmp = path.with_name(path.name + ".tmp")
+    # every process may get here at once: each check ends by looking again, since the rename of
+    # another process is atomic (the .tmp is gone only once the summary is there)
+    if not tmp.is_file():
+        return path.is_file()
+    try:
+        json.loads(tmp.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        tmp.unlink(missing_ok=True)
+        return path.is_file()
+    try:
+        os.replace(tmp, path)
+    except FileNotFoundError:
+        pass
+    return path.is_file()
 
 
 def read_losses(out_dir):
