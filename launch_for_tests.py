@@ -17,6 +17,9 @@ Faults the reliability tests inject from here, so that the stage scripts carry n
 - APO_TEST_SIGKILL_AFTER_BACKWARD=N SIGKILLs the process right after its backward number N
   (0-based), i.e. inside an optimizer step when N is not the last micro-batch of one. Works with
   a plain `python launch_for_tests.py apo.py …` too;
+- APO_TEST_LONG_C_CALL_AFTER_BACKWARD=N runs one long matrix product (seconds, one C call that
+  never returns to the interpreter) right after backward number N, announced on stderr: the
+  window in which two signals reach Python's handler as one;
 - APO_TEST_SIGKILL_BEFORE_RENAME=NAME SIGKILLs the process just before a file is renamed onto
   NAME (e.g. training_summary.json: everything is saved, the summary is written, not yet renamed).
 """
@@ -79,6 +82,26 @@ def kill_after_backward(n):
     Accelerator.backward = counted
 
 
+def long_c_call_after_backward(n):
+    """After the n-th (0-based) Accelerator.backward, print a line to stderr, then spend seconds in
+    one torch.mm, as a large model's forward or backward does."""
+    import torch
+    from accelerate import Accelerator
+
+    backward = Accelerator.backward
+    calls = [0]
+
+    def counted(self, *args, **kwargs):
+        backward(self, *args, **kwargs)
+        if calls[0] == n:
+            a = torch.randn(3000, 3000)
+            print("\nlong C call", file=sys.stderr, flush=True)
+            torch.mm(a, a)
+        calls[0] += 1
+
+    Accelerator.backward = counted
+
+
 def kill_before_rename(name):
     """SIGKILL this process when os.replace is about to put a file at a path named `name`."""
     import signal
@@ -117,6 +140,8 @@ if __name__ == "__main__":
         slow_down_checkpoint_writes(int(rank), float(seconds))
     if os.environ.get("APO_TEST_SIGKILL_AFTER_BACKWARD"):
         kill_after_backward(int(os.environ["APO_TEST_SIGKILL_AFTER_BACKWARD"]))
+    if os.environ.get("APO_TEST_LONG_C_CALL_AFTER_BACKWARD"):
+        long_c_call_after_backward(int(os.environ["APO_TEST_LONG_C_CALL_AFTER_BACKWARD"]))
     if os.environ.get("APO_TEST_SIGKILL_BEFORE_RENAME"):
         kill_before_rename(os.environ["APO_TEST_SIGKILL_BEFORE_RENAME"])
     script = sys.argv[1]

@@ -592,6 +592,36 @@ class SignalStop:
     def __init__(self):
         self.signum, self.armed = 0, False
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.wakeup = self._count_deliveries()
+
+    def _count_deliveries(self):
+        """Python runs a handler once for signals that arrive while the main thread is inside one
+        long C call (a forward, a backward), so two SIGTERMs 0.05 s apart would count as one. The
+        interpreter also writes a byte per delivery to the wakeup fd: a thread counts those and ends
+        the run at the second one. Returns (previous wakeup fd, write end), or None off the main thread."""
+        import threading
+
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        try:
+            previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        except ValueError:  # not the main thread: the handler alone counts
+            os.close(read)
+            os.close(write)
+            return None
+        threading.Thread(target=self._second_delivery_stops, args=(read,), daemon=True).start()
+        return previous, write
+
+    def _second_delivery_stops(self, read):
+        stops = {int(signal.SIGTERM), int(signal.SIGINT)}
+        seen = []
+        with os.fdopen(read, "rb", buffering=0) as pipe:
+            while data := pipe.read(64):
+                seen += [signal.Signals(signum).name for signum in data if signum in stops]
+                if len(seen) >= 2:
+                    print(f"\n{seen[0]}, then {seen[1]}: stopping at once; run the same command again to resume "
+                          "from the last checkpoint", file=sys.stderr, flush=True)
+                    os._exit(128 + getattr(signal, seen[1]))
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
@@ -612,6 +642,11 @@ class SignalStop:
     def restore(self):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+        if self.wakeup is not None:
+            previous, write = self.wakeup
+            signal.set_wakeup_fd(previous)
+            os.close(write)  # the counting thread reads the end of the pipe and stops
+            self.wakeup = None
 
 
 _SIGNALS = None
