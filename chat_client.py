@@ -510,5 +510,8 @@ def add_server_options(parser, what):
     group.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
                        help="environment variable holding the server's key, if it wants one (default "
                             "OPENAI_API_KEY; never written anywhere)")
+    group.add_argument("--allow-outside-images", action="store_true",
+                       help="send the server images whose path leads outside the data file's folder (absolute, ../ "
+                            "or a symlink out); without it such an instance fails and is counted")
     add_request_options(group, concurrency=16, timeout=600.0)
     return group

@@ -651,7 +651,8 @@ def ask_server(args, served, todo, prompts):
     try:
         yield from chat_client.answer_all(
             client, served.name, todo,
-            lambda r: chat_client.api_messages(consensus_chat(r, prompts[r["id"]]), args.data), request_of,
+            lambda r: chat_client.api_messages(consensus_chat(r, prompts[r["id"]]), args.data,
+                                               args.allow_outside_images), request_of,
             args.concurrency, args.max_retries, args.backoff, secrets=[api_key], generation=True)
     finally:
         client.close()

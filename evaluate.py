@@ -370,7 +370,8 @@ def ask_missing(name, served, instances, done, appender, failed, args):
     bar = tqdm(total=len(todo), desc=name)
     try:
         for r, text, error in chat_client.answer_all(
-                client, served.name, todo, lambda r: chat_client.api_messages(r, args.data), lambda r: request,
+                client, served.name, todo, lambda r: chat_client.api_messages(r, args.data, args.allow_outside_images),
+                lambda r: request,
                 args.concurrency, args.max_retries, args.backoff, secrets=[api_key], generation=True):
             if error:
                 failed[error] += 1

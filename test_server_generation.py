@@ -278,3 +278,24 @@ def test_server_urls_with_credentials_are_refused_and_lone_surrogates_in_answers
     asked = len(server.requests)
     assert run_main(consensus, capsys, *args)[0] == 0 and run_main(evaluate, capsys, *eval_args)[0] == 0
     assert len(server.requests) == asked  # what was answered is never asked again
+
+
+def test_outside_images_are_sent_to_a_server_only_with_the_flag_the_message_names(tmp_path, capsys, chat_server):
+    """consensus/evaluate --server told the user to "pass --allow-outside-images", a flag neither had."""
+    (tmp_path / "study").mkdir()
+    tiny_models.write_test_image(tmp_path / "study" / "in.png", seed=1)
+    tiny_models.write_test_image(tmp_path / "phi.png", seed=2)
+    server = chat_server(lambda prompt, n, body: (200, completion("Answer: Pleural Effusion"), {}, 0),
+                         models=[{"id": "served-vl"}])
+    rows = [dict(r, images=["in.png" if i == 0 else "../phi.png"]) for i, r in enumerate(instances(2, "test"))]
+    data = write_jsonl(tmp_path / "study" / "t.jsonl", rows)
+    args = ["--models", f"m=served-vl@{server.url}", "--data", data, "--out", tmp_path / "e", "--max-retries", 0]
+    code, out, _ = run_main(evaluate, capsys, *args)
+    assert code == 3 and "--allow-outside-images" in out and len(server.requests) == 1, out
+    code, out, err = run_main(evaluate, capsys, *args, "--allow-outside-images")
+    assert code == 0 and "1 answers generated, 1 reused" in out, out + err
+    sent = [p["image_url"]["url"] for p in server.requests[-1]["body"]["messages"][-1]["content"]
+            if p["type"] == "image_url"]
+    assert sent == [chat_client.image_data_url(tmp_path / "phi.png")]
+    assert consensus.parse_args(["--data", str(data), "--out", str(tmp_path / "p.jsonl"), "--server", server.url,
+                                 "--allow-outside-images"]).allow_outside_images  # consensus --server takes it too
