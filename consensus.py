@@ -417,6 +417,8 @@ def pick_negatives(record, chosen_text, chosen_answer, chosen_index, which):
     for i, (traj, answer) in enumerate(zip(record["trajectories"], record["_answers"])):
         if i == chosen_index or traj["text"].strip() == chosen_text.strip():
             continue  # rejecting the chosen text itself would push the objective both ways
+        if not traj["text"].strip():
+            continue  # an empty answer is no constraint to push away from (and apo.py refuses one)
         drift = answers.answer_distance(answer, chosen_answer)
         if which == "all" or drift > 0:
             out.append((traj["source"], traj["text"], drift))

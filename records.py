@@ -293,12 +293,32 @@ def load_preferences(path, check_images=True):
             value = obj.get(field)
             if value is not None and (not isinstance(value, list) or len(value) != len(rejected)):
                 raise RecordError(path, lineno, field, f"must be a list as long as 'rejected' ({len(rejected)})")
+        _check_negatives(obj, path, lineno)
         _check_unique(seen, obj, path, lineno)
         obj["_line"] = lineno
         records.append(obj)
     if not records:
         raise RecordError(path, None, None, "no records")
     return records
+
+
+def _check_negatives(obj, path, lineno):
+    """Each negative is a text other than the chosen one (rejecting the chosen would push the
+    objective both ways), named by a string, with a drift in [0, 1] (DESIGN)."""
+    chosen = obj["chosen"].strip()
+    for i, text in enumerate(obj["rejected"]):
+        if not text.strip():
+            raise RecordError(path, lineno, f"rejected[{i}]", "empty (a negative must be an answer)")
+        if text.strip() == chosen:
+            raise RecordError(path, lineno, f"rejected[{i}]", "is the chosen text itself; a preference cannot "
+                                                              "reject its own positive")
+    for i, name in enumerate(obj.get("rejected_sources") or []):
+        if not isinstance(name, str):
+            raise RecordError(path, lineno, f"rejected_sources[{i}]", f"must be a source name (a string), got "
+                                                                      f"{type(name).__name__}")
+    for i, drift in enumerate(obj.get("drift") or []):
+        if isinstance(drift, bool) or not isinstance(drift, (int, float)) or not 0 <= drift <= 1:
+            raise RecordError(path, lineno, f"drift[{i}]", f"must be a number in [0, 1], got {drift!r}")
 
 
 def public(record):

@@ -439,3 +439,22 @@ def test_a_damaged_reference_cache_is_recomputed_and_said_so(tiny_text_model, tm
         again = load_file(str(cache))
         assert all(torch.equal(again[k], clean[k]) for k in clean), name
     assert "reference log-probs reused" in reference_pass().out
+
+
+@pytest.mark.parametrize("change, field, message", [
+    (lambda p: dict(p, rejected=[p["chosen"]] + p["rejected"][1:]), "rejected[0]", "is the chosen text itself"),
+    (lambda p: dict(p, rejected=["  "] + p["rejected"][1:]), "rejected[0]", "empty"),
+    (lambda p: dict(p, drift=[1.5] + p["drift"][1:]), "drift[0]", "must be a number in [0, 1], got 1.5"),
+    (lambda p: dict(p, drift=[-0.1] + p["drift"][1:]), "drift[0]", "must be a number in [0, 1], got -0.1"),
+    (lambda p: dict(p, drift=["high"] + p["drift"][1:]), "drift[0]", "must be a number in [0, 1], got 'high'"),
+    (lambda p: dict(p, rejected_sources=[7] + p["rejected_sources"][1:]), "rejected_sources[0]",
+     "must be a source name (a string), got int"),
+])
+def test_preferences_that_reject_their_chosen_or_break_design_ranges_are_refused(tmp_path, change, field, message):
+    """preferences.jsonl accepted a rejected text equal to the chosen one, empty negatives, a drift
+    outside [0, 1] (DESIGN) and non-string source names."""
+    first = next(p for p in PREFERENCES if p.get("drift") and p.get("rejected_sources"))
+    data = write_jsonl(tmp_path / "preferences.jsonl", [change(first)])
+    with pytest.raises(apo.RecordError) as e:
+        load_preferences(data)
+    assert str(e.value).startswith(f"{data}:1: field '{field}': {message}"), str(e.value)
