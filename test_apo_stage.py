@@ -247,6 +247,19 @@ def test_two_processes_match_one(tiny_text_model, data, straight, tmp_path):
     assert_same_weights(straight[0], out, atol=adam_divergence_bound(1e-3, 6), rtol=0)
 
 
+def test_data_shorter_than_one_step_and_a_warmup_of_no_step_are_warned_with_the_numbers(tiny_text_model, data,
+                                                                                         tmp_path):
+    # 4 preferences, a global batch of 8 (the default 32 on 16 preferences, smaller)
+    proc = run_apo("--model", tiny_text_model, "--data", data, "--out", tmp_path / "o", "--batch-size", 1,
+                   "--global-batch", 8, "--max-length", 256)
+    assert "apo: 1 steps on 4 preferences" in proc.stdout, proc.stdout
+    assert ("warning: 4 examples x 1 epochs are less than one optimizer step of 8: running 1 step, which sees the "
+            "data 2.0 times; lower --global-batch (or --grad-accum) to at most 4, or set --max-steps") in proc.stderr
+    assert ("warning: --warmup 0.05 of 1 steps rounds to no warmup step: the schedule starts at the full lr "
+            "5e-07") in proc.stderr
+    assert metrics(tmp_path / "o")[0]["epoch"] == 2.0  # what the warning said
+
+
 def test_dpo_pairs_loss_starts_at_log2_and_learns(tiny_text_model, data, straight, tmp_path):
     """--loss dpo-pairs: at the reference every pair is -log sigmoid(0) = log 2, whatever K is;
     the reference cache of the APO run is reused (it does not depend on the loss)."""

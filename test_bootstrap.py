@@ -4,6 +4,7 @@ SIGKILL, 2 processes = 1 process, NaN guard, VLM image masking, and bad input.""
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -329,6 +330,17 @@ def test_missing_model_unknown_tracker_and_prompts_that_never_fit_exit_2(tmp_pat
         bootstrap.main(["--model", tiny_text_model, "--data", str(data), "--out", str(tmp_path / "o"),
                         "--report-to", "no-such-tracker"])
     assert exit_.value.code == 2 and "unknown tracker 'no-such-tracker'" in capsys.readouterr().err
+    # a known tracker that is not installed (wandb is in no requirements file): the run stops, and says so
+    import importlib.util
+
+    assert importlib.util.find_spec("wandb") is None
+    with pytest.raises(SystemExit) as exit_:
+        bootstrap.main(["--model", tiny_text_model, "--data", str(data), "--out", str(tmp_path / "o"),
+                        "--report-to", "wandb"])
+    assert exit_.value.code == 2
+    assert ("--report-to: wandb is not installed: pip install wandb, or run without --report-to wandb "
+            "(metrics.jsonl is written either way); nothing was run") in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
     # an accelerate config's own accumulation would silently change the global batch
     monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "3")
@@ -342,7 +354,13 @@ def test_missing_model_unknown_tracker_and_prompts_that_never_fit_exit_2(tmp_pat
         bootstrap.main(["--model", tiny_text_model, "--data", str(data), "--out", str(tmp_path / "o"),
                         "--max-length", "16"])
     assert exit_.value.code == 2
-    assert "0 usable training examples" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # every instance's prompt alone is longer than 16 tokens: each is named, and the error says by how much
+    assert err.count("skipped ") == 2 and f"{data}:1: prompt is " in err and f"{data}:2: prompt is " in err
+    longest = max(int(n) for n in re.findall(r"prompt is (\d+) tokens, max length 16", err))
+    assert (f"0 usable training examples, fewer than one micro-batch over all processes (2): 7 examples of 2 "
+            f"instances skipped, their prompt leaves no room for a response under --max-length 16 (longest prompt "
+            f"{longest} tokens); raise --max-length above {longest}") in err
 
 
 def wait_for(condition, what, proc, timeout=600):
