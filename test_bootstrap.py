@@ -2,6 +2,7 @@
 SIGKILL, 2 processes = 1 process, NaN guard, VLM image masking, and bad input."""
 
 import json
+import logging
 import math
 import os
 import re
@@ -16,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from transformers import AutoConfig
 
 import bootstrap
 import training
@@ -226,6 +228,10 @@ def test_sigkill_then_rerun_gives_the_weights_of_a_straight_run(tmp_path, capsys
 
     resumed = run(train_args(tiny_text_model, data, out, *RESUME_ARGS))
     assert "resuming from step 3" in resumed.stdout
+    # the tiny model's head is tied to its embeddings by its config: accelerate's warning about
+    # the shared tensor at each checkpoint is expected, and dropped
+    assert AutoConfig.from_pretrained(tiny_text_model).tie_word_embeddings
+    assert "checkpoint: step 6" in resumed.stdout + resumed.stderr and "Removed shared tensor" not in resumed.stderr
     a, b = weights(reference), weights(out)
     assert a.keys() == b.keys()
     for k in a:
@@ -473,3 +479,16 @@ def test_a_second_signal_stops_at_once(tmp_path, straight, tiny_text_model):
     assert "SIGINT: finishing this optimizer step" in stderr and "SIGTERM: stopping at once" in stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     assert training.checkpoint_dirs(out) == [] and not (out / "model.safetensors").exists()
+
+
+def test_only_the_tied_head_warning_is_dropped():
+    def record(names):
+        return logging.makeLogRecord({"msg": f"Removed shared tensor {names} while saving. This should be OK, but "
+                                             "check by verifying that you don't receive any warning while reloading"})
+
+    assert not training.drop_tied_head_warning(record({"model.lm_head.weight"}))
+    assert training.drop_tied_head_warning(record({"model.model.layers.0.mlp.up_proj.weight"}))
+    assert training.drop_tied_head_warning(record({"model.lm_head.weight", "model.extra.weight"}))
+    assert not training.drop_tied_head_warning(logging.makeLogRecord({"msg": "[RANK 1] Removed shared tensor "
+                                                                             "{'model.lm_head.weight'} while saving."}))
+    assert training.drop_tied_head_warning(logging.makeLogRecord({"msg": "another warning"}))

@@ -9,9 +9,11 @@ configs); nothing here is home-made distribution.
 """
 
 import json
+import logging
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -116,11 +118,25 @@ def load_trainable_model(args, accelerator, dropout=True):
     from modeling import load_model
 
     model = prepare_model_for_training(load_model(args.model, dtype=weights_dtype(args, accelerator.device)), args)
+    if model.config.get_text_config().tie_word_embeddings:
+        logging.getLogger("accelerate.utils.other").addFilter(drop_tied_head_warning)
     if not dropout:
         disable_dropout(model)
     lora = add_lora(model, args, accelerator)
     model.train()
     return model, lora
+
+
+def drop_tied_head_warning(record):
+    """A logging filter: accelerate's save_state warns "Removed shared tensor {'model.lm_head.weight'}"
+    at every checkpoint of a model whose output head is tied to its embeddings by its config. That
+    tie is restored by from_pretrained and by load_state, so the warning is dropped; a shared tensor
+    other than the head is still reported."""
+    message = record.getMessage()  # "[RANK 0] Removed shared tensor {...}" when several processes run
+    if "Removed shared tensor {" not in message:
+        return True
+    names = re.findall(r"'([^']+)'", message)
+    return not (names and all(name.split(".")[-2:] == ["lm_head", "weight"] for name in names))
 
 
 def disable_dropout(model):
