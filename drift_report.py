@@ -344,9 +344,10 @@ def windows(items, bins, n_bins):
 # The report
 
 
-def build_report(stream, args):
+def build_report(stream, args, by_source=None):
+    """The report as a dict; by_source: answers_by_source(stream) when already computed."""
     new_detector = make_detector(args)
-    by_source = answers_by_source(stream)
+    by_source = by_source or answers_by_source(stream)
     bins, bin_labels, window_text = window_of(stream, args)
     n = len(stream.instances)
     report = {"trajectories": str(args.trajectories), "preferences": args.preferences, "instances": n,

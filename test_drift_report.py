@@ -259,8 +259,7 @@ def test_the_script_writes_its_report_and_picture(tmp_path):
     data = simulated_stream(tmp_path / "t.jsonl", 500, 1)
     result = run_report("--trajectories", data, "--out", tmp_path / "drift")
     assert result.returncode == 0, result.stderr
-    assert "drifted (all findings): sudden, gradual, recurring" in result.stdout or \
-        "drifted (all findings): sudden, recurring" in result.stdout
+    assert "7 sources" in result.stdout and "drifted (all findings): sudden, gradual, recurring ->" in result.stdout
     from PIL import Image
 
     with Image.open(tmp_path / "drift" / "drift_report.png") as image:
