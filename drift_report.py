@@ -194,8 +194,10 @@ def same_task(a, b):
 
 def answers_by_source(stream):
     """{source: [Answer, ...]} in stream order."""
+    from tqdm import tqdm
+
     out = {s: [] for s in stream.sources}
-    for k, r in enumerate(stream.instances):
+    for k, r in enumerate(tqdm(stream.instances, desc="answers", unit="instance", dynamic_ncols=True)):
         parsed = {t["source"]: answers.parse_answer(t["text"]) for t in r["trajectories"]}
         labels = answers.normalize(r["labels"]) if r.get("labels") else None
         consensus = stream.consensus.get(r["id"])
@@ -543,10 +545,11 @@ def main(argv=None):
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(files[1])
     pictured = plot(report, files[2])
-    print(text)
+    print(text[:text.index("Every change")].rstrip() + "\n")  # the list of every change stays in the .md
     n_changes = sum(len(e["changes"]) for e in report["sources"].values())
     drifted = [s for s, e in report["sources"].items() if any(c["finding"] == OVERALL for c in e["changes"])]
-    print(f"drift_report: {report['instances']} instances, {len(report['sources'])} sources, {n_changes} changes; "
+    print(f"drift_report: {report['instances']} instances, {len(report['sources'])} sources, {n_changes} changes "
+          f"(each in the .md); "
           f"drifted (all findings): {', '.join(drifted) or 'none'} -> {files[0]}, {files[1]}"
           + (f", {files[2]}" if pictured else ""))
     return 0
