@@ -21,7 +21,6 @@ detection) and matplotlib (the picture): `pip install river matplotlib`.
 """
 
 import argparse
-import math
 import re
 import sys
 from collections import Counter
@@ -42,7 +41,7 @@ _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)\s*$")
 _SECONDS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trajectories", required=True, metavar="FILE", help="trajectories.jsonl (collect.py's output)")
     p.add_argument("--preferences", metavar="FILE",
@@ -68,6 +67,11 @@ def parse_args(argv=None):
                    help="leave out changes whose size (|agreement after - before|) is below SIZE")
     p.add_argument("--seed", type=int, default=0,
                    help="accepted as by every script; the report draws nothing at random")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.window is not None and args.window < 1:
         p.error("--window must be at least 1")

@@ -266,3 +266,13 @@ def test_the_script_writes_its_report_and_picture(tmp_path):
         assert image.format == "PNG" and image.height > image.width / 2  # seven rows, two columns
     md = (tmp_path / "drift" / "drift_report.md").read_text()
     assert "| sudden |" in md and "| recurring | all findings |" in md
+
+
+
+def test_help_documents_every_flag():
+    shown = [a for a in drift_report.build_parser()._actions if a.option_strings]
+    result = run_report("--help")
+    assert result.returncode == 0 and len(shown) >= 12
+    for action in shown:
+        assert action.help and action.help.strip(), action.option_strings
+        assert all(flag in result.stdout for flag in action.option_strings), action.option_strings
