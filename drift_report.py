@@ -21,6 +21,7 @@ detection) and matplotlib (the picture): `pip install river matplotlib`.
 """
 
 import argparse
+import math
 import re
 import sys
 from collections import Counter
@@ -54,7 +55,8 @@ def build_parser():
     p.add_argument("--window", type=int, metavar="N",
                    help="instances per window of the curves when by position (default: the stream / 40, at least 20)")
     p.add_argument("--window-time", metavar="DURATION",
-                   help="window length when by time, e.g. 6h, 1d, 2w (default: the time span / 40)")
+                   help="window length when by time, e.g. 6h, 1d, 2w (default: the one of 1s, 10s, 1min, "
+                        "10min, 1h, 6h, 12h, 1d, 1w, 4w nearest to the time span / 40)")
     p.add_argument("--detector", choices=DETECTORS, default="adwin",
                    help="river change detector run along each series: ADWIN (adaptive windows, two-sided) or "
                         "Page-Hinkley (cumulative deviation from the running mean)")
@@ -301,7 +303,7 @@ def window_of(stream, args):
     if stream.by == "time":
         t0 = stream.times[0]
         span = (stream.times[-1] - t0).total_seconds()
-        length = parse_duration(args.window_time) if args.window_time else max(span / 40, 1.0)
+        length = parse_duration(args.window_time) if args.window_time else round_duration(span / 40)
         bins = [int((t - t0).total_seconds() // length) for t in stream.times]
         labels = [((t0.timestamp() + b * length), (t0.timestamp() + (b + 1) * length)) for b in range(max(bins) + 1)]
         labels = [(iso(a), iso(b)) for a, b in labels]
@@ -309,6 +311,14 @@ def window_of(stream, args):
     size = args.window or max(20, n // 40)
     bins = [k // size for k in range(n)]
     return bins, [(b * size, min(n, (b + 1) * size) - 1) for b in range(max(bins) + 1)], f"windows of {size} instances"
+
+
+_ROUND_DURATIONS = [1, 10, 60, 600, 3600, 6 * 3600, 12 * 3600, 86400, 7 * 86400, 28 * 86400]
+
+
+def round_duration(seconds):
+    """The readable window length (1s, 10s, 1min, 10min, 1h, 6h, 12h, 1d, 1w, 4w) nearest to seconds."""
+    return min(_ROUND_DURATIONS, key=lambda d: abs(math.log(d / max(seconds, 1.0))))
 
 
 def iso(seconds):
@@ -487,8 +497,10 @@ def plot(report, path):
     fig.suptitle("Which source drifted, and when: ▼/▲ change in agreement (all findings), "
                  "short ticks: a change on one finding (see the table)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    tmp = Path(path).with_name(Path(path).name + ".tmp")  # then renamed: never a half-written picture
+    fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+    tmp.replace(path)
     return True
 
 

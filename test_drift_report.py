@@ -157,6 +157,22 @@ def test_the_consensus_is_the_reference_where_preferences_exist(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_the_pipelines_own_preferences(tmp_path):
+    """collect.py, then consensus.py --consensus vote (no model), then the report on both files."""
+    traj, prefs = tmp_path / "t.jsonl", tmp_path / "p.jsonl"
+    for command in (["collect.py", "--sources", "sim:all", "--n-train", 400, "--n-test", 100, "--seed", 4, "--out", traj],
+                    ["consensus.py", "--data", traj, "--consensus", "vote", "--out", prefs]):
+        done = subprocess.run([sys.executable, *map(str, command)], cwd=REPO, env=server_env(), capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    report = report_of(traj, preferences=prefs)
+    kept = sum(1 for line in prefs.read_text().splitlines() if line.strip())
+    assert any(n.startswith(f"reference: the consensus on {kept} instances") for n in report["notes"])
+    sudden = overall_changes(report, "sudden")
+    assert [c["direction"] for c in sudden] == ["down"] and abs(sudden[0]["onset"] - 0.5 * 499) <= 0.03 * 500
+    assert [c["direction"] for c in overall_changes(report, "recurring")] == ["down", "up", "down"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: a clear note in the report, or exit 2 with file, line and field
 
