@@ -292,3 +292,15 @@ def test_help_documents_every_flag():
     for action in shown:
         assert action.help and action.help.strip(), action.option_strings
         assert all(flag in result.stdout for flag in action.option_strings), action.option_strings
+
+
+def test_the_benchmark_runs_and_reports_what_it_found(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, "benchmarks/bench_drift_report.py", "--n", "500", "--seeds", "0",
+                           "--json", str(out)], cwd=REPO, env=server_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    (result,) = json.loads(out.read_text())["results"]
+    assert all(result[k] > 0 for k in ("cli_s", "load_s", "answers_and_vote_s", "detection_and_windows_s", "picture_s"))
+    assert [round(p, 1) for p, _ in result["sudden"]] == [0.5]
+    assert [d for _, d in result["recurring"]] == ["down", "up", "down"]
+    assert "| 0 |" in done.stdout
