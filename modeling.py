@@ -189,7 +189,13 @@ class Encoded:
 
 
 class PromptTooLong(ValueError):
-    pass
+    """characters: the prompt was measured by its characters, not tokenized; prompt_tokens is then
+    a lower bound (fewest_tokens)."""
+
+    def __init__(self, prompt_tokens, max_length, characters=None):
+        measured = f"at least {prompt_tokens} tokens ({characters} characters)" if characters else f"{prompt_tokens} tokens"
+        super().__init__(f"prompt is {measured}, max length {max_length}")
+        self.prompt_tokens, self.max_length = prompt_tokens, max_length
 
 
 def fewest_tokens(processor, text):
@@ -212,8 +218,7 @@ def encode_prompt(processor, record, data_path=None, max_length=None):
     """
     text = prompt_text(processor, record)
     if max_length is not None and fewest_tokens(processor, text) > max_length:
-        raise PromptTooLong(f"prompt is at least {fewest_tokens(processor, text)} tokens ({len(text)} characters), "
-                            f"max length {max_length}")
+        raise PromptTooLong(fewest_tokens(processor, text), max_length, characters=len(text))
     if record.get("images"):
         inputs = processor(text=[text], images=load_images(record, data_path), return_tensors="pt")
         vision = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
@@ -235,7 +240,7 @@ def encode(processor, record, responses, max_length, data_path=None):
     prompt_ids, vision = encode_prompt(processor, record, data_path, max_length)
     room = max_length - len(prompt_ids)
     if room < 2:
-        raise PromptTooLong(f"prompt is {len(prompt_ids)} tokens, max length {max_length}")
+        raise PromptTooLong(len(prompt_ids), max_length)
     tok = tokenizer_of(processor)
     end = turn_end(processor)
     out, truncated = [], 0
