@@ -16,15 +16,16 @@ import contextlib
 import importlib
 import json
 import mimetypes
+import os
 import re
 import socket
 import sys
 import threading
 import time
-from urllib.parse import urlsplit, urlunsplit
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import records
 
@@ -269,8 +270,6 @@ def api_client(base_url, api_key, timeout, max_response_mb=MAX_RESPONSE_MB):
     client's own retries are off: ask() retries, so that failures are counted and backed off the
     same way whatever the client version does. Returns (client, deadline) for ask().
     """
-    import os
-
     import openai
 
     refuse_credentials(base_url or os.environ.get("OPENAI_BASE_URL"), "the base URL")  # also checked when parsed
