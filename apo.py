@@ -31,7 +31,7 @@ What happens, top to bottom:
 
 Where this departs from the paper (all off by default but the last; README lists them too):
 --max-negatives keeps the most drifted negatives first; --nll-weight adds the chosen response's
-NLL; --loss dpo-pairs is the pairwise loss the official scripts run; every weight is trained by
+NLL; --length-normalize scores responses by their per-token average log-prob; --loss dpo-pairs is the pairwise loss the official scripts run; every weight is trained by
 default, where the official recipe trains LoRA adapters (--lora-rank 8).
 """
 
@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 import training
-from apo_loss import LOSSES
+from apo_loss import LOSSES, per_token_logps
 from modeling import (PromptTooLong, ResponseLogps, collate, encode, is_vision_model, load_processor, model_fingerprint,
                       tokenizer_of)
 from records import RecordError, disk_full_reported, fail, file_hash, load_preferences
@@ -75,6 +75,10 @@ def parse_args(argv=None):
     apo.add_argument("--nll-weight", type=float, default=0.0,
                      help="add this times the chosen response's token-mean NLL to the loss, like ms-swift "
                           "DPO's rpo_alpha (default: %(default)s)")
+    apo.add_argument("--length-normalize", action="store_true",
+                     help="departure from the paper (off by default): rewards from the average log-prob per "
+                          "response token (SimPO / LD-DPO) instead of the sum, for policy and reference alike; "
+                          "rewards shrink by about the response length, so beta wants to grow accordingly")
     apo.add_argument("--share-prompt", action="store_true",
                      help="text models: encode each prompt once for all 1 + K responses (one packed row per "
                           "instance with a block attention mask); needs the sdpa or eager attention")
@@ -95,17 +99,23 @@ def parse_args(argv=None):
 # The objective of one micro-batch, and the one forward it takes
 
 
-def apo_step_loss(module, batch, reference, device, beta, nll_weight, loss="apo"):
+def apo_step_loss(module, batch, reference, device, beta, nll_weight, loss="apo", length_normalize=False):
     """Per-instance losses [B] of one micro-batch, and the sums its metrics are made of.
 
-    reference: (chosen [B], rejected [B, K]) cached log-probs of the initial weights.
+    reference: (chosen [B], rejected [B, K]) cached log-probs of the initial weights (summed).
+    length_normalize: rewards from per-token averages (--length-normalize), for both models.
     The sums (a dict of scalars) add up over micro-batches and processes; step_metrics divides.
     """
-    chosen, rejected, mask, chosen_tokens = concatenated_forward(module, batch, device)
+    logps, counts = row_logps(module, batch, device)
+    chosen, rejected, mask = split_rows(logps, batch["num_negatives"])
+    chosen_tokens, rejected_tokens, _ = split_rows(counts, batch["num_negatives"])
     ref_chosen, ref_rejected = (t.to(device) for t in reference)
-    losses, chosen_rewards, rejected_rewards = LOSSES[loss](chosen, rejected, ref_chosen,
-                                                            ref_rejected[:, :rejected.shape[1]],
-                                                            beta=beta, rejected_mask=mask)
+    ref_rejected = ref_rejected[:, :rejected.shape[1]]
+    pc, pr, rc, rr = chosen, rejected, ref_chosen, ref_rejected
+    if length_normalize:
+        pc, rc = per_token_logps(pc, chosen_tokens), per_token_logps(rc, chosen_tokens)
+        pr, rr = per_token_logps(pr, rejected_tokens), per_token_logps(rr, rejected_tokens)
+    losses, chosen_rewards, rejected_rewards = LOSSES[loss](pc, pr, rc, rr, beta=beta, rejected_mask=mask)
     nll = -chosen / chosen_tokens.clamp(min=1)
     if nll_weight:
         losses = losses + nll_weight * nll
@@ -133,11 +143,15 @@ def concatenated_forward(module, batch, device):
     --share-prompt it is shared_prompt.SharedPromptLogps: the same sums from one packed row per
     instance.
     """
-    inputs = {k: v.to(device) for k, v in batch["inputs"].items()}
-    logps, counts = module(**inputs)
+    logps, counts = row_logps(module, batch, device)
     chosen, rejected, mask = split_rows(logps, batch["num_negatives"])
     chosen_tokens, _, _ = split_rows(counts, batch["num_negatives"])
     return chosen, rejected, mask, chosen_tokens
+
+
+def row_logps(module, batch, device):
+    """Summed response log-probs and response token counts of every row, in item order."""
+    return module(**{k: v.to(device) for k, v in batch["inputs"].items()})
 
 
 def split_rows(row_values, num_negatives):
@@ -313,7 +327,7 @@ def train(args):
             ref = (reference["chosen"][rows], reference["rejected"][rows])
             with accelerator.accumulate(module):
                 losses, sums = apo_step_loss(module, batch, ref, accelerator.device, args.beta, args.nll_weight,
-                                             args.loss)
+                                             args.loss, args.length_normalize)
                 # The mean over this process's instances; accelerate divides by grad_accum and DDP
                 # averages over processes, so the step's gradient is the global batch mean.
                 accelerator.backward(losses.mean())
@@ -368,6 +382,7 @@ def run_config(args, accelerator, data_sha256):
         "model": str(Path(args.model).resolve()), "model_fingerprint": model_fingerprint(args.model),
         "data_sha256": data_sha256, "max_length": args.max_length, "max_negatives": args.max_negatives,
         "beta": args.beta, "loss": args.loss, "nll_weight": args.nll_weight, "share_prompt": args.share_prompt,
+        "length_normalize": args.length_normalize,
         **training.loop_config(args, accelerator),
     }
 

@@ -336,6 +336,32 @@ def test_readme_method_in_20_lines_is_what_apo_py_computes(tiny_text_model, data
         torch.testing.assert_close(param.grad, readme_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_length_normalize_divides_every_reward_by_its_response_tokens(tiny_text_model, data, straight):
+    """--length-normalize: apo_step_loss's rewards are the summed rewards over each response's token count."""
+    from transformers import AutoModelForCausalLM
+
+    processor = modeling.load_processor(tiny_text_model)
+    examples = apo.build_examples(load_preferences(data)[:3], None, data)
+    batch = apo.make_batch([modeling.encode(processor, ex.record, apo.responses_of(ex), 256) for ex in examples],
+                           modeling.tokenizer_of(processor).pad_token_id, share_prompt=False)
+    policy = modeling.ResponseLogps(AutoModelForCausalLM.from_pretrained(straight[0]))
+    with torch.no_grad():
+        reference = apo.concatenated_forward(modeling.ResponseLogps(AutoModelForCausalLM.from_pretrained(tiny_text_model)),
+                                             batch, "cpu")[:2]
+        pc, pr, mask, _ = apo.concatenated_forward(policy, batch, "cpu")
+        _, counts = apo.row_logps(policy, batch, "cpu")
+        tc, tr, _ = apo.split_rows(counts, batch["num_negatives"])
+        summed, s_sums = apo.apo_step_loss(policy, batch, reference, "cpu", 0.1, 0.0)
+        averaged, a_sums = apo.apo_step_loss(policy, batch, reference, "cpu", 0.1, 0.0, length_normalize=True)
+    chosen_r = 0.1 * (pc - reference[0]) / tc
+    rejected_r = 0.1 * (pr - reference[1]) / tr
+    expected, _, _ = apo_loss(chosen_r / 0.1, rejected_r / 0.1, torch.zeros_like(chosen_r),
+                              torch.zeros_like(rejected_r), beta=0.1, rejected_mask=mask)
+    torch.testing.assert_close(averaged, expected, atol=1e-6, rtol=1e-5)
+    assert a_sums["rewards/chosen"].item() == pytest.approx(chosen_r.sum().item(), abs=1e-6)
+    assert (tc > 1).all() and not torch.allclose(summed, averaged)  # real responses: the flag changes the loss
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_shared_prompt_equals_separate_forwards(tiny_text_model, tmp_path, attention):
     """Log-probs AND gradients of the packed shared-prompt forward equal one row per response."""
