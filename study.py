@@ -505,7 +505,7 @@ def training_tail(out, last=5):
             **{k: sum(line[k] for line in tail) / len(tail) for k in keys if all(k in line for line in tail)}}
 
 
-def plot(report, out):
+def pyplot():
     try:
         import matplotlib
 
@@ -513,8 +513,15 @@ def plot(report, out):
         import matplotlib.pyplot as plt
     except ImportError:
         print("study: matplotlib is not installed; pictures skipped (pip install matplotlib)")
+        return None
+    return plt
+
+
+def plot_train_stream(train, path, title="The sources on the data the target learns from: the drift is in training"):
+    """Each source's macro accuracy by window of the training stream (source_stream_accuracy)."""
+    plt = pyplot()
+    if plt is None:
         return False
-    train = report["train_stream"]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     x = np.arange(1, len(next(iter(train.values()))) + 1)
     for name, acc in train.items():
@@ -522,12 +529,18 @@ def plot(report, out):
     ax.set_xticks(x)
     ax.set_xlabel("window of the training stream (train and val instances, positions 0 to 1)")
     ax.set_ylabel("macro accuracy (14 findings)")
-    ax.set_title("The sources on the data the target learns from: the drift is in training")
+    ax.set_title(title)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(out / "train-stream.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
+
+def plot(report, out):
+    if not plot_train_stream(report["train_stream"], out / "train-stream.png"):
+        return False
+    plt = pyplot()
     table = report["test"]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     x = np.arange(1, len(next(iter(table.values()))["stream"]) + 1)
