@@ -79,16 +79,18 @@ FULL_GRID = list(RECIPES)
 SIZES = {
     "smoke": dict(n_train=8, n_val=4, n_test=4, boot=["--max-steps", "2", "--batch-size", "4"],
                   pref_steps=2, new_tokens=24, consensus_tokens=24, grid=["official-lora", "full-2e-5"],
-                  windows=2, train_seeds=2, heldout=4),
-    "cpu": dict(n_train=64, n_val=100, n_test=60, boot=["--epochs", "2", "--batch-size", "4"],
+                  windows=2, train_seeds=2, fixed=4, heldout=4),
+    # cpu: sized from the first design's measured stage times (README) so that the 100 val
+    # instances the recipe needs fit in 90 min on two idle cores (docs/study.md: about 80 min)
+    "cpu": dict(n_train=32, n_val=100, n_test=40, boot=["--epochs", "2", "--batch-size", "4"],
                 pref_steps=None, new_tokens=DECODING["max_new_tokens"], consensus_tokens=256, grid=CPU_GRID,
-                windows=4, train_seeds=1, heldout=32),
+                windows=4, train_seeds=1, fixed=40, heldout=16),
     "cpu-full": dict(n_train=128, n_val=100, n_test=200, boot=["--epochs", "2", "--batch-size", "4"],
                      pref_steps=None, new_tokens=DECODING["max_new_tokens"], consensus_tokens=256, grid=FULL_GRID,
-                     windows=5, train_seeds=3, heldout=100),
+                     windows=5, train_seeds=3, fixed=100, heldout=50),
     "gpu": dict(n_train=400, n_val=100, n_test=200, boot=["--epochs", "1", "--batch-size", "16"],
                 pref_steps=None, new_tokens=DECODING["max_new_tokens"], consensus_tokens=256, grid=FULL_GRID,
-                windows=5, train_seeds=3, heldout=100),
+                windows=5, train_seeds=3, fixed=100, heldout=100),
 }
 # Fixed in advance, not tuned: the bootstrap lr of the official LoRA recipe's order for a 135M
 # full fine-tune; beta is the paper's.
@@ -147,6 +149,12 @@ def validation_rows(n, n_val):
     if not 0 < n_val < n:
         raise ValueError(f"need 0 < n_val < n, got n_val {n_val} of {n}")
     return {int((k + 0.5) * n / n_val) for k in range(n_val)}
+
+
+def evenly(items, k):
+    """k items spread evenly over the list (all of them when k >= len): a subset that spans the
+    stream as the list does."""
+    return list(items) if k >= len(items) else [items[i] for i in sorted(validation_rows(len(items), k))]
 
 
 def carve_validation(stream, benchmark, out, n_val):
@@ -705,6 +713,7 @@ def main(argv=None):
     val_labels = [r["labels"] for r in val_instances]
     # movement is measured on the bootstrap's own val answers: fixed outputs, the same for every arm
     fixed = [(r, t) for r, (_, _, t) in zip(val_instances, val_preds["bootstrap"])]
+    fixed = evenly(fixed, size["fixed"])
     cache = out / "logps-cache.json"
     ref_fixed, fixed_counts = cached_logps(cache, boot, fixed, MAX_LENGTH)
     for v in sweep:
@@ -749,7 +758,7 @@ def main(argv=None):
     validation_as_train(data, out / "val-as-train.jsonl")
     run([py, "consensus.py", "--data", out / "val-as-train.jsonl", "--out", heldout_file, "--consensus", "vote",
          "--negatives", "all", *seed])
-    heldout = [p for _, p in records.read_jsonl(heldout_file)][:size["heldout"]]
+    heldout = evenly([p for _, p in records.read_jsonl(heldout_file)], size["heldout"])
     items = preference_items(heldout)
     ref_items = cached_logps(cache, boot, items, MAX_LENGTH)[0]
     held = {}

@@ -70,6 +70,7 @@ def test_validation_rows_are_evenly_spaced():
     assert len(study.validation_rows(164, 100)) == 100
     with pytest.raises(ValueError, match="n_val"):
         study.validation_rows(5, 5)
+    assert study.evenly(list("abcdefghij"), 2) == ["c", "h"] and study.evenly([1, 2], 5) == [1, 2]
 
 
 def test_training_reads_train_only(testbed, tmp_path):
