@@ -652,6 +652,23 @@ def consensus_facts(pref_file, summary_file):
 # ---------------------------------------------------------------------------------------------
 
 
+DESIGN = "stream-spans-drift/1"  # changes whenever a run folder of this study means something else
+
+
+def check_run_folder(out, args):
+    """Refuse a folder written by another design, size or seed: resuming there would mix two runs."""
+    marker = Path(out) / "study.json"
+    mine = {"design": DESIGN, "size": args.size, "seed": args.seed}
+    if marker.exists():
+        theirs = json.loads(marker.read_text())
+        if theirs != mine:
+            raise SystemExit(f"study: {out} holds a run of {theirs}, not {mine}; give another --out")
+    elif (Path(out) / "trajectories.jsonl").exists():
+        raise SystemExit(f"study: {out} holds a run of an earlier design of this study; give another --out")
+    else:
+        records.write_json_atomic(marker, mine)
+
+
 def main(argv=None):
     args = parse_args(argv)
     size = SIZES[args.size]
@@ -670,6 +687,7 @@ def main(argv=None):
         from demo_model import smollm2_folder
 
         args.model = str(smollm2_folder())
+    check_run_folder(out, args)
     t0 = time.time()
     decode = ["--max-new-tokens", size["new_tokens"], "--repetition-penalty", DECODING["repetition_penalty"]]
     steps = [] if size["pref_steps"] is None else ["--max-steps", size["pref_steps"]]

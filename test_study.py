@@ -282,3 +282,16 @@ def test_stream_windows_split_in_order():
     m = np.zeros((10, 14))
     m[5:] = 1.0
     assert study.stream_windows(m, 2) == [0.0, 1.0]
+
+
+def test_run_folder_of_another_design_size_or_seed_is_refused(tmp_path):
+    args = study.parse_args(["--size", "cpu", "--seed", "3"])
+    study.check_run_folder(tmp_path, args)
+    study.check_run_folder(tmp_path, args)  # the same run resumes
+    with pytest.raises(SystemExit, match="give another --out"):
+        study.check_run_folder(tmp_path, study.parse_args(["--size", "cpu", "--seed", "4"]))
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "trajectories.jsonl").write_text("{}\n")  # a folder of the first design has no study.json
+    with pytest.raises(SystemExit, match="earlier design"):
+        study.check_run_folder(old, args)
