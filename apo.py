@@ -294,7 +294,7 @@ def train(args):
     if not args.reference_only and len(examples) < micro_global:
         raise RecordError(data_path, None, None, f"{len(examples)} usable preferences, fewer than one micro-batch "
                                                  f"over all processes ({micro_global})")
-    total = 0 if args.reference_only else training.total_steps(len(examples), micro_global, args)
+    total = 0 if args.reference_only else training.total_steps(len(examples), micro_global, args, accelerator.print)
 
     # Dropout off: at step 0 the policy must compute exactly the reference's log-probs (rewards 0).
     model, lora = training.load_trainable_model(args, accelerator, dropout=False)

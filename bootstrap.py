@@ -28,6 +28,7 @@ stage (the same shape as apo.py's, with the shared steps in training.py).
 """
 
 import argparse
+import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -113,7 +114,8 @@ def collect_examples(records, drop_unanswered):
 
 
 def measure_examples(processor, examples, args, data_path, accelerator):
-    """The examples that fit, with their lengths; the skipped prompts (messages); responses cut.
+    """The examples that fit, with their lengths; the skipped instances ((message, prompt tokens),
+    one per instance); responses cut.
 
     Each process encodes a share of the instances (the prompt and images once for all of an
     instance's trajectories) and the results are gathered, so images are processed once in all
@@ -132,7 +134,8 @@ def measure_examples(processor, examples, args, data_path, accelerator):
             enc = encode(processor, examples[idx[0]].record, [examples[i].text for i in idx], args.max_length,
                          data_path)
         except PromptTooLong as e:  # one message an instance, on its first example
-            rows += [(i, None, None, f"{data_path}:{line}: {e}" if k == 0 else None) for k, i in enumerate(idx)]
+            rows += [(i, None, None, (f"{data_path}:{line}: {e}", e.prompt_tokens) if k == 0 else None)
+                     for k, i in enumerate(idx)]
             continue
         rows += [(i, len(enc.prompt_ids) + len(ids), len(ids), enc.truncated if k == 0 else 0)
                  for k, (i, ids) in enumerate(zip(idx, enc.responses))]
@@ -148,6 +151,19 @@ def measure_examples(processor, examples, args, data_path, accelerator):
             kept.append(examples[i])
             truncated += extra
     return kept, skipped, truncated
+
+
+def too_few_examples(usable, micro_global, too_long, skipped, args):
+    """Why a run cannot take one micro-batch, with the flag that changes it."""
+    message = f"{usable} usable training examples, fewer than one micro-batch over all processes ({micro_global})"
+    if skipped:
+        longest = max(tokens for _, tokens in skipped)
+        message += (f": {too_long} examples of {len(skipped)} instances skipped, their prompt leaves no room for a "
+                    f"response under --max-length {args.max_length} (longest prompt {longest} tokens); "
+                    f"raise --max-length above {longest}")
+    else:
+        message += f"; lower --batch-size ({args.batch_size}) or add training data"
+    return message
 
 
 def encode_examples(processor, examples, args, data_path):
@@ -192,13 +208,15 @@ def train(args):
     except OSError as e:
         raise RecordError(args.model, None, None, f"cannot load the model's tokenizer/processor: {e}") from None
     measured = len(examples)
-    examples, _, truncated = measure_examples(processor, examples, args, args.data, accelerator)
+    examples, skipped, truncated = measure_examples(processor, examples, args, args.data, accelerator)
     too_long = measured - len(examples)  # counted in examples (the summary's unit), not instances
+    if accelerator.is_main_process:
+        for message, _ in skipped:
+            print(f"skipped {message}", file=sys.stderr)
     micro_global = args.batch_size * accelerator.num_processes
     if len(examples) < micro_global:
-        raise RecordError(args.data, None, None, f"{len(examples)} usable training examples, fewer than one "
-                                                 f"micro-batch over all processes ({micro_global})")
-    total = training.total_steps(len(examples), micro_global, args)
+        raise RecordError(args.data, None, None, too_few_examples(len(examples), micro_global, too_long, skipped, args))
+    total = training.total_steps(len(examples), micro_global, args, accelerator.print)
 
     model, lora = training.load_trainable_model(args, accelerator)
     module, optimizer, scheduler = training.prepare_training(accelerator, ResponseLogps(model), args, total)

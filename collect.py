@@ -21,6 +21,7 @@ import json
 import os
 import sys
 from collections import Counter, defaultdict
+from datetime import datetime, timezone
 from pathlib import Path
 
 import answers
@@ -237,11 +238,11 @@ def api_request(args):
                               ("top_p", args.top_p)) if v is not None}
 
 
-def claim_output(out, journal_path, srcs, keys, args):
+def claim_output(out, journal_path, srcs, keys, args, times):
     """Lock OUT and tie it to each source's settings, before any source is asked; returns the
-    journal's answers that still match their instance."""
+    journal's answers that still match their instance (and fills `times`, see read_journal)."""
     records.OutputLock(out, "collect.py")
-    have = read_journal(journal_path, keys)
+    have = read_journal(journal_path, keys, times)
     manifest = records.manifest_path(out)
     saved = records.tie_to_run(
         out, manifest, {s.name: source_settings(s, args) for s in srcs}, "collect.py",
@@ -251,13 +252,16 @@ def claim_output(out, journal_path, srcs, keys, args):
     return have
 
 
-def read_journal(path, keys):
-    """{(id, source): text} of the journal's answers that still match their instance."""
+def read_journal(path, keys, times):
+    """{(id, source): text} of the journal's answers that still match their instance; `times`
+    gets {(id, source): time} of those that carry when they were answered."""
     done = {}
     for line in records.repair_torn_tail(path):
         pair = (line.get("id"), line.get("source"))
-        if line.get("text") and keys.get(pair[0]) == line.get("h"):
-            done.setdefault(pair, line["text"])
+        if line.get("text") and keys.get(pair[0]) == line.get("h") and pair not in done:
+            done[pair] = line["text"]
+            if line.get("time"):
+                times[pair] = line["time"]
     return done
 
 
@@ -279,8 +283,9 @@ def answers_of(source, instances, todo, origin, positions, args, key_envs):
     return sources.sim_answers(source, todo_records, positions, seed=args.seed, delay=args.sim_delay)
 
 
-def collect(srcs, instances, have, journal, origin, positions, keys, args, key_envs):
-    """Ask every source for the pairs not in `have`, journalling each answer as it arrives.
+def collect(srcs, instances, have, journal, origin, positions, keys, args, key_envs, times):
+    """Ask every source for the pairs not in `have`, journalling each answer as it arrives (an API
+    source's with the time it came back, into `times` too).
 
     Returns the number of answers received and {source name: Counter of failure reasons}.
     """
@@ -296,6 +301,8 @@ def collect(srcs, instances, have, journal, origin, positions, keys, args, key_e
                 line = {"id": rec_id, "source": s.name, "h": keys[rec_id]}
                 if text:
                     have[(rec_id, s.name)] = text
+                    if s.kind == "openai":  # an endpoint's model can change under its name: date its answers
+                        times[(rec_id, s.name)] = line["time"] = now_iso()
                     journal.write({**line, "text": text})
                     answered += 1
                 else:
@@ -305,19 +312,29 @@ def collect(srcs, instances, have, journal, origin, positions, keys, args, key_e
     return answered, failures
 
 
+def now_iso():
+    # one format and zone for every stamp, so that the earliest of an instance is also the least string
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 # ---------------------------------------------------------------------------------------------
 # Outputs
 
 
-def assemble(instances, srcs, have, origin, out):
-    """The output records: input fields, images relative to OUT's folder, then the trajectories
-    the instance came with followed by one per source in --sources order."""
+def assemble(instances, srcs, have, origin, out, times):
+    """The output records: input fields, images relative to OUT's folder, `time` (the input's, else
+    when an API source first answered the instance, ISO 8601 UTC; none for sim: and hf: sources,
+    whose answers do not depend on when they were asked), then the trajectories the instance came
+    with followed by one per source in --sources order."""
     rows = []
     for r in instances:
         row = records.public(r)
         row.pop("trajectories", None)
         if origin is not None:
             row["images"] = records.rebase_images(r.get("images") or [], origin, out)
+        stamps = [times[(r["id"], s.name)] for s in srcs if (r["id"], s.name) in times]
+        if stamps and "time" not in row:
+            row["time"] = min(stamps)
         given = list(r.get("trajectories") or [])
         asked = [{"source": s.name, "text": have[(r["id"], s.name)]}
                  for s in srcs if (r["id"], s.name) in have and not any(t["source"] == s.name for t in given)]
@@ -423,7 +440,8 @@ def collect_all(args):
         output_images = {r["id"]: records.rebase_images(r.get("images") or [], origin, out) if origin else []
                          for r in instances}
         keys = {r["id"]: records.content_key(r, output_images[r["id"]]) for r in instances}
-        have = claim_output(out, journal_path, srcs, keys, args)
+        times = {}
+        have = claim_output(out, journal_path, srcs, keys, args, times)
         reused = len(have)
         for r in instances:
             for t in r.get("trajectories") or []:
@@ -433,7 +451,7 @@ def collect_all(args):
     positions = {r["id"]: i / max(len(instances) - 1, 1) for i, r in enumerate(instances)}
     journal = records.JsonlAppender(journal_path)
     try:
-        answered, failures = collect(srcs, instances, have, journal, origin, positions, keys, args, key_envs)
+        answered, failures = collect(srcs, instances, have, journal, origin, positions, keys, args, key_envs, times)
     except KeyboardInterrupt:
         journal.close()
         print(f"\ninterrupted: finished answers are kept in {journal_path}; run the same command again to "
@@ -453,7 +471,7 @@ def collect_all(args):
         raise SystemExit(1)
     finally:
         journal.close()
-    rows = assemble(instances, srcs, have, origin, out)
+    rows = assemble(instances, srcs, have, origin, out, times)
     try:
         records.write_jsonl_atomic(out, rows)
     except records.DiskFull as e:

@@ -50,6 +50,7 @@ def transformers_serve(tmp_path_factory):
         yield server
     finally:
         server.kill()
+        server.proxy.close()
 
 
 @pytest.fixture

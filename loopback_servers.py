@@ -129,13 +129,81 @@ class ChatServer:
         self.httpd.server_close()
 
 
+class CountingProxy:
+    """A pass-through HTTP proxy on 127.0.0.1 that counts the chat requests its backend took.
+
+    Tests count requests here, at a layer they own, not from a server's log lines (which change
+    between releases). A request counts once the backend accepted its connection, as a server's own
+    count would: one refused while the backend is down is answered 502 and not counted; one in
+    flight when the backend dies was received and counts."""
+
+    def __init__(self, backend_port):
+        self.received, self.lock = 0, threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                self.forward(None)
+
+            def do_POST(self):
+                self.forward(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+
+            def forward(self, body):
+                import http.client
+
+                backend = http.client.HTTPConnection("127.0.0.1", backend_port, timeout=600)
+                try:
+                    backend.connect()
+                except OSError as e:
+                    return self.reply(502, f"backend down: {e}".encode(), "text/plain")
+                if self.command == "POST" and self.path.rstrip("/").endswith("/chat/completions"):
+                    with proxy.lock:
+                        proxy.received += 1
+                try:
+                    headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                    backend.request(self.command, self.path, body=body, headers=headers)
+                    response = backend.getresponse()
+                    data = response.read()
+                except (OSError, http.client.HTTPException) as e:
+                    return self.reply(502, f"backend failed: {e}".encode(), "text/plain")
+                finally:
+                    backend.close()
+                self.reply(response.status, data, response.getheader("Content-Type", "application/json"))
+
+            def reply(self, status, data, content_type):
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", content_type)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
 class Serve:
     """`transformers serve` on 127.0.0.1, unpinned: a request's model (a local folder) is loaded on
-    demand. Each request it takes leaves a "[Request received]" line in its log."""
+    demand. Clients reach it through a CountingProxy, which outlives restarts of the server and
+    counts the chat requests it took (`requests_received`)."""
 
     def __init__(self, port, log):
         self.port, self.log, self.proc = port, Path(log), None
-        self.url = f"http://127.0.0.1:{port}/v1"
+        self.proxy = CountingProxy(port)
+        self.url = f"http://127.0.0.1:{self.proxy.port}/v1"
 
     def start(self):
         cli = Path(sys.executable).with_name("transformers")
@@ -169,7 +237,7 @@ class Serve:
             self.start()
 
     def requests_received(self):
-        return self.log.read_text(errors="replace").count("[Request received]") if self.log.exists() else 0
+        return self.proxy.received
 
 
 def varied_copy(src, dst, std=0.3, seed=1):

@@ -149,7 +149,9 @@ class Encoded:
 
 
 class PromptTooLong(ValueError):
-    pass
+    def __init__(self, prompt_tokens, max_length):
+        super().__init__(f"prompt is {prompt_tokens} tokens, max length {max_length}")
+        self.prompt_tokens, self.max_length = prompt_tokens, max_length
 
 
 def encode_prompt(processor, record, data_path=None):
@@ -176,7 +178,7 @@ def encode(processor, record, responses, max_length, data_path=None):
     prompt_ids, vision = encode_prompt(processor, record, data_path)
     room = max_length - len(prompt_ids)
     if room < 2:
-        raise PromptTooLong(f"prompt is {len(prompt_ids)} tokens, max length {max_length}")
+        raise PromptTooLong(len(prompt_ids), max_length)
     tok = tokenizer_of(processor)
     end = turn_end(processor)
     out, truncated = [], 0

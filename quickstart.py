@@ -22,12 +22,15 @@ import sys
 import time
 from pathlib import Path
 
-# Per size: (train instances, test instances, bootstrap steps, APO steps, generation tokens, steps
-# between checkpoints of the training stages: an interruption loses at most that many steps).
+# Per size: train and test instances, how long the bootstrap trains (--epochs or --max-steps), APO
+# steps, the generation budget, and the steps between checkpoints of the training stages (an
+# interruption loses at most that many). The default bootstraps 2 epochs of the 16 x 7 source
+# trajectories: the shortest schedule after which SmolLM2 reliably ends its answers with an
+# `Answer:` line (with 12 steps, 8 of 20 test answers were unparsed loops).
 SIZES = {
-    "ci": dict(n_train=8, n_test=8, boot_steps=3, apo_steps=2, new_tokens=48, save_every=0),
-    "default": dict(n_train=16, n_test=20, boot_steps=12, apo_steps=6, new_tokens=128, save_every=4),
-    "full": dict(n_train=2000, n_test=500, boot_steps=None, apo_steps=None, new_tokens=512, save_every=25),
+    "ci": dict(n_train=8, n_test=8, boot=["--max-steps", "3"], apo_steps=2, new_tokens=48, save_every=0),
+    "default": dict(n_train=16, n_test=20, boot=["--epochs", "2"], apo_steps=6, new_tokens=256, save_every=10),
+    "full": dict(n_train=2000, n_test=500, boot=["--epochs", "1"], apo_steps=None, new_tokens=512, save_every=25),
 }
 STOPPED_EXIT = 75  # training.STOPPED_EXIT: a stage stopped by a signal after writing its checkpoint
 
@@ -73,8 +76,8 @@ def main():
     run([py, "collect.py", "--sources", "sim:all", "--n-train", str(size["n_train"]), "--n-test", str(size["n_test"]),
          "--out", str(out / "trajectories.jsonl"), *seed])
     run([py, "bootstrap.py", "--model", args.model, "--data", str(out / "trajectories.jsonl"),
-         "--out", str(out / "bootstrap"), "--lr", "5e-5", "--batch-size", "4", "--grad-accum", "1",
-         "--max-length", "384", *steps(size["boot_steps"]), *save, *seed])
+         "--out", str(out / "bootstrap"), "--lr", "1e-4", "--batch-size", "4", "--grad-accum", "1",
+         "--max-length", "384", *size["boot"], *save, *seed])
     run([py, "consensus.py", "--model", str(out / "bootstrap"), "--data", str(out / "trajectories.jsonl"),
          "--out", str(out / "preferences.jsonl"), "--consensus", "model+vote", *tokens, *seed])
     run([py, "apo.py", "--model", str(out / "bootstrap"), "--data", str(out / "preferences.jsonl"),

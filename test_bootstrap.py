@@ -2,8 +2,10 @@
 SIGKILL, 2 processes = 1 process, NaN guard, VLM image masking, and bad input."""
 
 import json
+import logging
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from transformers import AutoConfig
 
 import bootstrap
 import training
@@ -225,6 +228,10 @@ def test_sigkill_then_rerun_gives_the_weights_of_a_straight_run(tmp_path, capsys
 
     resumed = run(train_args(tiny_text_model, data, out, *RESUME_ARGS))
     assert "resuming from step 3" in resumed.stdout
+    # the tiny model's head is tied to its embeddings by its config: accelerate's warning about
+    # the shared tensor at each checkpoint is expected, and dropped
+    assert AutoConfig.from_pretrained(tiny_text_model).tie_word_embeddings
+    assert "checkpoint: step 6" in resumed.stdout + resumed.stderr and "Removed shared tensor" not in resumed.stderr
     a, b = weights(reference), weights(out)
     assert a.keys() == b.keys()
     for k in a:
@@ -329,6 +336,17 @@ def test_missing_model_unknown_tracker_and_prompts_that_never_fit_exit_2(tmp_pat
         bootstrap.main(["--model", tiny_text_model, "--data", str(data), "--out", str(tmp_path / "o"),
                         "--report-to", "no-such-tracker"])
     assert exit_.value.code == 2 and "unknown tracker 'no-such-tracker'" in capsys.readouterr().err
+    # a known tracker that is not installed (wandb is in no requirements file): the run stops, and says so
+    import importlib.util
+
+    assert importlib.util.find_spec("wandb") is None
+    with pytest.raises(SystemExit) as exit_:
+        bootstrap.main(["--model", tiny_text_model, "--data", str(data), "--out", str(tmp_path / "o"),
+                        "--report-to", "wandb"])
+    assert exit_.value.code == 2
+    assert ("--report-to: wandb is not installed: pip install wandb, or run without --report-to wandb "
+            "(metrics.jsonl is written either way); nothing was run") in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
     # an accelerate config's own accumulation would silently change the global batch
     monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "3")
@@ -342,7 +360,13 @@ def test_missing_model_unknown_tracker_and_prompts_that_never_fit_exit_2(tmp_pat
         bootstrap.main(["--model", tiny_text_model, "--data", str(data), "--out", str(tmp_path / "o"),
                         "--max-length", "16"])
     assert exit_.value.code == 2
-    assert "0 usable training examples" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # every instance's prompt alone is longer than 16 tokens: each is named, and the error says by how much
+    assert err.count("skipped ") == 2 and f"{data}:1: prompt is " in err and f"{data}:2: prompt is " in err
+    longest = max(int(n) for n in re.findall(r"prompt is (\d+) tokens, max length 16", err))
+    assert (f"0 usable training examples, fewer than one micro-batch over all processes (2): 7 examples of 2 "
+            f"instances skipped, their prompt leaves no room for a response under --max-length 16 (longest prompt "
+            f"{longest} tokens); raise --max-length above {longest}") in err
 
 
 def wait_for(condition, what, proc, timeout=600):
@@ -455,3 +479,16 @@ def test_a_second_signal_stops_at_once(tmp_path, straight, tiny_text_model):
     assert "SIGINT: finishing this optimizer step" in stderr and "SIGTERM: stopping at once" in stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     assert training.checkpoint_dirs(out) == [] and not (out / "model.safetensors").exists()
+
+
+def test_only_the_tied_head_warning_is_dropped():
+    def record(names):
+        return logging.makeLogRecord({"msg": f"Removed shared tensor {names} while saving. This should be OK, but "
+                                             "check by verifying that you don't receive any warning while reloading"})
+
+    assert not training.drop_tied_head_warning(record({"model.lm_head.weight"}))
+    assert training.drop_tied_head_warning(record({"model.model.layers.0.mlp.up_proj.weight"}))
+    assert training.drop_tied_head_warning(record({"model.lm_head.weight", "model.extra.weight"}))
+    assert not training.drop_tied_head_warning(logging.makeLogRecord({"msg": "[RANK 1] Removed shared tensor "
+                                                                             "{'model.lm_head.weight'} while saving."}))
+    assert training.drop_tied_head_warning(logging.makeLogRecord({"msg": "another warning"}))

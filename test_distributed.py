@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 import apo
 import tiny_models
-from test_apo_stage import PREFERENCES, write_jsonl
+from test_apo_stage import PREFERENCES, adam_divergence_bound, assert_same_first_step, write_jsonl
 from test_bootstrap import write_data
 
 REPO = Path(__file__).resolve().parent
@@ -66,15 +66,28 @@ def two_processes(script, *args, config=FSDP, mixed_precision="no", **extra_env)
     return run(launch, ACCELERATE_USE_CPU="1", **extra_env)
 
 
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(out):
-    return [json.loads(line)["loss"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [row["loss"] for row in metrics(out)]
 
 
 def assert_same_weights(a, b, atol):
     wa, wb = load_file(str(Path(a) / "model.safetensors")), load_file(str(Path(b) / "model.safetensors"))
     assert wa.keys() == wb.keys()
     for name in wa:
-        torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=atol, msg=name)
+        torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=atol, msg=name)
+
+
+def assert_two_processes_equal_one(one, two, lr, steps, keys):
+    """Step 1 to fp32 rounding; the weights within what AdamW can do with rounding differences (see
+    test_apo_stage.adam_divergence_bound): a tighter bound after step 1 would hold on one CPU only."""
+    rows_one, rows_two = metrics(one), metrics(two)
+    assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one] == list(range(1, steps + 1))
+    assert_same_first_step(rows_one[0], rows_two[0], keys)
+    assert_same_weights(one, two, atol=adam_divergence_bound(lr, steps))
 
 
 def test_fsdp2_bootstrap_equals_one_process_keeps_ties_survives_a_slow_rank_and_resumes(tmp_path, tiny_text_model):
@@ -92,22 +105,21 @@ def test_fsdp2_bootstrap_equals_one_process_keeps_ties_survives_a_slow_rank_and_
     assert {p.name for p in (two / "checkpoints" / "step-6").glob("random_states_*.pkl")} == {
         "random_states_0.pkl", "random_states_1.pkl"}
 
-    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
     # Same keys as the one-process folder: lm_head.weight is tied to the embeddings, not a copy of
     # its own (cpu_ram_efficient_loading in the config moves the model to meta and back).
-    assert_same_weights(one, two, atol=1e-5)
+    assert_two_processes_equal_one(one, two, lr=1e-3, steps=6, keys=("loss", "grad_norm"))
     model = AutoModelForCausalLM.from_pretrained(two)
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
     # Sharded resume: back to the state of a run killed after its step-3 checkpoint.
-    final = load_file(str(two / "model.safetensors"))
+    final, before = load_file(str(two / "model.safetensors")), losses(two)
     shutil.rmtree(two / "checkpoints" / "step-6")
     for name in ("model.safetensors", "training_summary.json"):
         (two / name).unlink()
     resumed = two_processes("bootstrap.py", "--model", tiny_text_model, "--data", data, "--out", two,
                             "--batch-size", 1, *BOOTSTRAP)
     assert "resuming from step 3" in resumed.stdout
-    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+    assert losses(two) == pytest.approx(before, rel=1e-6, abs=1e-6)  # the same 2-process run, as logged
     again = load_file(str(two / "model.safetensors"))
     for name in final:
         torch.testing.assert_close(again[name], final[name], rtol=0, atol=1e-6, msg=name)
@@ -135,10 +147,9 @@ def test_fsdp2_apo_vlm_frozen_tower_and_checkpointing_equals_one_process(tiny_vl
 
     out = tmp_path / "fsdp"
     two_processes("apo.py", "--model", tiny_vl_model, "--data", vl_data, "--out", out, "--batch-size", 1, *APO)
-    assert losses(out) == pytest.approx(losses(vl_one), abs=1e-5)
     ref1, ref2 = load_file(str(vl_one / apo.REFERENCE_FILE)), load_file(str(out / apo.REFERENCE_FILE))
     torch.testing.assert_close(ref2["chosen"], ref1["chosen"], rtol=1e-5, atol=1e-4)
-    assert_same_weights(vl_one, out, atol=1e-5)
+    assert_two_processes_equal_one(vl_one, out, lr=1e-3, steps=2, keys=("loss", "rewards/margins", "grad_norm"))
     initial = AutoModelForImageTextToText.from_pretrained(tiny_vl_model)
     trained = AutoModelForImageTextToText.from_pretrained(out)
     tower = dict(initial.model.visual.named_parameters())

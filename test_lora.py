@@ -16,7 +16,7 @@ import bootstrap
 import tiny_models
 from launch_for_tests import sigkill_at_line
 from modeling import is_vision_model
-from test_apo_stage import PREFERENCES, metrics, run_apo, write_jsonl
+from test_apo_stage import PREFERENCES, adam_divergence_bound, assert_same_first_step, metrics, run_apo, write_jsonl
 from test_bootstrap import REPO, env, free_port, train_args, write_data
 from test_bootstrap import run as run_bootstrap
 
@@ -182,9 +182,11 @@ def test_apo_lora_two_processes_match_one(tiny_vl_model, vl_data, vl_one, tmp_pa
     proc = run_apo("--model", tiny_vl_model, "--data", vl_data, "--out", out, "--batch-size", 1, *APO,
                    launcher=launcher, extra_env={"ACCELERATE_USE_CPU": "1"})
     assert "(1 x 2 processes x 2 accumulation)" in proc.stdout
-    for a, b in zip(metrics(one), metrics(out), strict=True):
-        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+    rows_one, rows_two = metrics(one), metrics(out)
+    assert len(rows_one) == len(rows_two) == 2
+    assert_same_first_step(rows_one[0], rows_two[0])  # same weights, same data: fp32 rounding only
+    # APO: 2 steps at a constant lr of 1e-2; each adapter weight ends within Adam's bound of the other run's
     a, b = adapters(one), adapters(out)
     for name in a:
         for x, y in zip(a[name], b[name]):
-            torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5, msg=name)  # as test_apo_stage's 2-process test
+            torch.testing.assert_close(y, x, rtol=0, atol=adam_divergence_bound(1e-2, 2), msg=name)

@@ -9,9 +9,11 @@ configs); nothing here is home-made distribution.
 """
 
 import json
+import logging
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -116,11 +118,25 @@ def load_trainable_model(args, accelerator, dropout=True):
     from modeling import load_model
 
     model = prepare_model_for_training(load_model(args.model, dtype=weights_dtype(args, accelerator.device)), args)
+    if model.config.get_text_config().tie_word_embeddings:
+        logging.getLogger("accelerate.utils.other").addFilter(drop_tied_head_warning)
     if not dropout:
         disable_dropout(model)
     lora = add_lora(model, args, accelerator)
     model.train()
     return model, lora
+
+
+def drop_tied_head_warning(record):
+    """A logging filter: accelerate's save_state warns "Removed shared tensor {'model.lm_head.weight'}"
+    at every checkpoint of a model whose output head is tied to its embeddings by its config. That
+    tie is restored by from_pretrained and by load_state, so the warning is dropped; a shared tensor
+    other than the head is still reported."""
+    message = record.getMessage()  # "[RANK 0] Removed shared tensor {...}" when several processes run
+    if "Removed shared tensor {" not in message:
+        return True
+    names = re.findall(r"'([^']+)'", message)
+    return not (names and all(name.split(".")[-2:] == ["lm_head", "weight"] for name in names))
 
 
 def disable_dropout(model):
@@ -266,7 +282,8 @@ def trackers(report_to):
         if name not in LoggerType.list():
             fail(f"--report-to: unknown tracker {name!r} (accelerate knows {', '.join(LoggerType.list())})")
         if name != "all" and name not in available:
-            fail(f"--report-to: {name} is not installed (pip install {name}); metrics.jsonl is written anyway")
+            fail(f"--report-to: {name} is not installed: pip install {name}, or run without --report-to "
+                 f"{name} (metrics.jsonl is written either way); nothing was run")
     return names or None
 
 
@@ -458,14 +475,30 @@ def build_scheduler(optimizer, args, total_steps):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.schedule, warmup_steps, total_steps))
 
 
-def total_steps(num_examples, global_batch, args):
-    """Optimizer steps of the run: --max-steps if given (the data repeats as needed), else epochs."""
+def total_steps(num_examples, micro_global, args, warn):
+    """Optimizer steps of the run: --max-steps if given (the data repeats as needed), else epochs.
+
+    A schedule too short for what was asked is run, with a warning (warn: the main process's
+    print) that gives the numbers: data that makes less than one optimizer step is repeated, and a
+    warmup share that rounds to no step starts at the full lr."""
     if args.max_steps is not None:
-        return args.max_steps
-    micro_per_epoch = num_examples // global_batch
-    if micro_per_epoch == 0:
-        raise SystemExit(f"error: {num_examples} examples are fewer than one global batch ({global_batch})")
-    return max(1, int(micro_per_epoch * args.epochs) // args.grad_accum)
+        total = args.max_steps
+    else:
+        micro_per_epoch = num_examples // micro_global
+        if micro_per_epoch == 0:
+            raise SystemExit(f"error: {num_examples} examples are fewer than one micro-batch over all processes "
+                             f"({micro_global})")
+        total = int(micro_per_epoch * args.epochs) // args.grad_accum
+        if total == 0:
+            total = 1
+            step = micro_global * args.grad_accum
+            warn(f"warning: {num_examples} examples x {args.epochs:g} epochs are less than one optimizer step of "
+                 f"{step}: running 1 step, which sees the data {step / num_examples:.1f} times; lower "
+                 f"--global-batch (or --grad-accum) to at most {num_examples}, or set --max-steps", file=sys.stderr)
+    if args.warmup > 0 and round(args.warmup * total) == 0:
+        warn(f"warning: --warmup {args.warmup:g} of {total} steps rounds to no warmup step: the schedule starts at "
+             f"the full lr {args.lr:g}", file=sys.stderr)
+    return total
 
 
 def vision_tower(model):
