@@ -103,6 +103,7 @@ SEEDED = ARMS[1:]
 CONTRASTS = (("apo - sft-consensus", "apo", "sft-consensus"),
              ("apo - bootstrap", "apo", "bootstrap"),
              ("dpo-pairs - sft-consensus", "dpo-pairs", "sft-consensus"))
+EXPLORATORY = ("smoke", "cpu")  # one training seed or a toy model: their verdict line is not the study's
 SHARED_BIAS = "Lung Opacity"  # the over-call four of seven sources share, so the vote carries it
 DRIFTERS = ("sudden", "gradual", "recurring")
 
@@ -588,7 +589,8 @@ def markdown(report):
     r = report
     lines = [f"# Does APO work? (study.py --size {r['size']}, simulator seed {r['seed']}, training seeds "
              f"{r['train_seeds']})", "",
-             f"Verdict (docs/study.md's pre-registered criteria): **{r['verdict']}**.", "",
+             f"Verdict (docs/study.md's pre-registered criteria): **{r['verdict']}**"
+             + (" (an exploratory size: only cpu-full and gpu give the verdict)." if r["size"] in EXPLORATORY else "."), "",
              f"Test benchmark: {r['n_test']} instances; stream: {r['n_stream']} instances ({r['n_val']} val); "
              f"decoding: greedy, repetition penalty {r['decoding']['repetition_penalty']}, "
              f"{r['decoding']['max_new_tokens']} new tokens. Chosen recipe (val): {r['chosen']['name']} "
