@@ -9,7 +9,8 @@ target into the union of the sources. Labels are never read: APO is label-free.
     python bootstrap.py --model M --data trajectories.jsonl --out DIR          # one process
 
 DIR receives the fine-tuned model as a Hugging Face folder (the reference and starting point of
-consensus.py and apo.py), checkpoints/ (exact resume), metrics.jsonl and training_summary.json.
+consensus.py and apo.py) and nothing else; the run folder DIR.run beside it holds checkpoints/
+(exact resume), metrics.jsonl and training_summary.json.
 After an interruption, run the same command again: it continues from the last checkpoint in DIR
 (weights, optimizer, schedule, RNG and data position) and ends with the weights an uninterrupted
 run would have had. A finished run, rerun, does nothing. SIGTERM or Ctrl-C stops it after the
@@ -18,7 +19,7 @@ optimizer step in flight, with a checkpoint, exit status 75 (training.STOPPED_EX
 Defaults follow the paper's official recipe (1 epoch, 2 examples per device, global batch 32, max
 length 2304, warmup 0.05, bf16 on GPU). By default every weight is trained, at lr 1e-5 (the usual
 rate for full fine-tuning); --lora-rank 8 trains the recipe's LoRA adapters (alpha 32, all linear
-layers of the language model) at its lr 1e-4, and DIR holds the merged model plus DIR/adapter.
+layers of the language model) at its lr 1e-4, and DIR holds the merged model, DIR.run/adapter the adapters.
 Batches are length-grouped (examples of similar length together, random order across groups) to
 pad little; sequences are not packed. --max-length cuts long responses at the end, never the
 prompt or its image tokens; an instance whose prompt leaves no room is skipped. Both are counted.
@@ -47,7 +48,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="target model: a Hugging Face folder or hub id (text LM or VLM)")
     parser.add_argument("--data", required=True, help="trajectories.jsonl from collect.py; only split train is used")
-    parser.add_argument("--out", required=True, help="output folder: final model, checkpoints/, metrics.jsonl")
+    parser.add_argument("--out", required=True, help="model folder of the result; checkpoints/, metrics.jsonl and the "
+                        "summary go to the run folder OUT.run beside it")
     parser.add_argument("--drop-unanswered", action="store_true",
                         help="drop trajectories without a parseable 'Answer:' line (refusals); by default they are "
                              "kept, as the paper trains on the union of all trajectories. Counted either way")
@@ -238,7 +240,7 @@ def train(args):
         if done_steps % args.log_every == 0 or done_steps == total:
             seen = done_steps * args.grad_accum * micro_global
             metrics.log(done_steps, {
-                "loss": loss.item(), "lr": lr,
+                "loss": loss.item(), "learning_rate": lr,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "tokens_per_s": sum(lengths[i] for b in micro for i in b) / (time.perf_counter() - began),
                 "examples_seen": seen, "epoch": seen / (micro_batch.per_epoch * micro_global),

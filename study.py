@@ -139,12 +139,13 @@ def share_reference(out, data, run_dir):
     from safetensors import safe_open
 
     from apo import REFERENCE_FILE
+    from training import run_folder
 
-    target = Path(run_dir) / REFERENCE_FILE
+    target = run_folder(run_dir) / REFERENCE_FILE
     if target.exists():
         return
     digest = records.file_hash(data)
-    for cache in sorted(Path(out).glob(f"*/{REFERENCE_FILE}")):
+    for cache in sorted(Path(out).glob(f"*.run/{REFERENCE_FILE}")):
         with safe_open(str(cache), framework="pt") as f:
             if (f.metadata() or {}).get("data_sha256") == digest:
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -249,7 +250,9 @@ def seed_spread(predictions, instances, train_seeds):
 
 def training_tail(out, last=5):
     """Mean of the last metrics lines of a preference-stage run (reward accuracy, margin ...)."""
-    lines = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    from training import METRICS, run_folder
+
+    lines = [json.loads(line) for line in (run_folder(out) / METRICS).read_text().splitlines() if line.strip()]
     keys = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "nll_loss")
     tail = lines[-last:]
     first = lines[0]

@@ -26,6 +26,43 @@ from records import (OutputLock, RecordError, check_output_paths, disk_full_repo
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
+# What a run writes besides the model: it lives in the run folder beside the model folder, so the
+# model folder holds only what from_pretrained and vLLM read (vLLM's default loader takes every
+# *.safetensors of a folder without an index as weights).
+RUN_FILES = (METRICS, "training_summary.json", CHECKPOINTS, "reference_logps.safetensors", "logs", "adapter")
+
+
+def run_folder(out_dir):
+    """Where a training stage keeps everything but the model: <out>.run beside the model folder <out>
+    (checkpoints/, metrics.jsonl, training_summary.json, logs/, adapter/, the lock, apo.py's cache)."""
+    out_dir = Path(out_dir)
+    if out_dir.name in ("", ".", ".."):
+        out_dir = out_dir.resolve()
+    return out_dir.with_name(out_dir.name + ".run")
+
+
+def migrate_old_layout(out_dir):
+    """Move a run written with the model folder holding the run's files (metrics, summary,
+    checkpoints, cache, adapters, lock) into the run folder, saying so; returns what moved. A file
+    already in both places is refused: the two runs cannot be told apart."""
+    out_dir, run = Path(out_dir), run_folder(out_dir)
+    moved = []
+    for name in RUN_FILES:
+        old = out_dir / name
+        if not old.exists():
+            continue
+        if (run / name).exists():
+            raise RecordError(old, None, None, f"an older layout put this in the model folder, and {run / name} "
+                                               "exists too; move one of them away")
+        run.mkdir(parents=True, exist_ok=True)
+        os.replace(old, run / name)
+        moved.append(name)
+    if (out_dir / ".lock").is_file():
+        (out_dir / ".lock").unlink()
+    if moved:
+        print(f"note: {out_dir} was written with the run's files inside the model folder; moved "
+              f"{', '.join(moved)} to {run} (the model folder now holds only the model)", file=sys.stderr, flush=True)
+    return moved
 
 
 class NonFiniteLoss(RuntimeError):
@@ -71,7 +108,13 @@ def add_training_args(parser, lr, max_length, batch_size=2, grad_accum=16, warmu
     g.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept on disk (default: %(default)s)")
     g.add_argument("--log-every", type=int, default=1, help="write metrics every N optimizer steps (default: %(default)s)")
     g.add_argument("--report-to", default=None,
-                   help="accelerate trackers, e.g. tensorboard,wandb (metrics.jsonl is always written)")
+                   help="accelerate trackers, e.g. tensorboard,wandb (metrics.jsonl is always written); metrics "
+                        "go under train/ and eval/ with TRL's names; TensorBoard writes to OUT.run/logs/PROJECT")
+    g.add_argument("--project", default=None,
+                   help="the trackers' project (wandb, trackio, mlflow experiment; TensorBoard's subfolder) "
+                        "(default: the stage's name)")
+    g.add_argument("--run-name", default=None,
+                   help="the run's name in wandb, trackio and mlflow (default: the --out folder's name)")
     g.add_argument("--seed", type=int, default=0, help="seed for data order and initialisation (default: %(default)s)")
     return g
 
@@ -146,7 +189,10 @@ def resume_run(accelerator, out_dir, config, args, project):
     start = state.get("step", 0)
     metrics = Metrics(accelerator, out_dir, resumed_step=start)
     if args.report_to:
-        accelerator.init_trackers(project, config={k: v for k, v in config.items() if v is not None})
+        name = args.run_name or run_folder(out_dir).name.removesuffix(".run")
+        accelerator.init_trackers(args.project or project, config={k: v for k, v in config.items() if v is not None},
+                                  init_kwargs={"wandb": {"name": name}, "trackio": {"name": name},
+                                               "mlflow": {"run_name": name}})
     return start, metrics
 
 
@@ -186,7 +232,7 @@ def finished_run(out_dir, config):
     predictions already made with it.
     """
     checkpoint_state(out_dir, config)
-    path = Path(out_dir) / SUMMARY
+    path = run_folder(out_dir) / SUMMARY
     if not path.is_file():
         return None
     summary = json.loads(path.read_text())
@@ -197,10 +243,11 @@ def finished_run(out_dir, config):
 
 
 def read_losses(out_dir):
-    path = Path(out_dir) / METRICS
+    path = run_folder(out_dir) / METRICS
     if not path.is_file():
         return []
-    return [json.loads(line)["loss"] for line in path.read_text().splitlines() if line.strip()]
+    lines = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return [line["loss"] for line in lines if "loss" in line]  # training lines, not evaluation ones
 
 
 def write_summary(accelerator, out_dir, summary):
@@ -209,7 +256,7 @@ def write_summary(accelerator, out_dir, summary):
     losses = read_losses(out_dir) if accelerator.is_main_process else []
     summary = dict(summary, first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None)
     if accelerator.is_main_process:
-        write_json_atomic(Path(out_dir) / SUMMARY, summary)
+        write_json_atomic(run_folder(out_dir) / SUMMARY, summary)
     accelerator.wait_for_everyone()
     return summary
 
@@ -296,7 +343,7 @@ def build_accelerator(args, out_dir, find_unused_parameters=False):
         gradient_accumulation_steps=args.grad_accum,
         mixed_precision=mixed_precision_for(state.device, getattr(args, "mixed_precision", "auto")),
         log_with=report_to,
-        project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(Path(out_dir) / "logs")),
+        project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(run_folder(out_dir) / "logs")),
         step_scheduler_with_optimizer=False,
         kwargs_handlers=handlers,
     )
@@ -490,7 +537,7 @@ def prepare_model_for_training(model, args):
 
 
 def checkpoint_dirs(out_dir):
-    root = Path(out_dir) / CHECKPOINTS
+    root = run_folder(out_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.name.startswith("step-") and (p / "trainer_state.json").is_file()]
@@ -502,7 +549,7 @@ def save_checkpoint(accelerator, out_dir, step, state, keep=2):
 
     trainer_state.json is written last, so a folder without it is never taken for a checkpoint.
     """
-    root = Path(out_dir) / CHECKPOINTS
+    root = run_folder(out_dir) / CHECKPOINTS
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}"
     if accelerator.is_main_process and tmp.exists():
@@ -623,8 +670,14 @@ def claim_output(accelerator, out_dir, stage, inputs, model_dirs):
     """Before any model work: the output folder overwrites no input and is not the model folder
     read, is writable, and is locked (main process) against a second run on it; the lock is held
     until the process ends."""
-    check_output_paths(folders=[out_dir], inputs=inputs, model_dirs=model_dirs)
-    return on_main_process(accelerator, lambda: OutputLock(out_dir, stage, folder=True))
+    check_output_paths(folders=[out_dir, run_folder(out_dir)], inputs=inputs, model_dirs=model_dirs)
+
+    def lock_and_migrate():
+        lock = OutputLock(run_folder(out_dir), stage, folder=True)
+        migrate_old_layout(out_dir)
+        return lock
+
+    return on_main_process(accelerator, lock_and_migrate)
 
 
 class ResumeMismatch(ValueError):
@@ -675,11 +728,18 @@ def seed_everything(seed):
 
 class Metrics:
     """metrics.jsonl on the main process (appended, so a resumed run continues the curve), plus
-    accelerate's trackers when --report-to names any."""
+    accelerate's trackers when --report-to names any.
+
+    Names are TRL's: a line of metrics.jsonl is what TRL's log_history holds (`loss`,
+    `learning_rate`, `grad_norm`, `epoch`, `rewards/chosen` …; evaluation lines `eval_loss`,
+    `eval_rewards/chosen` …), and the trackers get them under `train/` and `eval/`, as the
+    Trainer's TensorBoard and wandb callbacks write them. Values are written unrounded: a
+    learning rate of 5e-7 is not 0.
+    """
 
     def __init__(self, accelerator, out_dir, resumed_step=0):
         self.accelerator = accelerator
-        self.path = Path(out_dir) / METRICS
+        self.path = run_folder(out_dir) / METRICS
         if accelerator.is_main_process:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         if accelerator.is_main_process and self.path.exists():
@@ -688,12 +748,20 @@ class Metrics:
             self.path.write_text("".join(l + "\n" for l in kept))
 
     def log(self, step, values):
-        values = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in values.items()}
+        """A training step's metrics."""
+        self._write(step, values)
+        self.accelerator.log({f"train/{k}": v for k, v in values.items() if v is not None}, step=step)
+
+    def log_eval(self, step, values):
+        """Metrics on the held-out data at a step: eval_<name> in metrics.jsonl, eval/<name> in the trackers."""
+        self._write(step, {f"eval_{k}": v for k, v in values.items()})
+        self.accelerator.log({f"eval/{k}": v for k, v in values.items() if v is not None}, step=step)
+
+    def _write(self, step, values):
         if self.accelerator.is_main_process:
             # a line torn by a full disk is dropped on resume (_step_of), with the steps it follows
             with disk_full_reported(self.path, resumes=RESUMES_FROM_LAST_CHECKPOINT), open(self.path, "a") as f:
                 f.write(json.dumps({"step": step, **values}) + "\n")
-        self.accelerator.log(values, step=step)
 
 
 def _step_of(line):
@@ -731,17 +799,17 @@ def without_tied_copies(model, state):
 def save_hf_folder(accelerator, model, processor, out_dir, lora=None):
     """The final model as a folder from_pretrained loads: safetensors, config, tokenizer/processor.
 
-    With lora (add_lora's PeftModel) the folder holds the merged weights, and out_dir/adapter the
-    adapters alone, so a user can keep either.
+    With lora (add_lora's PeftModel) the folder holds the merged weights, and the run folder's
+    adapter/ the adapters alone, so a user can keep either.
 
     get_state_dict gathers FSDP / DeepSpeed shards; weights are written into a temporary folder
     and renamed, so an interrupted save never leaves a half model where a good one was.
     """
     out_dir = Path(out_dir)
     if lora is not None:
-        save_adapter(accelerator, lora, out_dir / ADAPTER)
+        save_adapter(accelerator, lora, run_folder(out_dir) / ADAPTER)
         model = lora.merge_and_unload()  # the adapters folded into the base weights, in place
-    tmp = out_dir / ".tmp-model"
+    tmp = run_folder(out_dir) / ".tmp-model"  # outside the model folder, which holds only the model
     state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         if tmp.exists():
@@ -755,6 +823,7 @@ def save_hf_folder(accelerator, model, processor, out_dir, lora=None):
         with disk_full_reported(out_dir, leftovers=[tmp], resumes=RESUMES_FROM_LAST_CHECKPOINT):
             unwrapped.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             processor.save_pretrained(tmp)
+        out_dir.mkdir(parents=True, exist_ok=True)
         for item in tmp.iterdir():
             os.replace(item, out_dir / item.name)
         tmp.rmdir()
@@ -773,7 +842,7 @@ def add_lora_args(parser, dropout):
     g.add_argument("--lora-rank", type=_lora_rank, default=None,
                    help="train LoRA adapters of this rank (the official recipe: 8) instead of every weight; the "
                         "base weights and the vision tower stay frozen. OUT then holds the merged model and "
-                        f"OUT/{ADAPTER} the adapters alone (peft). Default: full fine-tuning")
+                        f"OUT.run/{ADAPTER} the adapters alone (peft). Default: full fine-tuning")
     g.add_argument("--lora-alpha", type=_positive_int, default=32,
                    help="LoRA scale numerator: the update is (alpha / rank) * B @ A (default: %(default)s)")
     g.add_argument("--lora-dropout", type=_probability, default=dropout,
