@@ -49,8 +49,9 @@ import training
 from apo_loss import LOSSES
 from modeling import (PromptTooLong, ResponseLogps, collate, encode, is_vision_model, load_processor, model_fingerprint,
                       tokenizer_of)
-from records import RecordError, disk_full_reported, fail, file_hash, load_preferences
+from records import RecordError, disk_full_reported, fail, file_hash
 from shared_prompt import SharedPromptLogps, check_attention, pack_shared_prompt
+from trl_format import read_preferences
 
 REFERENCE_FILE = "reference_logps.safetensors"
 # Bump when the log-prob computation changes, so caches written by older code are recomputed.
@@ -61,7 +62,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="the bootstrapped model (bootstrap.py's output folder, or "
                         "any Hugging Face folder or hub id): initial policy and frozen reference")
-    parser.add_argument("--data", required=True, help="preferences.jsonl written by consensus.py")
+    parser.add_argument("--data", required=True, help="preferences.jsonl written by consensus.py, or TRL's preference "
+                        "format (prompt / chosen / rejected, standard or conversational; JSONL or any file datasets "
+                        "loads): rows sharing a prompt and chosen become one instance with K negatives")
     parser.add_argument("--out", required=True, help="model folder of the result; checkpoints/, metrics.jsonl, "
                         f"{REFERENCE_FILE} and the summary go to the run folder OUT.run beside it")
     apo = parser.add_argument_group("APO")
@@ -264,7 +267,7 @@ def train(args):
     out, data_path = Path(args.out), Path(args.data)
 
     # Data first: a bad line ends the run before any model is loaded.
-    records = load_preferences(data_path)
+    records = read_preferences(data_path)  # preferences.jsonl or TRL's preference format
     examples = build_examples(records, args.max_negatives, data_path)
     try:
         vision = is_vision_model(args.model)  # a folder's config.json, or a hub id's config

@@ -41,13 +41,15 @@ import training
 from answers import parse_answer
 from modeling import (PromptTooLong, ResponseLogps, collate, encode, is_vision_model, load_processor, model_fingerprint,
                       tokenizer_of)
-from records import RecordError, file_hash, load_instances
+from records import RecordError, file_hash
+from trl_format import read_instances
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="target model: a Hugging Face folder or hub id (text LM or VLM)")
-    parser.add_argument("--data", required=True, help="trajectories.jsonl from collect.py; only split train is used")
+    parser.add_argument("--data", required=True, help="trajectories.jsonl from collect.py (only split train is used), or "
+                        "TRL's SFT conversations (`messages`: optional system, one user and one assistant turn)")
     parser.add_argument("--out", required=True, help="model folder of the result; checkpoints/, metrics.jsonl and the "
                         "summary go to the run folder OUT.run beside it")
     parser.add_argument("--drop-unanswered", action="store_true",
@@ -171,7 +173,7 @@ def train(args):
     out = Path(args.out)
 
     # Data first: a bad line ends the run before any model is loaded.
-    records = load_instances(args.data, require_trajectories=True)
+    records = read_instances(args.data)  # trajectories.jsonl or TRL's SFT conversations
     examples, counts = collect_examples(records, args.drop_unanswered)
     if not examples:
         raise RecordError(args.data, None, "trajectories", "no training examples (no trajectory of split train)")
