@@ -242,3 +242,56 @@ def test_apo_takes_a_hub_id_as_model(tiny_text_model, tmp_path):
     proc = run_apo("--model", "tiny/not-there", "--data", data, "--out", tmp_path / "o", extra_env=hub, check=False)
     assert proc.returncode == 2
     assert "error: tiny/not-there: not a model folder or hub id: cannot read its config" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints export to model folders
+
+
+def same_tensors(a, b):
+    """Every tensor of two model folders' *.safetensors, compared exactly."""
+    def read(folder):
+        out = {}
+        for file in Path(folder).glob("*.safetensors"):
+            with safe_open(str(file), framework="pt") as f:
+                out.update({name: f.get_tensor(name) for name in f.keys()})
+        return out
+
+    ta, tb = read(a), read(b)
+    assert ta.keys() == tb.keys()
+    return all(torch.equal(ta[name], tb[name]) for name in ta)
+
+
+def export_checkpoint(*args):
+    return subprocess.run([sys.executable, "export_checkpoint.py", *map(str, args)], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_the_last_checkpoint_exports_to_the_final_model(apo_on_trl, tmp_path):
+    """The final checkpoint holds the weights of the final model: exported, they are the same
+    tensors, and the folder loads with from_pretrained and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    proc = export_checkpoint("--checkpoint", run_folder(apo_on_trl) / "checkpoints" / "step-2", "--out", tmp_path / "e")
+    assert proc.returncode == 0, proc.stderr
+    assert same_tensors(apo_on_trl, tmp_path / "e")
+    AutoModelForCausalLM.from_pretrained(tmp_path / "e")
+    assert AutoTokenizer.from_pretrained(tmp_path / "e").chat_template
+
+    again = export_checkpoint("--checkpoint", run_folder(apo_on_trl) / "checkpoints" / "step-2", "--out", tmp_path / "e")
+    assert again.returncode == 2 and "exists; choose a new folder" in again.stderr
+    bad = export_checkpoint("--checkpoint", run_folder(apo_on_trl), "--out", tmp_path / "f")
+    assert bad.returncode == 2 and "not a checkpoint (no trainer_state.json)" in bad.stderr
+
+
+def test_a_lora_checkpoint_exports_merged(tiny_text_model, tmp_path):
+    """A LoRA run's checkpoint holds the adapters alone; exported on the base, merged, it gives the
+    final merged model (the same merge of the same fp32 tensors)."""
+    data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
+    out = tmp_path / "apo"
+    run_apo("--model", tiny_text_model, "--data", data, "--out", out, "--batch-size", "4", "--grad-accum", "1",
+            "--max-steps", "2", "--lr", "1e-2", "--max-length", "256", "--lora-rank", "4")
+    proc = export_checkpoint("--checkpoint", run_folder(out) / "checkpoints" / "step-2", "--out", tmp_path / "e")
+    assert proc.returncode == 0, proc.stderr
+    assert same_tensors(out, tmp_path / "e")
+    assert not same_tensors(tiny_text_model, tmp_path / "e")  # the adapters did change the weights

@@ -929,20 +929,27 @@ def add_lora(model, args, accelerator):
     if str(state.distributed_type).endswith("FSDP") or (deepspeed is not None and deepspeed.zero_stage == 3):
         fail("--lora-rank runs on one GPU, DDP or DeepSpeed ZeRO-2 (configs/deepspeed_zero2_8gpu.yaml): FSDP and "
              "ZeRO-3 shard the base weights the adapters are merged into at the end")
+    lora = peft.get_peft_model(model, lora_peft_config(model, args.lora_rank, args.lora_alpha, args.lora_dropout,
+                                                       args.lora_targets))
+    checkpoint_trainable_only(accelerator)
+    return lora
+
+
+def lora_peft_config(model, rank, alpha, dropout, targets):
+    """peft's LoraConfig for --lora-targets on model's language linear layers (export_checkpoint.py
+    rebuilds a run's adapters with it)."""
+    import peft
+
     layers = language_linear_layers(model)
-    if args.lora_targets.strip() != "all-linear":
-        wanted = {t.strip() for t in args.lora_targets.split(",") if t.strip()}
+    if targets.strip() != "all-linear":
+        wanted = {t.strip() for t in targets.split(",") if t.strip()}
         known = {name.rsplit(".", 1)[-1] for name in layers}
         if not wanted or wanted - known:
             fail(f"--lora-targets: {', '.join(sorted(wanted - known)) or 'no name given'} is not a linear layer of "
                  f"the language model; its linear layers are {', '.join(sorted(known))} (or all-linear)")
         layers = [name for name in layers if name.rsplit(".", 1)[-1] in wanted]
     # Full module names, not suffixes: a VLM's vision tower has layers of the same short names.
-    config = peft.LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                             target_modules=layers, bias="none")
-    lora = peft.get_peft_model(model, config)
-    checkpoint_trainable_only(accelerator)
-    return lora
+    return peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=layers, bias="none")
 
 
 def checkpoint_trainable_only(accelerator):
