@@ -197,9 +197,10 @@ def test_straight_run_outputs_counts_schedule_and_a_loadable_model(straight):
     steps = metrics(out)
     assert [m["step"] for m in steps] == [1, 2, 3, 4, 5, 6]
     assert [m["examples_seen"] for m in steps] == [4, 8, 12, 16, 20, 24]
-    # warmup round(0.34 * 6) = 2 steps, then cosine to zero over the 4 others
-    lrs = [1e-3 * (s + 1) / 3 for s in range(2)] + [1e-3 * 0.5 * (1 + math.cos(math.pi * p / 4)) for p in range(4)]
-    assert [m["learning_rate"] for m in steps] == pytest.approx(lrs, abs=1e-6)
+    # transformers' schedule, as the Trainer's: warmup ceil(0.34 * 6) = 3 steps from 0, then cosine
+    # to zero over the 3 others; logged unrounded
+    lrs = [1e-3 * s / 3 for s in range(3)] + [1e-3 * 0.5 * (1 + math.cos(math.pi * p / 3)) for p in range(3)]
+    assert [m["learning_rate"] for m in steps] == pytest.approx(lrs, rel=1e-12, abs=1e-18)
     assert all(m["loss"] > 0 and m["grad_norm"] > 0 and m["tokens_per_s"] > 0 for m in steps)
     assert sorted(p.name for p in (run_folder(out) / "checkpoints").iterdir()) == ["step-3", "step-6"]
 

@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from records import (OutputLock, RecordError, check_output_paths, disk_full_reported, fail, on_main_process,
@@ -129,13 +128,14 @@ def start_run(args, stage, vision, text_only_rows):
     DDP must be told about parameters that get no gradient in a step: a VLM's trainable vision
     tower on a micro-batch without images.
     """
+    from accelerate.utils import set_seed
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     unused = vision and text_only_rows and not (args.freeze_vision or args.lora_rank)
     accelerator = build_accelerator(args, args.out, find_unused_parameters=unused)
     claim_output(accelerator, args.out, stage, inputs={"--data": args.data}, model_dirs={"--model": args.model})
-    seed_everything(args.seed)
+    set_seed(args.seed)  # Python, NumPy and torch (CPU and every GPU), as evaluate.py seeds
     return accelerator
 
 
@@ -485,24 +485,22 @@ def clip_gradients(accelerator, module, max_norm):
     return None if norm is None else torch.as_tensor(norm, dtype=torch.float32)
 
 
-def lr_lambda(schedule, warmup_steps, total_steps):
-    """Linear warmup, then cosine / linear decay to zero, or constant."""
+# --schedule names -> transformers' schedules, the curves the Trainer and TRL draw
+SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
-    def f(step):
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        progress = min(1.0, progress)
-        return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
 
-    return f
+def warmup_steps(warmup, total_steps):
+    """--warmup as a share of the steps, rounded up as the Trainer rounds warmup_ratio."""
+    return math.ceil(warmup * total_steps)
 
 
 def build_scheduler(optimizer, args, total_steps):
-    warmup_steps = int(round(args.warmup * total_steps))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.schedule, warmup_steps, total_steps))
+    """transformers.get_scheduler: linear warmup from 0 (the first step's lr is 0 when there is
+    warmup, as in the Trainer), then cosine or linear decay to 0, or constant."""
+    from transformers import get_scheduler
+
+    return get_scheduler(SCHEDULES[args.schedule], optimizer, num_warmup_steps=warmup_steps(args.warmup, total_steps),
+                         num_training_steps=total_steps)
 
 
 def total_steps(num_examples, global_batch, args):
@@ -714,12 +712,6 @@ def checkpoint_state(out_dir, config=None):
             raise ResumeMismatch(f"{found[-1]} was saved by a run with other settings ({diff}); "
                                  f"rerun with the same settings to resume, or use another output folder")
     return state
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 # ---------------------------------------------------------------------------------------------
