@@ -268,6 +268,7 @@ def train(args):
 
     # Data first: a bad line ends the run before any model is loaded.
     records = read_preferences(data_path)  # preferences.jsonl or TRL's preference format
+    eval_records = read_preferences(args.eval_data) if args.eval_data else None
     examples = build_examples(records, args.max_negatives, data_path)
     try:
         vision = is_vision_model(args.model)  # a folder's config.json, or a hub id's config
@@ -308,6 +309,7 @@ def train(args):
                           f"-> {training.run_folder(out) / REFERENCE_FILE}")
         return
 
+    held_out = held_out_preferences(accelerator, module, processor, eval_records, args)  # before a checkpoint's weights load
     start, metrics = training.resume_run(accelerator, out, config, args, "apo")
     accelerator.print(f"apo: {len(examples)} preferences, " + training.describe_steps(accelerator, args, total, start),
                       flush=True)
@@ -343,6 +345,8 @@ def train(args):
         if done % args.log_every == 0 or done == total:
             metrics.log(done, dict(last, learning_rate=lr, grad_norm=None if grad_norm is None else float(grad_norm),
                                    epoch=done * args.grad_accum / micro_batch.per_epoch))
+        if training.eval_due(args, done, total):
+            metrics.log_eval(done, evaluate_preferences(accelerator, module, processor, held_out, args, pad_id))
         training.end_of_step(accelerator, out, done, total, {"config": config}, args, stop)
     progress.close()
 
@@ -356,6 +360,43 @@ def train(args):
     accelerator.print(f"apo: {total} steps on {len(examples)} preferences ({len(skipped)} skipped: prompt too long; "
                       f"{truncated} responses truncated), reference log-probs {reference_state}; {result}; "
                       f"model in {out}")
+
+
+def held_out_preferences(accelerator, module, processor, records, args):
+    """--eval-data's usable examples and their reference log-probs (the initial weights'), or None."""
+    from tqdm.auto import tqdm
+
+    if records is None:
+        return None
+    path = Path(args.eval_data)
+    examples = build_examples(records, args.max_negatives, path)
+    examples, skipped, _ = measure_examples(processor, examples, args, path, accelerator)
+    if not examples:
+        raise RecordError(path, None, None, f"no usable preference ({len(skipped)} prompts longer than --max-length)")
+    with tqdm(total=len(examples), desc="held-out reference", disable=not accelerator.is_main_process) as bar:
+        reference = compute_reference(accelerator, module, processor, examples, args, path, bar)
+    return examples, reference, path
+
+
+@torch.no_grad()
+def evaluate_preferences(accelerator, module, processor, held_out, args, pad_id):
+    """TRL's eval metrics on the held-out preferences: loss, reward accuracy and margin (against the
+    hardest negative), rewards and log-probs. Each process takes a share of the batches; every
+    process runs the same number of forwards (FSDP's are collective), repeats counting nothing."""
+    examples, reference, path = held_out
+    batches = [list(range(i, min(i + args.batch_size, len(examples)))) for i in range(0, len(examples), args.batch_size)]
+    real = len(batches)
+    batches += batches[-1:] * (-len(batches) % accelerator.num_processes)
+    totals = None
+    for i in range(accelerator.process_index, len(batches), accelerator.num_processes):
+        rows = batches[i]
+        batch = make_batch(encode_examples(processor, [examples[j] for j in rows], args, path), pad_id,
+                           args.share_prompt)
+        _, sums = apo_step_loss(module, batch, (reference["chosen"][rows], reference["rejected"][rows]),
+                                accelerator.device, args.beta, args.nll_weight, args.loss)
+        sums = {k: v * (i < real) for k, v in sums.items()}
+        totals = sums if totals is None else {k: totals[k] + sums[k] for k in sums}
+    return step_metrics(accelerator.reduce(totals, reduction="sum"))
 
 
 def logps_module(model, args):

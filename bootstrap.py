@@ -175,6 +175,7 @@ def train(args):
     # Data first: a bad line ends the run before any model is loaded.
     records = read_instances(args.data)  # trajectories.jsonl or TRL's SFT conversations
     examples, counts = collect_examples(records, args.drop_unanswered)
+    held_out = held_out_examples(args.eval_data, args.drop_unanswered) if args.eval_data else None
     if not examples:
         raise RecordError(args.data, None, "trajectories", "no training examples (no trajectory of split train)")
     try:
@@ -207,6 +208,11 @@ def train(args):
     model, lora = training.load_trainable_model(args, accelerator)
     module, optimizer, scheduler = training.prepare_training(accelerator, ResponseLogps(model), args, total)
 
+    if held_out is not None:
+        held_out = measure_examples(processor, held_out, args, args.eval_data, accelerator)[0]
+        if not held_out:
+            raise RecordError(args.eval_data, None, None, "no usable held-out example (no trajectory of split train "
+                                                          "whose prompt fits --max-length)")
     start, metrics = training.resume_run(accelerator, out, config, args, "apo-bootstrap")
     accelerator.print(f"bootstrap: {len(examples)} examples from {counts['train_instances']} train instances, "
                       + training.describe_steps(accelerator, args, total, start, unit=" examples"),
@@ -247,6 +253,8 @@ def train(args):
                 "tokens_per_s": sum(lengths[i] for b in micro for i in b) / (time.perf_counter() - began),
                 "examples_seen": seen, "epoch": seen / (micro_batch.per_epoch * micro_global),
             })
+        if training.eval_due(args, done_steps, total):
+            metrics.log_eval(done_steps, {"loss": held_out_loss(accelerator, module, processor, held_out, args, pad_id)})
         training.end_of_step(accelerator, out, done_steps, total, {"config": config}, args, stop)
     progress.close()
 
@@ -260,6 +268,29 @@ def train(args):
         f"bootstrap: {total} steps on {len(examples)} examples, loss {summary['first_loss']} -> "
         f"{summary['final_loss']}; {unanswered}, {truncated} truncated, {too_long} skipped (prompt too long), "
         f"{counts['empty_trajectories']} empty; model in {out}")
+
+
+def held_out_examples(path, drop_unanswered):
+    """--eval-data's examples: the trajectories of its val and test instances, or of all of them
+    when it has only train ones (a file held out as a whole, e.g. TRL's SFT messages)."""
+    records = read_instances(path)
+    held = [r for r in records if r["split"] != "train"] or records
+    return collect_examples([dict(r, split="train") for r in held], drop_unanswered)[0]
+
+
+@torch.no_grad()
+def held_out_loss(accelerator, module, processor, examples, args, pad_id):
+    """Mean NLL per response token of the held-out examples (the training loss's measure). Every
+    process runs the same number of forwards (FSDP's are collective); repeats count nothing."""
+    batches = [list(range(i, min(i + args.batch_size, len(examples)))) for i in range(0, len(examples), args.batch_size)]
+    real = len(batches)
+    batches += batches[-1:] * (-len(batches) % accelerator.num_processes)
+    nll = torch.zeros((), device=accelerator.device)
+    for i in range(accelerator.process_index, len(batches), accelerator.num_processes):
+        batch = make_batch(encode_examples(processor, [examples[j] for j in batches[i]], args, args.eval_data), pad_id)
+        nll += sft_step_loss(module, batch, accelerator.device) * (i < real)
+    tokens = sum(ex.response_tokens for ex in examples)
+    return (accelerator.reduce(nll, reduction="sum") / tokens).item()
 
 
 def run_config(args, accelerator):

@@ -56,11 +56,17 @@ def exported(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def apo_on_trl(model, exported, tmp_path_factory):
-    """apo.py --loss dpo-pairs on the TRL-format file, two steps, TensorBoard on."""
+    """apo.py --loss dpo-pairs on the TRL-format file, two steps, TensorBoard on, the training data
+    evaluated as held-out data after every step."""
     out = tmp_path_factory.mktemp("apo") / "apo"
     run_apo("--model", model, "--data", exported[1], "--out", out, "--loss", "dpo-pairs", *STEPS,
-            "--report-to", "tensorboard", "--project", "toolchain", "--run-name", "k1")
+            "--report-to", "tensorboard", "--project", "toolchain", "--run-name", "k1",
+            "--eval-data", exported[1], "--eval-every", "1")
     return out
+
+
+def metric_lines(out):
+    return [json.loads(line) for line in (run_folder(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 def trl_log(model, data, out):
@@ -88,7 +94,7 @@ def test_trl_dpo_on_the_export_and_apo_on_trl_format_give_the_same_losses(model,
     of 0.69 and 1e-4 on log-probs of ~100 hold with room; a wrong token, mask or reduction moves
     a log-prob by about log(vocab) = 6 and the second loss by ~1e-4 (as the newline does)."""
     trl = trl_log(model, exported[1], tmp_path / "trl")
-    ours = [json.loads(line) for line in (run_folder(apo_on_trl) / "metrics.jsonl").read_text().splitlines()]
+    ours = [line for line in metric_lines(apo_on_trl) if "loss" in line]
     assert [r["step"] for r in ours] == [h["step"] for h in trl] == [1, 2]
     for mine, theirs in zip(ours, trl):
         assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-5)
@@ -112,7 +118,41 @@ def test_metrics_and_tensorboard_carry_trls_names_unrounded(apo_on_trl):
     assert len(events) == 1
     scalars = EventAccumulator(str(events[0])).Reload().Tags()["scalars"]
     assert {f"train/{name}" for name in trl_names} <= set(scalars)
+    assert {f"eval/{name}" for name in trl_names - {"learning_rate", "grad_norm", "epoch"}} <= set(scalars)
     assert not any(tag in trl_names for tag in scalars)  # every one under its prefix
+
+
+def test_evaluation_during_training_measures_the_held_out_data(apo_on_trl):
+    """The held-out data is the training data, in one batch of 4: evaluated after step 1, it gives
+    what the training forward of step 2 measures before its update (the same weights, rows and
+    reference; only the order of the rows in the batch differs, so fp32 sums agree to ~1e-7)."""
+    lines = metric_lines(apo_on_trl)
+    assert [(line["step"], "loss" in line) for line in lines] == [(1, True), (1, False), (2, True), (2, False)]
+    evaluated, trained = lines[1], lines[2]
+    for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"):
+        assert evaluated[f"eval_{name}"] == pytest.approx(trained[name], abs=1e-6), name
+    for name in ("logps/chosen", "logps/rejected"):
+        assert evaluated[f"eval_{name}"] == pytest.approx(trained[name], abs=1e-4), name
+
+
+def test_bootstrap_on_sft_messages_evaluates_the_held_out_loss(tiny_text_model, tmp_path):
+    """bootstrap.py on TRL's SFT messages, the file also its held-out data, one batch of all 4:
+    the held-out loss after step 1 is the training loss of step 2 (mean NLL per response token)."""
+    rows = [{"messages": ([{"role": "system", "content": p["system"]}] if "system" in p else [])
+             + [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["chosen"]}]}
+            for p in PAIRS]
+    data = write_jsonl(tmp_path / "sft.jsonl", rows)
+    out = tmp_path / "boot"
+    proc = subprocess.run([sys.executable, "bootstrap.py", "--model", tiny_text_model, "--data", str(data),
+                           "--out", str(out), "--batch-size", "4", "--grad-accum", "1", "--max-steps", "2",
+                           "--lr", "1e-3", "--warmup", "0", "--max-length", "256", "--eval-data", str(data),
+                           "--eval-every", "1"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "4 examples from 4 train instances" in proc.stdout
+    lines = metric_lines(out)
+    assert [sorted(k for k in line if "loss" in k) for line in lines] == [["loss"], ["eval_loss"]] * 2
+    assert lines[1]["eval_loss"] == pytest.approx(lines[2]["loss"], abs=1e-6)
+    assert lines[3]["eval_loss"] < lines[1]["eval_loss"]
 
 
 def test_a_learning_rate_of_5e_7_is_logged_as_5e_7(tiny_text_model, tmp_path):

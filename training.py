@@ -114,8 +114,18 @@ def add_training_args(parser, lr, max_length, batch_size=2, grad_accum=16, warmu
                         "(default: the stage's name)")
     g.add_argument("--run-name", default=None,
                    help="the run's name in wandb, trackio and mlflow (default: the --out folder's name)")
+    g.add_argument("--eval-data", default=None,
+                   help="held-out data in the --data format: evaluated every --eval-every steps and at the end, "
+                        "written as eval_* lines of metrics.jsonl and eval/* in the trackers (TRL's eval_strategy)")
+    g.add_argument("--eval-every", type=int, default=0,
+                   help="with --eval-data: evaluate every N optimizer steps (0: at the end only) (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="seed for data order and initialisation (default: %(default)s)")
     return g
+
+
+def eval_due(args, done, total):
+    """Whether the held-out data is evaluated after optimizer step `done`."""
+    return bool(args.eval_data) and (done == total or (args.eval_every > 0 and done % args.eval_every == 0))
 
 
 # ---------------------------------------------------------------------------------------------
