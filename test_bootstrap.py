@@ -430,7 +430,7 @@ def test_a_full_disk_at_a_checkpoint_is_named_leaves_no_temporaries_and_the_reru
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
-    assert [m["step"] for m in metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
 
 
 def test_a_second_signal_stops_at_once(tmp_path, straight, tiny_text_model):
