@@ -89,7 +89,7 @@ def parse_args(argv=None):
     training.add_training_args(parser, lr=5e-7, max_length=4096, batch_size=1, warmup=0.05, global_batch=32)
     # Every other dropout is switched off (disable_dropout); the adapters' is the user's to choose.
     training.add_lora_args(parser, dropout=0.0)
-    args = parser.parse_args(argv)
+    args = training.parse_with_config(parser, argv)
     if args.max_negatives is not None and args.max_negatives < 1:
         parser.error("--max-negatives must be at least 1")
     return args

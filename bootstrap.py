@@ -58,7 +58,7 @@ def parse_args(argv=None):
     training.add_training_args(parser, lr=None, max_length=2304, batch_size=2, warmup=0.05, global_batch=32)
     training.add_lora_args(parser, dropout=0.05)
     next(a for a in parser._actions if a.dest == "lr").help = "peak learning rate (default: 1e-5, 1e-4 with --lora-rank)"
-    args = parser.parse_args(argv)
+    args = training.parse_with_config(parser, argv)
     if args.lr is None:  # the recipe's rate for adapters; full fine-tuning of every weight wants ~10x less
         args.lr = 1e-4 if args.lora_rank else 1e-5
     return args

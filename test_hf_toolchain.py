@@ -335,3 +335,27 @@ def test_a_lora_checkpoint_exports_merged(tiny_text_model, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert same_tensors(out, tmp_path / "e")
     assert not same_tensors(tiny_text_model, tmp_path / "e")  # the adapters did change the weights
+
+
+# ---------------------------------------------------------------------------------------------
+# --config
+
+
+def test_a_config_file_sets_flags_and_the_command_line_overrides_it(tmp_path):
+    import apo
+    import bootstrap
+
+    args = apo.parse_args(["--config", str(ROOT / "configs" / "apo-paper-recipe.yaml"), "--model", "m", "--data", "d",
+                           "--out", "o", "--lr", "1e-6"])
+    assert (args.lr, args.beta, args.max_length, args.global_batch, args.loss) == (1e-6, 0.1, 4096, 32, "apo")
+    args = bootstrap.parse_args(["--config", str(ROOT / "configs" / "bootstrap-paper-recipe.yaml"), "--model", "m",
+                                 "--data", "d", "--out", "o"])
+    assert (args.lora_rank, args.lora_alpha, args.lr, args.max_length) == (8, 32, 1e-4, 2304)
+
+    config = tmp_path / "run.yaml"
+    config.write_text("model: m\ndata: d\nout: o\nshare_prompt: true\nmax-steps: 3\n")
+    args = apo.parse_args(["--config", str(config)])
+    assert (args.model, args.share_prompt, args.max_steps) == ("m", True, 3)
+    config.write_text("model: m\nlearning-rate: 1e-5\n")
+    with pytest.raises(SystemExit, match=rf"{config}:2: field 'learning-rate': not a flag of"):
+        apo.parse_args(["--config", str(config)])

@@ -128,6 +128,57 @@ def eval_due(args, done, total):
     return bool(args.eval_data) and (done == total or (args.eval_every > 0 and done % args.eval_every == 0))
 
 
+def parse_with_config(parser, argv=None):
+    """parser's arguments, with --config FILE.yaml read first: its keys are the flags (`lr: 1.0e-5`,
+    `lora-rank: 8`, `share-prompt: true`), so the command line, read after it, overrides it."""
+    import argparse
+
+    parser.add_argument("--config", metavar="FILE.yaml", help="a YAML file whose keys are this script's flags "
+                        "(e.g. configs/apo-paper-recipe.yaml); flags given on the command line override it")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    return parser.parse_args(config_flags(parser, known.config) + argv if known.config else argv)
+
+
+def config_flags(parser, path):
+    """The flags a YAML config stands for, as command-line tokens; unknown keys and values that are
+    not a scalar name their file and line."""
+    try:
+        import yaml
+    except ImportError:
+        fail("--config needs the pyyaml package: pip install pyyaml")
+    try:
+        root = yaml.compose(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise SystemExit(f"error: {path}: cannot read the config ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise SystemExit(f"error: {path}: not YAML ({e})") from None
+    if root is None:
+        return []
+    if not isinstance(root, yaml.MappingNode):
+        raise SystemExit(f"error: {path}: expected a mapping of flag: value")
+    flags = {option: action for action in parser._actions for option in action.option_strings}
+    tokens = []
+    for key_node, value_node in root.value:
+        line, key = key_node.start_mark.line + 1, str(key_node.value)
+        option = "--" + key.removeprefix("--").replace("_", "-")
+        action = flags.get(option)
+        if action is None or option == "--config":
+            raise SystemExit(f"error: {path}:{line}: field '{key}': not a flag of {parser.prog}")
+        if not isinstance(value_node, yaml.ScalarNode):
+            raise SystemExit(f"error: {path}:{line}: field '{key}': expected a single value")
+        value = yaml.safe_load(yaml.serialize(value_node))
+        if action.nargs == 0:  # a switch: true turns it on, false leaves it off
+            if not isinstance(value, bool):
+                raise SystemExit(f"error: {path}:{line}: field '{key}': expected true or false")
+            tokens += [option] if value else []
+        elif value is not None:
+            tokens += [option, str(value_node.value)]
+    return tokens
+
+
 # ---------------------------------------------------------------------------------------------
 # What both stages do, in the order they do it: start, load, prepare, resume, step, save
 
