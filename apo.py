@@ -353,7 +353,7 @@ def train(args):
     training.save_final(accelerator, module, processor, out, total, start, config, args, lora)
     training.write_summary(accelerator, out, {
         "config": config, "steps": total, "preferences": len(examples), "prompt_too_long": len(skipped),
-        "truncated": truncated, "reference_logps": reference_state})
+        "truncated": truncated, "reference_logps": reference_state}, stage="apo")
     accelerator.end_training()
     result = (f"last step loss {last['loss']:.4f}, reward accuracy {last['rewards/accuracies']:.2f}, "
               f"margin {last['rewards/margins']:.4f}" if last else "nothing left to train")

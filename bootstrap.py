@@ -261,7 +261,7 @@ def train(args):
     training.save_final(accelerator, module, processor, out, total, start, config, args, lora)
     summary = training.write_summary(accelerator, out, {
         "config": config, "steps": total, "examples": len(examples), **counts, "truncated": truncated,
-        "prompt_too_long": too_long})
+        "prompt_too_long": too_long}, stage="bootstrap")
     accelerator.end_training()
     unanswered = f"{counts['unanswered']} unanswered {'dropped' if args.drop_unanswered else 'kept'}"
     accelerator.print(

@@ -192,6 +192,7 @@ def test_the_model_folder_holds_only_the_model(apo_on_trl, tmp_path):
 
     model.save_pretrained(tmp_path / "fresh")
     AutoTokenizer.from_pretrained(out).save_pretrained(tmp_path / "fresh")
+    (tmp_path / "fresh" / "README.md").write_text("the model card")  # the Hub's card, read by neither
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "fresh").iterdir())
     assert {"metrics.jsonl", "training_summary.json", "checkpoints", "reference_logps.safetensors",
             ".lock"} <= {p.name for p in run_folder(out).iterdir()}
@@ -359,3 +360,17 @@ def test_a_config_file_sets_flags_and_the_command_line_overrides_it(tmp_path):
     config.write_text("model: m\nlearning-rate: 1e-5\n")
     with pytest.raises(SystemExit, match=rf"{config}:2: field 'learning-rate': not a flag of"):
         apo.parse_args(["--config", str(config)])
+
+
+def test_the_model_card_names_base_data_settings_metrics_and_the_paper(apo_on_trl, exported, model):
+    from records import file_hash
+
+    card = (Path(apo_on_trl) / "README.md").read_text()
+    header = card.split("---")[1]
+    assert f'base_model: "{Path(model).resolve()}"' in header and "library_name: transformers" in header
+    assert "constraint-aware preference optimisation, APO (apo.py)" in card
+    assert f"Training data: sha256 `{file_hash(exported[1])}`" in card
+    assert "| loss | dpo-pairs |" in card and "| lr | 0.001 |" in card
+    final = metric_lines(apo_on_trl)
+    assert f"| loss | {final[2]['loss']:.6g} |" in card and f"| eval_loss | {final[3]['eval_loss']:.6g} |" in card
+    assert "eprint    = {2510.04142}" in card

@@ -311,15 +311,88 @@ def read_losses(out_dir):
     return [line["loss"] for line in lines if "loss" in line]  # training lines, not evaluation ones
 
 
-def write_summary(accelerator, out_dir, summary):
+def write_summary(accelerator, out_dir, summary, stage=None):
     """training_summary.json, written last: its presence means "finished". first_loss and
-    final_loss come from metrics.jsonl, so a resumed run reports its whole curve."""
+    final_loss come from metrics.jsonl, so a resumed run reports its whole curve. With stage, the
+    model folder's card (README.md) is written just before it."""
     losses = read_losses(out_dir) if accelerator.is_main_process else []
     summary = dict(summary, first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None)
     if accelerator.is_main_process:
+        if stage:
+            write_model_card(out_dir, stage, summary)
         write_json_atomic(run_folder(out_dir) / SUMMARY, summary)
     accelerator.wait_for_everyone()
     return summary
+
+
+CITATION = """@inproceedings{yang2026apo,
+  title     = {Turning Drift into Constraint: Robust Reasoning Alignment in Non-Stationary Multi-Stream Environments},
+  author    = {Yang and Yu and Duan and Lu},
+  booktitle = {International Conference on Machine Learning (ICML)},
+  year      = {2026},
+  eprint    = {2510.04142},
+  archivePrefix = {arXiv}
+}"""
+
+STAGES = {"bootstrap": "supervised bootstrapping on the union of the source trajectories (bootstrap.py)",
+          "apo": "constraint-aware preference optimisation, APO (apo.py)"}
+
+
+def last_metrics(out_dir):
+    """The last training line and the last evaluation line of metrics.jsonl ({} when none)."""
+    path = run_folder(out_dir) / METRICS
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    train = [line for line in lines if "loss" in line]
+    held_out = [line for line in lines if "eval_loss" in line]
+    return (train[-1] if train else {}), (held_out[-1] if held_out else {})
+
+
+def write_model_card(out_dir, stage, summary):
+    """README.md of the model folder, as the Hub shows it: base model, stage, data, settings, final
+    metrics and the paper to cite. The data is named by its hash: the card travels with the model."""
+    config = summary["config"]
+    train, held_out = last_metrics(out_dir)
+    settings = "\n".join(f"| {k} | {v} |" for k, v in config.items()
+                         if k not in ("model", "model_fingerprint", "data_sha256") and v is not None)
+    metrics = "\n".join(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |"
+                        for k, v in {**train, **held_out}.items())
+    card = f"""---
+base_model: {json.dumps(config["model"])}
+library_name: transformers
+tags: [apo, {"sft" if stage == "bootstrap" else "preference-optimization"}]
+---
+
+# {Path(out_dir).resolve().name}
+
+{STAGES[stage]}, with the reference implementation of Autonomous Preference Optimization
+(arXiv 2510.04142). Load it with `AutoModelForCausalLM.from_pretrained` (a VLM:
+`AutoModelForImageTextToText`), `pipeline`, or `vllm serve`.
+
+- Base model: `{config["model"]}`
+- Training data: sha256 `{config["data_sha256"]}`
+- Steps: {summary.get("steps")}; first loss {summary.get("first_loss")}, final loss {summary.get("final_loss")}
+
+## Settings
+
+| setting | value |
+|---|---|
+{settings}
+
+## Final metrics (TRL's names; eval_ on the held-out data)
+
+| metric | value |
+|---|---|
+{metrics}
+
+## Citation
+
+```bibtex
+{CITATION}
+```
+"""
+    tmp = Path(out_dir) / ".README.md.tmp"
+    tmp.write_text(card, encoding="utf-8")
+    os.replace(tmp, Path(out_dir) / "README.md")
 
 
 def save_final(accelerator, module, processor, out_dir, total, start, config, args, lora):
