@@ -310,7 +310,8 @@ def train(args):
         return
 
     held_out = held_out_preferences(accelerator, module, processor, eval_records, args)  # before a checkpoint's weights load
-    start, metrics = training.resume_run(accelerator, out, config, args, "apo")
+    start, metrics = training.resume_run(accelerator, out, config, args, "apo", total)
+    training.init_weights(accelerator, module, config, start)
     accelerator.print(f"apo: {len(examples)} preferences, " + training.describe_steps(accelerator, args, total, start),
                       flush=True)
     micro_batch = training.MicroBatches([ex.length for ex in examples], micro_global, args.seed)

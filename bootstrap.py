@@ -213,7 +213,8 @@ def train(args):
         if not held_out:
             raise RecordError(args.eval_data, None, None, "no usable held-out example (no trajectory of split train "
                                                           "whose prompt fits --max-length)")
-    start, metrics = training.resume_run(accelerator, out, config, args, "apo-bootstrap")
+    start, metrics = training.resume_run(accelerator, out, config, args, "apo-bootstrap", total)
+    training.init_weights(accelerator, module, config, start)
     accelerator.print(f"bootstrap: {len(examples)} examples from {counts['train_instances']} train instances, "
                       + training.describe_steps(accelerator, args, total, start, unit=" examples"),
                       flush=True)

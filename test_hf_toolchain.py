@@ -374,3 +374,39 @@ def test_the_model_card_names_base_data_settings_metrics_and_the_paper(apo_on_tr
     final = metric_lines(apo_on_trl)
     assert f"| loss | {final[2]['loss']:.6g} |" in card and f"| eval_loss | {final[3]['eval_loss']:.6g} |" in card
     assert "eprint    = {2510.04142}" in card
+
+
+# ---------------------------------------------------------------------------------------------
+# Extending a run
+
+
+def test_a_finished_run_continues_to_more_steps_and_a_checkpoint_starts_a_new_run(tiny_text_model, tmp_path):
+    """1 step, then continued to 2: the weights of a straight 2-step run (constant lr: the curve
+    does not depend on the length). Fewer steps are refused. --init-from step-1 into a new folder
+    at another lr: its first step sees the weights the continued run's step 2 saw (same margin)."""
+    data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
+    common = ("--model", tiny_text_model, "--data", data, "--batch-size", "4", "--grad-accum", "1", "--lr", "1e-3",
+              "--schedule", "constant", "--warmup", "0", "--max-length", "256")
+    straight, grown = tmp_path / "straight", tmp_path / "grown"
+    run_apo(*common, "--out", straight, "--max-steps", "2")
+    run_apo(*common, "--out", grown, "--max-steps", "1")
+    proc = run_apo(*common, "--out", grown, "--max-steps", "2")
+    assert "continuing the run from step 1 with max_steps 1 -> 2" in proc.stdout
+    assert same_tensors(straight, grown)
+    summary = json.loads((run_folder(grown) / "training_summary.json").read_text())
+    assert [(p["event"], p["from_step"], p["max_steps"]) for p in summary["provenance"]] == [("continued", 1, [1, 2])]
+    assert [line["step"] for line in metric_lines(grown)] == [1, 2]
+
+    fewer = run_apo(*common, "--out", grown, "--max-steps", "1", check=False)
+    assert fewer.returncode == 2 and "has 2 steps done, more than this run's 1" in fewer.stderr
+    other_lr = run_apo(*common[:-6], "--lr", "1e-4", *common[-4:], "--out", grown, "--max-steps", "2", check=False)
+    assert other_lr.returncode == 2 and "lr: 0.001 -> 0.0001" in other_lr.stderr
+    assert f"--init-from {run_folder(grown) / 'checkpoints' / 'step-2'}" in other_lr.stderr
+
+    new = tmp_path / "new"
+    checkpoint = run_folder(grown) / "checkpoints" / "step-1"
+    run_apo(*common[:-6], "--lr", "1e-4", *common[-4:], "--out", new, "--max-steps", "1", "--init-from", checkpoint)
+    started = json.loads((run_folder(new) / "training_summary.json").read_text())["config"]["init_from"]
+    assert (started["checkpoint"], started["step"], started["lr"]) == (str(checkpoint.resolve()), 1, 1e-3)
+    assert metric_lines(new)[0]["rewards/margins"] == pytest.approx(metric_lines(grown)[1]["rewards/margins"], abs=1e-6)
+    assert metric_lines(new)[0]["rewards/margins"] != 0

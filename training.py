@@ -114,6 +114,10 @@ def add_training_args(parser, lr, max_length, batch_size=2, grad_accum=16, warmu
                         "(default: the stage's name)")
     g.add_argument("--run-name", default=None,
                    help="the run's name in wandb, trackio and mlflow (default: the --out folder's name)")
+    g.add_argument("--init-from", metavar="CHECKPOINT", default=None,
+                   help="start from the weights of another run's checkpoint (OUT.run/checkpoints/step-N of the same "
+                        "--model) with a fresh optimizer and schedule, e.g. with another --lr; recorded in the "
+                        "run's settings. apo.py's reference stays --model's")
     g.add_argument("--eval-data", default=None,
                    help="held-out data in the --data format: evaluated every --eval-every steps and at the end, "
                         "written as eval_* lines of metrics.jsonl and eval/* in the trackers (TRL's eval_strategy)")
@@ -207,8 +211,44 @@ def loop_config(args, accelerator):
         "grad_accum": args.grad_accum, "lr": args.lr, "epochs": args.epochs, "max_steps": args.max_steps,
         "warmup": args.warmup, "schedule": args.schedule, "weight_decay": args.weight_decay,
         "max_grad_norm": args.max_grad_norm, "freeze_vision": args.freeze_vision, "seed": args.seed,
-        **lora_config(args),
+        **lora_config(args), **({"init_from": init_from_record(args.init_from)} if args.init_from else {}),
     }
+
+
+def init_from_record(checkpoint):
+    """Where a run's weights start (--init-from): the checkpoint, its step and the settings it was
+    trained with, so the run's settings and summary say what it grew from."""
+    path = Path(checkpoint)
+    if not (path / "trainer_state.json").is_file() or not (path / "model.safetensors").is_file():
+        raise RecordError(path, None, None, "--init-from: not a checkpoint with one file of weights "
+                                            "(trainer_state.json and model.safetensors)")
+    state = json.loads((path / "trainer_state.json").read_text())
+    saved = state.get("config") or {}
+    return {"checkpoint": str(path.resolve()), "step": state.get("step"),
+            **{k: saved.get(k) for k in ("model_fingerprint", "data_sha256", "lr", "max_steps", "epochs")}}
+
+
+def init_weights(accelerator, module, config, start):
+    """A new run (start 0) with --init-from: load that checkpoint's weights into the prepared module.
+    The checkpoint must come from the same --model (its fingerprint), and hold every weight this
+    run trains (the adapters alone for LoRA)."""
+    record = config.get("init_from")
+    if not record or start > 0:
+        return
+    from safetensors.torch import load_file
+
+    if record["model_fingerprint"] != config["model_fingerprint"]:
+        raise ResumeMismatch(f"--init-from {record['checkpoint']}: that run trained another --model (its fingerprint "
+                             f"differs); start from a checkpoint of a run on {config['model']}")
+    state = load_file(str(Path(record["checkpoint"]) / "model.safetensors"))
+    unwrapped = accelerator.unwrap_model(module)
+    _, unexpected = unwrapped.load_state_dict(state, strict=False)
+    trained = {name for name, p in unwrapped.named_parameters() if p.requires_grad}
+    if unexpected or trained - set(state):
+        raise ResumeMismatch(f"--init-from {record['checkpoint']}: its weights do not fit this run "
+                             f"({len(trained - set(state))} missing, {len(unexpected)} unexpected; LoRA settings "
+                             "must match)")
+    accelerator.print(f"weights from {record['checkpoint']} (step {record['step']})", flush=True)
 
 
 def load_trainable_model(args, accelerator, dropout=True):
@@ -244,10 +284,19 @@ def prepare_training(accelerator, module, args, total):
     return accelerator.prepare(module, optimizer, scheduler)
 
 
-def resume_run(accelerator, out_dir, config, args, project):
+def resume_run(accelerator, out_dir, config, args, project, total=None):
     """The step to start from (the last checkpoint's, or 0) and the metrics writer."""
     state = resume_from_checkpoint(accelerator, out_dir, config) or {}
     start = state.get("step", 0)
+    if total is not None and start > total:
+        raise ResumeMismatch(f"{out_dir} has {start} steps done, more than this run's {total}: a run continues to "
+                             f"more steps, never fewer (the checkpoints are in {run_folder(out_dir) / CHECKPOINTS})")
+    saved = state.get("config") or {}
+    if saved and any(saved.get(k) != config.get(k) for k in LENGTH_SETTINGS) and accelerator.is_main_process:
+        record_provenance(out_dir, {"event": "continued", "from_step": start,
+                                    **{k: [saved.get(k), config.get(k)] for k in LENGTH_SETTINGS}})
+        accelerator.print(f"continuing the run from step {start} with " + ", ".join(
+            f"{k} {saved.get(k)} -> {config.get(k)}" for k in LENGTH_SETTINGS if saved.get(k) != config.get(k)))
     metrics = Metrics(accelerator, out_dir, resumed_step=start)
     if args.report_to:
         name = args.run_name or run_folder(out_dir).name.removesuffix(".run")
@@ -298,9 +347,38 @@ def finished_run(out_dir, config):
         return None
     summary = json.loads(path.read_text())
     diff = config_mismatch(summary.get("config") or {}, config)
+    if diff and not run_mismatch(summary.get("config") or {}, config):
+        return None  # a longer run: it continues from the last checkpoint (resume_run records it)
     if diff:
-        raise ResumeMismatch(f"{out_dir} holds a finished run with other settings ({diff}); use another --out")
+        raise ResumeMismatch(f"{out_dir} holds a finished run with other settings ({diff}); use another --out, "
+                             f"or --init-from one of its checkpoints to start a new run from its weights")
     return summary
+
+
+# A run continues under a larger --max-steps or --epochs: the settings that only say how long it is.
+LENGTH_SETTINGS = ("max_steps", "epochs")
+
+
+def run_mismatch(saved, now):
+    """The settings that differ between two runs' configs, their length left aside."""
+    return config_mismatch({k: v for k, v in saved.items() if k not in LENGTH_SETTINGS},
+                           {k: v for k, v in now.items() if k not in LENGTH_SETTINGS})
+
+
+PROVENANCE = "provenance.jsonl"
+
+
+def record_provenance(out_dir, event):
+    """One line of the run's history (continued longer, started from another run's checkpoint);
+    write_summary copies the history into training_summary.json."""
+    path = run_folder(out_dir) / PROVENANCE
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(dict(event, time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))) + "\n")
+
+
+def read_provenance(out_dir):
+    path = run_folder(out_dir) / PROVENANCE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def read_losses(out_dir):
@@ -318,6 +396,7 @@ def write_summary(accelerator, out_dir, summary, stage=None):
     losses = read_losses(out_dir) if accelerator.is_main_process else []
     summary = dict(summary, first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None)
     if accelerator.is_main_process:
+        summary["provenance"] = read_provenance(out_dir)
         if stage:
             write_model_card(out_dir, stage, summary)
         write_json_atomic(run_folder(out_dir) / SUMMARY, summary)
@@ -841,10 +920,11 @@ def checkpoint_state(out_dir, config=None):
         return None
     state = json.loads((found[-1] / "trainer_state.json").read_text())
     if config is not None:
-        diff = config_mismatch(state.get("config") or {}, config)
+        diff = run_mismatch(state.get("config") or {}, config)
         if diff:
-            raise ResumeMismatch(f"{found[-1]} was saved by a run with other settings ({diff}); "
-                                 f"rerun with the same settings to resume, or use another output folder")
+            raise ResumeMismatch(f"{found[-1]} was saved by a run with other settings ({diff}); rerun with the same "
+                                 f"settings to resume (a larger --max-steps or --epochs continues it), or start a "
+                                 f"new run from its weights in another output folder: --init-from {found[-1]}")
     return state
 
 
