@@ -284,21 +284,42 @@ def plot(table, windows, path_stream, path_models):
     fig.savefig(path_stream, dpi=120)
     plt.close(fig)
 
+    plot_models(table, path_models, plt)
+    return True
+
+
+# Bar colours by what a row is: the legend says which is which
+KINDS = (("source", "tab:gray"), ("majority vote of the sources (label-free reference)", "tab:olive"),
+         ("trained model", "tab:blue"))
+
+
+def kind_of(name):
+    return KINDS[0] if "(source)" in name else KINDS[1] if "vote" in name else KINDS[2]
+
+
+def plot_models(table, path, plt):
+    """Bars of macro accuracy with their 95% intervals, from 0 (a bar's length is its value: an axis
+    cut near the lowest bar would exaggerate every gap and hide the low end of its interval), each
+    value written above its bar, and a legend for the colours."""
+    from matplotlib.patches import Patch
+
     names = list(table)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     acc = [table[n]["macro_accuracy"] for n in names]
     err = np.array([[a - table[n]["interval"][0], table[n]["interval"][1] - a] for n, a in zip(names, acc)]).T
-    colors = ["tab:gray" if "(source)" in n else "tab:olive" if "vote" in n else "tab:blue" for n in names]
-    ax.bar(range(len(names)), acc, yerr=err, color=colors, capsize=3)
+    ax.bar(range(len(names)), acc, yerr=err, color=[kind_of(n)[1] for n in names], capsize=3)
+    for i, a in enumerate(acc):
+        ax.text(i, a + err[1][i] + 0.01, f"{a:.3f}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
-    ax.set_ylim(min(acc) - 0.1, 1.0)
+    ax.set_ylim(0, 1.08)
     ax.set_ylabel("macro accuracy, 95% bootstrap interval")
-    ax.set_title("Models against the sources on the same test instances")
+    ax.set_title("Models against the sources on the same test instances", pad=24)
+    ax.legend(handles=[Patch(color=colour, label=label) for label, colour in KINDS], fontsize=7, ncol=3,
+              loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)  # above the bars, covering none
     fig.tight_layout()
-    fig.savefig(path_models, dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return True
 
 
 def markdown(report):
