@@ -253,6 +253,7 @@ def training_tail(out, last=5):
     from training import METRICS, run_folder
 
     lines = [json.loads(line) for line in (run_folder(out) / METRICS).read_text().splitlines() if line.strip()]
+    lines = [line for line in lines if "loss" in line]  # training steps, not evaluation lines
     keys = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "nll_loss")
     tail = lines[-last:]
     first = lines[0]
