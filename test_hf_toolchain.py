@@ -4,18 +4,15 @@ checkpoints export to loadable folders."""
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
-import tiny_models
 import trl_format
 from records import RecordError
-from test_apo_stage import PREFERENCES, ROOT, env, run_apo, write_jsonl
+from test_apo_stage import PREFERENCES, ROOT, run_apo, write_jsonl
 from training import run_folder
 
 # One negative each (K = 1): TRL's pairwise rows and apo.py's instances are then the same thing.
@@ -49,8 +46,9 @@ def model(tiny_text_model, tmp_path_factory):
 def exported(tmp_path_factory):
     folder = tmp_path_factory.mktemp("export")
     prefs = write_jsonl(folder / "preferences.jsonl", PAIRS)
-    subprocess.run([sys.executable, "export_preferences.py", "--data", str(prefs), "--format", "trl",
-                    "--out", str(folder / "trl.jsonl")], cwd=ROOT, env=env(), check=True, capture_output=True)
+    import export_preferences
+
+    export_preferences.main(["--data", str(prefs), "--format", "trl", "--out", str(folder / "trl.jsonl")])
     return prefs, folder / "trl.jsonl"
 
 
@@ -58,11 +56,28 @@ def exported(tmp_path_factory):
 def apo_on_trl(model, exported, tmp_path_factory):
     """apo.py --loss dpo-pairs on the TRL-format file, two steps, TensorBoard on, the training data
     evaluated as held-out data after every step."""
+    import apo
+
     out = tmp_path_factory.mktemp("apo") / "apo"
-    run_apo("--model", model, "--data", exported[1], "--out", out, "--loss", "dpo-pairs", *STEPS,
-            "--report-to", "tensorboard", "--project", "toolchain", "--run-name", "k1",
-            "--eval-data", exported[1], "--eval-every", "1")
+    apo.main([str(a) for a in ("--model", model, "--data", exported[1], "--out", out, "--loss", "dpo-pairs", *STEPS,
+                               "--report-to", "tensorboard", "--project", "toolchain", "--run-name", "k1",
+                               "--eval-data", exported[1], "--eval-every", "1")])
     return out
+
+
+def apo_here(capsys, *args, check=True):
+    """apo.py in this process (the imports are paid once): (exit status, stdout, stderr)."""
+    import apo
+
+    try:
+        apo.main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    if check and code:
+        raise AssertionError(f"apo.py exited {code}\n{out}\n{err}")
+    return code, out, err
 
 
 def metric_lines(out):
@@ -135,7 +150,7 @@ def test_evaluation_during_training_measures_the_held_out_data(apo_on_trl):
         assert evaluated[f"eval_{name}"] == pytest.approx(trained[name], abs=1e-4), name
 
 
-def test_bootstrap_on_sft_messages_evaluates_the_held_out_loss(tiny_text_model, tmp_path):
+def test_bootstrap_on_sft_messages_evaluates_the_held_out_loss(tiny_text_model, tmp_path, capsys):
     """bootstrap.py on TRL's SFT messages, the file also its held-out data, one batch of all 4:
     the held-out loss after step 1 is the training loss of step 2 (mean NLL per response token)."""
     rows = [{"messages": ([{"role": "system", "content": p["system"]}] if "system" in p else [])
@@ -143,27 +158,27 @@ def test_bootstrap_on_sft_messages_evaluates_the_held_out_loss(tiny_text_model, 
             for p in PAIRS]
     data = write_jsonl(tmp_path / "sft.jsonl", rows)
     out = tmp_path / "boot"
-    proc = subprocess.run([sys.executable, "bootstrap.py", "--model", tiny_text_model, "--data", str(data),
-                           "--out", str(out), "--batch-size", "4", "--grad-accum", "1", "--max-steps", "2",
-                           "--lr", "1e-3", "--warmup", "0", "--max-length", "256", "--eval-data", str(data),
-                           "--eval-every", "1"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    assert "4 examples from 4 train instances" in proc.stdout
+    import bootstrap
+
+    bootstrap.main(["--model", tiny_text_model, "--data", str(data), "--out", str(out), "--batch-size", "4",
+                    "--grad-accum", "1", "--max-steps", "2", "--lr", "1e-3", "--warmup", "0", "--max-length", "256",
+                    "--eval-data", str(data), "--eval-every", "1"])
+    assert "4 examples from 4 train instances" in capsys.readouterr().out
     lines = metric_lines(out)
     assert [sorted(k for k in line if "loss" in k) for line in lines] == [["loss"], ["eval_loss"]] * 2
     assert lines[1]["eval_loss"] == pytest.approx(lines[2]["loss"], abs=1e-6)
     assert lines[3]["eval_loss"] < lines[1]["eval_loss"]
 
 
-def test_a_learning_rate_of_5e_7_is_logged_as_5e_7(tiny_text_model, tmp_path):
+def test_a_learning_rate_of_5e_7_is_logged_as_5e_7(tiny_text_model, tmp_path, capsys):
     """The default lr of the preference stage: rounding to 6 decimals wrote it as 0.0."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
     out = tmp_path / "apo"
-    run_apo("--model", tiny_text_model, "--data", data, "--out", out, "--batch-size", "4", "--grad-accum", "1",
-            "--max-steps", "1", "--lr", "5e-7", "--schedule", "constant", "--warmup", "0", "--max-length", "256",
-            "--report-to", "tensorboard")
+    apo_here(capsys, "--model", tiny_text_model, "--data", data, "--out", out, "--batch-size", "4", "--grad-accum", "1",
+             "--max-steps", "1", "--lr", "5e-7", "--schedule", "constant", "--warmup", "0", "--max-length", "256",
+             "--report-to", "tensorboard")
     assert json.loads((run_folder(out) / "metrics.jsonl").read_text())["learning_rate"] == 5e-7
     events = next((run_folder(out) / "logs" / "apo").glob("events.out.tfevents.*"))
     logged = EventAccumulator(str(events)).Reload().Scalars("train/learning_rate")
@@ -198,22 +213,22 @@ def test_the_model_folder_holds_only_the_model(apo_on_trl, tmp_path):
             ".lock"} <= {p.name for p in run_folder(out).iterdir()}
 
 
-def test_an_old_layout_is_moved_into_the_run_folder(tiny_text_model, tmp_path):
+def test_an_old_layout_is_moved_into_the_run_folder(tiny_text_model, tmp_path, capsys):
     """A run written with metrics, summary, checkpoints and cache inside the model folder: the
     rerun moves them beside it, says so, and finds the finished run there (nothing retrained)."""
     data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
     out = tmp_path / "apo"
     args = ("--model", tiny_text_model, "--data", data, "--out", out, "--batch-size", "4", "--grad-accum", "1",
             "--max-steps", "1", "--max-length", "256")
-    run_apo(*args)
+    apo_here(capsys, *args)
     for item in list(run_folder(out).iterdir()):  # back to the old layout
         item.rename(out / item.name)
     run_folder(out).rmdir()
     weights = (out / "model.safetensors").stat().st_mtime_ns
-    proc = run_apo(*args)
+    _, stdout, stderr = apo_here(capsys, *args)
     assert f"moved metrics.jsonl, training_summary.json, checkpoints, reference_logps.safetensors to " \
-           f"{run_folder(out)}" in proc.stderr
-    assert "nothing to do" in proc.stdout and (out / "model.safetensors").stat().st_mtime_ns == weights
+           f"{run_folder(out)}" in stderr
+    assert "nothing to do" in stdout and (out / "model.safetensors").stat().st_mtime_ns == weights
     assert not {"metrics.jsonl", "training_summary.json", "checkpoints", ".lock"} & {p.name for p in out.iterdir()}
 
 
@@ -265,7 +280,7 @@ def test_sft_messages_read_as_instances_with_one_trajectory(tmp_path):
         trl_format.read_instances(path)
 
 
-def test_apo_takes_a_hub_id_as_model(tiny_text_model, tmp_path):
+def test_apo_takes_a_hub_id_as_model(tiny_text_model, tmp_path, capsys):
     """--model as a hub id, resolved offline from a hub cache laid out as huggingface_hub writes it."""
     cache = tmp_path / "hub"
     snapshot = cache / "models--tiny--qwen2" / "snapshots" / ("0" * 40)
@@ -280,9 +295,8 @@ def test_apo_takes_a_hub_id_as_model(tiny_text_model, tmp_path):
     summary = json.loads((run_folder(out) / "training_summary.json").read_text())
     assert summary["config"]["model"] == "tiny/qwen2" and summary["config"]["model_fingerprint"] == "hub:tiny/qwen2"
 
-    proc = run_apo("--model", "tiny/not-there", "--data", data, "--out", tmp_path / "o", extra_env=hub, check=False)
-    assert proc.returncode == 2
-    assert "error: tiny/not-there: not a model folder or hub id: cannot read its config" in proc.stderr
+    code, _, err = apo_here(capsys, "--model", "tiny/not-there", "--data", data, "--out", tmp_path / "o", check=False)
+    assert code == 2 and "error: tiny/not-there: not a model folder or hub id: cannot read its config" in err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,37 +317,46 @@ def same_tensors(a, b):
     return all(torch.equal(ta[name], tb[name]) for name in ta)
 
 
-def export_checkpoint(*args):
-    return subprocess.run([sys.executable, "export_checkpoint.py", *map(str, args)], cwd=ROOT, env=env(),
-                          capture_output=True, text=True, timeout=600)
+def export_checkpoint(capsys, *args):
+    """export_checkpoint.py in this process: (exit status, stderr)."""
+    import export_checkpoint as tool
+
+    try:
+        tool.main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
 
 
-def test_the_last_checkpoint_exports_to_the_final_model(apo_on_trl, tmp_path):
+def test_the_last_checkpoint_exports_to_the_final_model(apo_on_trl, tmp_path, capsys):
     """The final checkpoint holds the weights of the final model: exported, they are the same
     tensors, and the folder loads with from_pretrained and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    proc = export_checkpoint("--checkpoint", run_folder(apo_on_trl) / "checkpoints" / "step-2", "--out", tmp_path / "e")
-    assert proc.returncode == 0, proc.stderr
+    checkpoint = run_folder(apo_on_trl) / "checkpoints" / "step-2"
+    code, err = export_checkpoint(capsys, "--checkpoint", checkpoint, "--out", tmp_path / "e")
+    assert code == 0, err
     assert same_tensors(apo_on_trl, tmp_path / "e")
     AutoModelForCausalLM.from_pretrained(tmp_path / "e")
     assert AutoTokenizer.from_pretrained(tmp_path / "e").chat_template
 
-    again = export_checkpoint("--checkpoint", run_folder(apo_on_trl) / "checkpoints" / "step-2", "--out", tmp_path / "e")
-    assert again.returncode == 2 and "exists; choose a new folder" in again.stderr
-    bad = export_checkpoint("--checkpoint", run_folder(apo_on_trl), "--out", tmp_path / "f")
-    assert bad.returncode == 2 and "not a checkpoint (no trainer_state.json)" in bad.stderr
+    code, err = export_checkpoint(capsys, "--checkpoint", checkpoint, "--out", tmp_path / "e")
+    assert code == 2 and "exists; choose a new folder" in err
+    code, err = export_checkpoint(capsys, "--checkpoint", run_folder(apo_on_trl), "--out", tmp_path / "f")
+    assert code == 2 and "not a checkpoint (no trainer_state.json)" in err
 
 
-def test_a_lora_checkpoint_exports_merged(tiny_text_model, tmp_path):
+def test_a_lora_checkpoint_exports_merged(tiny_text_model, tmp_path, capsys):
     """A LoRA run's checkpoint holds the adapters alone; exported on the base, merged, it gives the
     final merged model (the same merge of the same fp32 tensors)."""
     data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
     out = tmp_path / "apo"
-    run_apo("--model", tiny_text_model, "--data", data, "--out", out, "--batch-size", "4", "--grad-accum", "1",
-            "--max-steps", "2", "--lr", "1e-2", "--max-length", "256", "--lora-rank", "4")
-    proc = export_checkpoint("--checkpoint", run_folder(out) / "checkpoints" / "step-2", "--out", tmp_path / "e")
-    assert proc.returncode == 0, proc.stderr
+    apo_here(capsys, "--model", tiny_text_model, "--data", data, "--out", out, "--batch-size", "4", "--grad-accum", "1",
+             "--max-steps", "2", "--lr", "1e-2", "--max-length", "256", "--lora-rank", "4")
+    code, err = export_checkpoint(capsys, "--checkpoint", run_folder(out) / "checkpoints" / "step-2", "--out",
+                                  tmp_path / "e")
+    assert code == 0, err
     assert same_tensors(out, tmp_path / "e")
     assert not same_tensors(tiny_text_model, tmp_path / "e")  # the adapters did change the weights
 
@@ -380,7 +403,7 @@ def test_the_model_card_names_base_data_settings_metrics_and_the_paper(apo_on_tr
 # Extending a run
 
 
-def test_a_finished_run_continues_to_more_steps_and_a_checkpoint_starts_a_new_run(tiny_text_model, tmp_path):
+def test_a_finished_run_continues_to_more_steps_and_a_checkpoint_starts_a_new_run(tiny_text_model, tmp_path, capsys):
     """1 step, then continued to 2: the weights of a straight 2-step run (constant lr: the curve
     does not depend on the length). Fewer steps are refused. --init-from step-1 into a new folder
     at another lr: its first step sees the weights the continued run's step 2 saw (same margin)."""
@@ -388,24 +411,26 @@ def test_a_finished_run_continues_to_more_steps_and_a_checkpoint_starts_a_new_ru
     common = ("--model", tiny_text_model, "--data", data, "--batch-size", "4", "--grad-accum", "1", "--lr", "1e-3",
               "--schedule", "constant", "--warmup", "0", "--max-length", "256")
     straight, grown = tmp_path / "straight", tmp_path / "grown"
-    run_apo(*common, "--out", straight, "--max-steps", "2")
-    run_apo(*common, "--out", grown, "--max-steps", "1")
-    proc = run_apo(*common, "--out", grown, "--max-steps", "2")
-    assert "continuing the run from step 1 with max_steps 1 -> 2" in proc.stdout
+    apo_here(capsys, *common, "--out", straight, "--max-steps", "2")
+    apo_here(capsys, *common, "--out", grown, "--max-steps", "1")
+    _, stdout, _ = apo_here(capsys, *common, "--out", grown, "--max-steps", "2")
+    assert "continuing the run from step 1 with max_steps 1 -> 2" in stdout
     assert same_tensors(straight, grown)
     summary = json.loads((run_folder(grown) / "training_summary.json").read_text())
     assert [(p["event"], p["from_step"], p["max_steps"]) for p in summary["provenance"]] == [("continued", 1, [1, 2])]
     assert [line["step"] for line in metric_lines(grown)] == [1, 2]
 
-    fewer = run_apo(*common, "--out", grown, "--max-steps", "1", check=False)
-    assert fewer.returncode == 2 and "has 2 steps done, more than this run's 1" in fewer.stderr
-    other_lr = run_apo(*common[:-6], "--lr", "1e-4", *common[-4:], "--out", grown, "--max-steps", "2", check=False)
-    assert other_lr.returncode == 2 and "lr: 0.001 -> 0.0001" in other_lr.stderr
-    assert f"--init-from {run_folder(grown) / 'checkpoints' / 'step-2'}" in other_lr.stderr
+    code, _, stderr = apo_here(capsys, *common, "--out", grown, "--max-steps", "1", check=False)
+    assert code == 2 and "has 2 steps done, more than this run's 1" in stderr
+    code, _, stderr = apo_here(capsys, *common[:-6], "--lr", "1e-4", *common[-4:], "--out", grown, "--max-steps", "2",
+                               check=False)
+    assert code == 2 and "lr: 0.001 -> 0.0001" in stderr
+    assert f"--init-from {run_folder(grown) / 'checkpoints' / 'step-2'}" in stderr
 
     new = tmp_path / "new"
     checkpoint = run_folder(grown) / "checkpoints" / "step-1"
-    run_apo(*common[:-6], "--lr", "1e-4", *common[-4:], "--out", new, "--max-steps", "1", "--init-from", checkpoint)
+    apo_here(capsys, *common[:-6], "--lr", "1e-4", *common[-4:], "--out", new, "--max-steps", "1",
+             "--init-from", checkpoint)
     started = json.loads((run_folder(new) / "training_summary.json").read_text())["config"]["init_from"]
     assert (started["checkpoint"], started["step"], started["lr"]) == (str(checkpoint.resolve()), 1, 1e-3)
     assert metric_lines(new)[0]["rewards/margins"] == pytest.approx(metric_lines(grown)[1]["rewards/margins"], abs=1e-6)
