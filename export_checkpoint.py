@@ -5,8 +5,8 @@ run's base model, its tokenizer or processor, and, for a LoRA run, the adapters 
     python export_checkpoint.py --checkpoint runs/apo.run/checkpoints/step-100 --out runs/apo-step-100
 
 A checkpoint is accelerate's save_state (weights with the loop's wrapper prefix, optimizer, RNG)
-plus trainer_state.json (the run's settings and step): it resumes a run exactly, but is not a model
-folder. The base model is the run's --model, read from trainer_state.json; --base names it where
+plus run_state.json (the run's settings and step): it resumes a run exactly, but is not a model
+folder. The base model is the run's --model, read from run_state.json; --base names it where
 it has moved (its fingerprint must still match). Checkpoints of one file of weights are exported:
 FSDP and DeepSpeed write shards in their own formats (use a one-process run, or their tools).
 """
@@ -36,9 +36,11 @@ def parse_args(argv=None):
 def checkpoint_settings(checkpoint):
     """The run's settings recorded in the checkpoint, and its weights file."""
     checkpoint = Path(checkpoint)
-    state_file = checkpoint / "trainer_state.json"
-    if not state_file.is_file():
-        raise RecordError(checkpoint, None, None, "not a checkpoint (no trainer_state.json)")
+    from training import CHECKPOINT_STATE, checkpoint_state_file
+
+    state_file = checkpoint_state_file(checkpoint)
+    if state_file is None:
+        raise RecordError(checkpoint, None, None, f"not a checkpoint (no {CHECKPOINT_STATE})")
     config = json.loads(state_file.read_text()).get("config") or {}
     if "model" not in config:
         raise RecordError(state_file, None, "config", "records no base model")

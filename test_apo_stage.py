@@ -277,7 +277,7 @@ def test_nan_loss_stops_with_the_last_checkpoint_intact(tiny_text_model, data, t
     assert proc.returncode == 1
     assert "error: loss is nan at step 2; stopping" in proc.stderr and "Traceback" not in proc.stderr
     assert [p.name for p in (run_folder(out) / "checkpoints").iterdir()] == ["step-1"]
-    assert json.loads((run_folder(out) / "checkpoints/step-1/trainer_state.json").read_text())["step"] == 1
+    assert json.loads((run_folder(out) / "checkpoints/step-1/run_state.json").read_text())["step"] == 1
     assert all(torch.isfinite(t).all() for t in load_file(str(run_folder(out) / "checkpoints/step-1/model.safetensors")).values())
     assert not (out / "model.safetensors").exists()
 

@@ -277,7 +277,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys, t
     assert "error: loss is nan at step 2" in err or "error: loss is inf at step 2" in err
     assert "checkpoints/step-1) is intact" in err and "Instances in this step: t" in err
     assert sorted(p.name for p in (run_folder(out) / "checkpoints").iterdir()) == ["step-1"]
-    state = json.loads((run_folder(out) / "checkpoints" / "step-1" / "trainer_state.json").read_text())
+    state = json.loads((run_folder(out) / "checkpoints" / "step-1" / "run_state.json").read_text())
     assert state["step"] == 1
     assert all(torch.isfinite(t).all() for t in load_file(str(run_folder(out) / "checkpoints" / "step-1" / "model.safetensors")).values())
     assert not (out / "model.safetensors").exists() and not (run_folder(out) / "training_summary.json").exists()
@@ -424,7 +424,7 @@ def test_a_full_disk_at_a_checkpoint_is_named_leaves_no_temporaries_and_the_reru
             f"half-written was kept. Free some space and run again: the same command resumes from "
             f"{out}.run/checkpoints/step-3") in err
     after = (tmp_path / "after-first.txt").read_text().split()
-    assert "./checkpoints/step-3/trainer_state.json" in after and not any("tmp" in p or "step-6" in p for p in after)
+    assert "./checkpoints/step-3/run_state.json" in after and not any("tmp" in p or "step-6" in p for p in after)
     assert "resuming from step 3" in (tmp_path / "second.out").read_text()
     a, b = weights(reference), weights(tmp_path)
     assert a.keys() == b.keys()

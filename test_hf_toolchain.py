@@ -221,15 +221,18 @@ def test_an_old_layout_is_moved_into_the_run_folder(tiny_text_model, tmp_path, c
     args = ("--model", tiny_text_model, "--data", data, "--out", out, "--batch-size", "4", "--grad-accum", "1",
             "--max-steps", "1", "--max-length", "256")
     apo_here(capsys, *args)
-    for item in list(run_folder(out).iterdir()):  # back to the old layout
+    for item in list(run_folder(out).iterdir()):  # back to the old layout, with the old checkpoint state name
         item.rename(out / item.name)
     run_folder(out).rmdir()
+    (out / "checkpoints" / "step-1" / "run_state.json").rename(out / "checkpoints" / "step-1" / "trainer_state.json")
     weights = (out / "model.safetensors").stat().st_mtime_ns
     _, stdout, stderr = apo_here(capsys, *args)
     assert f"moved metrics.jsonl, training_summary.json, checkpoints, reference_logps.safetensors to " \
            f"{run_folder(out)}" in stderr
     assert "nothing to do" in stdout and (out / "model.safetensors").stat().st_mtime_ns == weights
     assert not {"metrics.jsonl", "training_summary.json", "checkpoints", ".lock"} & {p.name for p in out.iterdir()}
+    _, stdout, _ = apo_here(capsys, *args[:-4], "--max-steps", "2", *args[-2:])  # the old checkpoint resumes
+    assert "continuing the run from step 1" in stdout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,7 +347,7 @@ def test_the_last_checkpoint_exports_to_the_final_model(apo_on_trl, tmp_path, ca
     code, err = export_checkpoint(capsys, "--checkpoint", checkpoint, "--out", tmp_path / "e")
     assert code == 2 and "exists; choose a new folder" in err
     code, err = export_checkpoint(capsys, "--checkpoint", run_folder(apo_on_trl), "--out", tmp_path / "f")
-    assert code == 2 and "not a checkpoint (no trainer_state.json)" in err
+    assert code == 2 and "not a checkpoint (no run_state.json)" in err
 
 
 def test_a_lora_checkpoint_exports_merged(tiny_text_model, tmp_path, capsys):

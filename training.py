@@ -25,6 +25,18 @@ from records import (OutputLock, RecordError, check_output_paths, disk_full_repo
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
+# A checkpoint's step and settings. Not "trainer_state.json": that is the HF Trainer's file, with
+# other content; checkpoints written under that name are still read.
+CHECKPOINT_STATE = "run_state.json"
+OLD_CHECKPOINT_STATE = "trainer_state.json"
+
+
+def checkpoint_state_file(folder):
+    """A checkpoint folder's state file (the older name where only that exists), or None."""
+    for name in (CHECKPOINT_STATE, OLD_CHECKPOINT_STATE):
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
 # What a run writes besides the model: it lives in the run folder beside the model folder, so the
 # model folder holds only what from_pretrained and vLLM read (vLLM's default loader takes every
 # *.safetensors of a folder without an index as weights).
@@ -219,10 +231,10 @@ def init_from_record(checkpoint):
     """Where a run's weights start (--init-from): the checkpoint, its step and the settings it was
     trained with, so the run's settings and summary say what it grew from."""
     path = Path(checkpoint)
-    if not (path / "trainer_state.json").is_file() or not (path / "model.safetensors").is_file():
+    if checkpoint_state_file(path) is None or not (path / "model.safetensors").is_file():
         raise RecordError(path, None, None, "--init-from: not a checkpoint with one file of weights "
-                                            "(trainer_state.json and model.safetensors)")
-    state = json.loads((path / "trainer_state.json").read_text())
+                                            f"({CHECKPOINT_STATE} and model.safetensors)")
+    state = json.loads(checkpoint_state_file(path).read_text())
     saved = state.get("config") or {}
     return {"checkpoint": str(path.resolve()), "step": state.get("step"),
             **{k: saved.get(k) for k in ("model_fingerprint", "data_sha256", "lr", "max_steps", "epochs")}}
@@ -751,14 +763,14 @@ def checkpoint_dirs(out_dir):
     root = run_folder(out_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.name.startswith("step-") and (p / "trainer_state.json").is_file()]
+    found = [p for p in root.iterdir() if p.name.startswith("step-") and checkpoint_state_file(p) is not None]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
 def save_checkpoint(accelerator, out_dir, step, state, keep=2):
     """Write to a temporary folder, then rename: a kill mid-write never spoils the last checkpoint.
 
-    trainer_state.json is written last, so a folder without it is never taken for a checkpoint.
+    run_state.json is written last, so a folder without it is never taken for a checkpoint.
     """
     root = run_folder(out_dir) / CHECKPOINTS
     final = root / f"step-{step}"
@@ -774,7 +786,7 @@ def save_checkpoint(accelerator, out_dir, step, state, keep=2):
         # Every rank writes its own shards and RNG state: rename only once all of them are done.
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            write_json_atomic(tmp / "trainer_state.json", dict(state, step=step, saved_at=time.time()))
+            write_json_atomic(tmp / CHECKPOINT_STATE, dict(state, step=step, saved_at=time.time()))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -918,7 +930,7 @@ def checkpoint_state(out_dir, config=None):
     found = checkpoint_dirs(out_dir)
     if not found:
         return None
-    state = json.loads((found[-1] / "trainer_state.json").read_text())
+    state = json.loads(checkpoint_state_file(found[-1]).read_text())
     if config is not None:
         diff = run_mismatch(state.get("config") or {}, config)
         if diff:
