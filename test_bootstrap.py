@@ -222,8 +222,8 @@ def test_sigkill_then_rerun_gives_the_weights_of_a_straight_run(tmp_path, capsys
     (torn / "model.safetensors").write_bytes(b"\x00" * 10)
 
     with pytest.raises(SystemExit) as exit_:  # other settings would mix two runs: refused before any loading
-        bootstrap.main(train_args(tiny_text_model, data, out, "--max-steps", "8", "--save-every", "3"))
-    assert exit_.value.code == 2 and "saved by a run with other settings (max_steps: 6 -> 8)" in capsys.readouterr().err
+        bootstrap.main(train_args(tiny_text_model, data, out, *RESUME_ARGS, "--max-length", "200"))
+    assert exit_.value.code == 2 and "saved by a run with other settings (max_length: 160 -> 200)" in capsys.readouterr().err
 
     resumed = run(train_args(tiny_text_model, data, out, *RESUME_ARGS))
     assert "resuming from step 3" in resumed.stdout
@@ -239,9 +239,9 @@ def test_sigkill_then_rerun_gives_the_weights_of_a_straight_run(tmp_path, capsys
     assert "nothing to do" in capsys.readouterr().out
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
 
-    with pytest.raises(SystemExit) as exit_:
-        bootstrap.main(train_args(tiny_text_model, data, out, "--max-steps", "7", "--save-every", "3"))
-    assert exit_.value.code == 2 and "max_steps: 6 -> 7" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # a larger --max-steps would continue it (test_hf_toolchain)
+        bootstrap.main(train_args(tiny_text_model, data, out, *RESUME_ARGS, "--max-length", "200"))
+    assert exit_.value.code == 2 and "max_length: 160 -> 200" in capsys.readouterr().err
 
 
 def test_two_processes_give_the_losses_of_one(tmp_path, straight, tiny_text_model):
