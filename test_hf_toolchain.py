@@ -21,7 +21,7 @@ PAIRS = [{"id": p["id"], "prompt": p["prompt"], "chosen": p["chosen"], "rejected
 # The whole data set in one batch of 4, two steps at a constant lr: the second step's loss depends
 # on the first update, so it compares the gradients and the optimizer too, not just log 2.
 STEPS = ["--batch-size", "4", "--grad-accum", "1", "--max-steps", "2", "--lr", "1e-3", "--schedule", "constant",
-         "--warmup", "0", "--max-length", "512"]
+         "--warmup", "0", "--max-length", "512", "--mixed-precision", "no"]  # fp32, as TRL runs below
 
 
 @pytest.fixture(scope="module")
