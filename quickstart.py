@@ -6,9 +6,11 @@ the command printed first, exactly as you would type it; every file stays in one
 
     runs/quickstart/
       trajectories.jsonl      collect.py: instances + one trajectory per source (labels = truth)
-      bootstrap/              bootstrap.py: the bootstrapped model (HF folder) + metrics.jsonl
+      bootstrap/              bootstrap.py: the bootstrapped model (HF folder) only
+      bootstrap.run/          its metrics.jsonl, summary and checkpoints
       preferences.jsonl       consensus.py: consensus (chosen) vs source trajectories (rejected)
-      apo/                    apo.py: the APO model (HF folder), reference_logps.safetensors, metrics.jsonl
+      apo/                    apo.py: the APO model (HF folder) only
+      apo.run/                its reference_logps.safetensors, metrics.jsonl, summary and checkpoints
       eval/                   evaluate.py: metrics.json, predictions.jsonl, table.md, accuracy.png
 
 Interrupt it at any point and run it again: every stage resumes where it stopped.

@@ -242,12 +242,13 @@ def share_reference(out, data, run_dir):
     from safetensors import safe_open
 
     from apo import REFERENCE_FILE
+    from training import run_folder
 
-    target = Path(run_dir) / REFERENCE_FILE
+    target = run_folder(run_dir) / REFERENCE_FILE
     if target.exists():
         return
     digest = records.file_hash(data)
-    for cache in sorted(Path(out).glob(f"*/{REFERENCE_FILE}")):
+    for cache in sorted(Path(out).glob(f"*.run/{REFERENCE_FILE}")):
         with safe_open(str(cache), framework="pt") as f:
             if (f.metadata() or {}).get("data_sha256") == digest:
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -507,7 +508,10 @@ def score_arms(instances, answers_by, predictions, train_seeds, resamples, seed,
 
 def training_tail(out, last=5):
     """Mean of the last metrics lines of a preference-stage run (reward accuracy, margin ...)."""
-    lines = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    from training import METRICS, run_folder
+
+    lines = [json.loads(line) for line in (run_folder(out) / METRICS).read_text().splitlines() if line.strip()]
+    lines = [line for line in lines if "loss" in line]  # training steps, not evaluation lines
     keys = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "nll_loss")
     tail = lines[-last:]
     return {"steps": len(lines), "first_loss": lines[0].get("loss"),
@@ -566,23 +570,44 @@ def plot(report, out):
     fig.savefig(out / "stream.png", dpi=120)
     plt.close(fig)
 
+    plot_models(table, out / "models.png", plt)
+    return True
+
+
+# Bar colours by what a row is: the legend says which is which
+KINDS = (("source", "tab:gray"), ("majority vote of the sources (label-free reference)", "tab:olive"),
+         ("trained model", "tab:blue"), ("positive control (labels reach its training)", "tab:green"))
+
+
+def kind_of(name):
+    return (KINDS[0] if "(source)" in name else KINDS[1] if "vote" in name else
+            KINDS[3] if name == "positive-control" else KINDS[2])
+
+
+def plot_models(table, path, plt):
+    """Bars of macro accuracy with their 95% intervals, from 0 (a bar's length is its value: an axis
+    cut near the lowest bar would exaggerate every gap and hide the low end of its interval), each
+    value written above its bar, and a legend for the colours."""
+    from matplotlib.patches import Patch
+
     names = list(table)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     acc = [table[n]["macro_accuracy"] for n in names]
     err = np.array([[max(0.0, a - table[n]["interval"][0]), max(0.0, table[n]["interval"][1] - a)]
                     for n, a in zip(names, acc)]).T
-    colors = ["tab:gray" if "(source)" in n else "tab:olive" if "vote" in n else
-              "tab:green" if n == "positive-control" else "tab:blue" for n in names]
-    ax.bar(range(len(names)), acc, yerr=err, color=colors, capsize=3)
+    ax.bar(range(len(names)), acc, yerr=err, color=[kind_of(n)[1] for n in names], capsize=3)
+    for i, a in enumerate(acc):
+        ax.text(i, a + err[1][i] + 0.01, f"{a:.3f}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
-    ax.set_ylim(min(acc) - 0.1, 1.0)
+    ax.set_ylim(0, 1.08)
     ax.set_ylabel("macro accuracy, 95% interval (instances and seeds)")
-    ax.set_title("Arms against the sources on the same test instances")
+    ax.set_title("Arms against the sources on the same test instances", pad=24)
+    ax.legend(handles=[Patch(color=colour, label=label) for label, colour in KINDS], fontsize=7, ncol=2,
+              loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)  # above the bars, covering none
     fig.tight_layout()
-    fig.savefig(out / "models.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return True
 
 
 def markdown(report):

@@ -25,6 +25,7 @@ import modeling
 import tiny_models
 from apo_loss import apo_loss
 from records import file_hash, load_preferences
+from training import run_folder
 
 ROOT = Path(__file__).resolve().parent
 
@@ -73,7 +74,7 @@ def run_apo(*args, launcher=(), extra_env=None, check=True):
 
 
 def metrics(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run_folder(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 # Two runs that differ only in the order of their fp32 sums (one process's local sum against gloo's
@@ -140,7 +141,7 @@ def test_training_raises_margin_and_writes_a_loadable_model(tiny_text_model, dat
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert set(rows[0]) >= {"loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen",
-                            "lr", "tokens_per_s", "grad_norm"}
+                            "logps/rejected", "learning_rate", "tokens_per_s", "grad_norm"}
     # Before the first update the policy IS the reference: every reward is 0, P = 1 / (1 + K).
     assert rows[0]["loss"] == pytest.approx(START_LOSS, abs=1e-5)
     assert rows[0]["rewards/margins"] == pytest.approx(0, abs=1e-5) and rows[0]["rewards/accuracies"] == 0
@@ -157,7 +158,7 @@ def test_training_raises_margin_and_writes_a_loadable_model(tiny_text_model, dat
     with torch.no_grad():
         pc, pr, mask, _ = apo.concatenated_forward(modeling.ResponseLogps(final), batch, "cpu")
         rc, rr, _, _ = apo.concatenated_forward(modeling.ResponseLogps(initial), batch, "cpu")
-    cache = load_file(str(out / apo.REFERENCE_FILE))
+    cache = load_file(str(run_folder(out) / apo.REFERENCE_FILE))
     torch.testing.assert_close(cache["chosen"], rc, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(cache["rejected"][mask], rr[mask], atol=1e-4, rtol=1e-5)
     assert cache["num_negatives"].tolist() == [1, 2, 3, 2] and cache["line"].tolist() == [1, 2, 3, 4]
@@ -170,7 +171,7 @@ def test_training_raises_margin_and_writes_a_loadable_model(tiny_text_model, dat
 def test_reference_cache_reused_and_recomputed(tiny_text_model, tmp_path):
     data = write_jsonl(tmp_path / "preferences.jsonl", PREFERENCES)
     out = tmp_path / "out"
-    cache = out / apo.REFERENCE_FILE
+    cache = run_folder(out) / apo.REFERENCE_FILE
     common = ("--model", tiny_text_model, "--data", data, "--out", out, "--reference-only")
 
     assert "reference log-probs computed for 4 preferences" in run_apo(*common).stdout
@@ -196,13 +197,13 @@ def test_sigkill_then_rerun_resumes_to_the_same_weights(tiny_text_model, data, s
     killed = run_apo(*common, launcher=(sys.executable, "launch_for_tests.py"),
                      extra_env={"APO_TEST_SIGKILL_AFTER_BACKWARD": "6"}, check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-3"]
+    assert [p.name for p in (run_folder(out) / "checkpoints").iterdir()] == ["step-3"]
     assert not (out / "model.safetensors").exists()
-    cached = (out / apo.REFERENCE_FILE).stat().st_mtime_ns
+    cached = (run_folder(out) / apo.REFERENCE_FILE).stat().st_mtime_ns
 
     resumed = run_apo(*common)
     assert "reference log-probs: reused" in resumed.stdout and "resuming from step 3" in resumed.stdout
-    assert (out / apo.REFERENCE_FILE).stat().st_mtime_ns == cached
+    assert (run_folder(out) / apo.REFERENCE_FILE).stat().st_mtime_ns == cached
     assert_same_weights(straight[0], out, atol=1e-6)
     straight_rows, resumed_rows = metrics(straight[0]), metrics(out)
     assert [r["step"] for r in resumed_rows] == [1, 2, 3, 4, 5, 6]
@@ -214,14 +215,14 @@ def test_sigkill_then_rerun_resumes_to_the_same_weights(tiny_text_model, data, s
     rerun = run_apo(*common)
     assert "apo: nothing to do" in rerun.stdout and "reference log-probs" not in rerun.stdout
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
-    assert json.loads((out / "training_summary.json").read_text())["steps"] == 6
+    assert json.loads((run_folder(out) / "training_summary.json").read_text())["steps"] == 6
 
     # Other data in the same folder is refused at once, before a reference pass could overwrite the cache.
     other = write_jsonl(tmp_path / "other.jsonl", PREFERENCES[:3])
     refused = run_apo("--model", tiny_text_model, "--data", other, "--out", out, "--batch-size", 2, *TRAIN,
                       check=False)
     assert refused.returncode == 2 and "saved by a run with other settings (data_sha256:" in refused.stderr
-    assert (out / apo.REFERENCE_FILE).stat().st_mtime_ns == cached
+    assert (run_folder(out) / apo.REFERENCE_FILE).stat().st_mtime_ns == cached
 
 
 def test_two_processes_match_one(tiny_text_model, data, straight, tmp_path):
@@ -240,7 +241,7 @@ def test_two_processes_match_one(tiny_text_model, data, straight, tmp_path):
     assert two[-1]["loss"] < two[0]["loss"]
     # The reference pass is sharded over the processes and summed: same cache as one process, to
     # fp32 rounding of sums of up to 256 token log-probs.
-    ref1, ref2 = load_file(str(straight[0] / apo.REFERENCE_FILE)), load_file(str(out / apo.REFERENCE_FILE))
+    ref1, ref2 = load_file(str(run_folder(straight[0]) / apo.REFERENCE_FILE)), load_file(str(run_folder(out) / apo.REFERENCE_FILE))
     for name in ref1:
         torch.testing.assert_close(ref2[name], ref1[name], atol=1e-4, rtol=1e-5)
     # TRAIN: 6 steps at a constant lr of 1e-3, no weight decay.
@@ -264,7 +265,7 @@ def test_dpo_pairs_loss_starts_at_log2_and_learns(tiny_text_model, data, straigh
     """--loss dpo-pairs: at the reference every pair is -log sigmoid(0) = log 2, whatever K is;
     the reference cache of the APO run is reused (it does not depend on the loss)."""
     out = tmp_path / "pairs"
-    shutil.copy(straight[0] / apo.REFERENCE_FILE, out.mkdir() or out / apo.REFERENCE_FILE)
+    shutil.copy(run_folder(straight[0]) / apo.REFERENCE_FILE, run_folder(out).mkdir() or run_folder(out) / apo.REFERENCE_FILE)
     proc = run_apo("--model", tiny_text_model, "--data", data, "--out", out, "--batch-size", 2, "--loss", "dpo-pairs",
                    *TRAIN)
     assert "reference log-probs: reused" in proc.stdout, proc.stdout
@@ -291,7 +292,7 @@ def test_vlm_path_with_an_image(tiny_vl_model, tmp_path):
     # K = 1, 2, 3 cut to 1, 2, 2; at the start the loss is sum log(1 + K) / 3 plus 0.5 x the chosen NLL.
     first = metrics(out)[0]
     assert first["loss"] == pytest.approx((math.log(2) + 2 * math.log(3)) / 3 + 0.5 * first["nll_loss"], abs=1e-5)
-    assert load_file(str(out / apo.REFERENCE_FILE))["num_negatives"].tolist() == [1, 2, 2]
+    assert load_file(str(run_folder(out) / apo.REFERENCE_FILE))["num_negatives"].tolist() == [1, 2, 2]
     model = AutoModelForImageTextToText.from_pretrained(out)
     assert "vision_config" in model.config.to_dict()
 
@@ -322,9 +323,9 @@ def test_nan_loss_stops_with_the_last_checkpoint_intact(tiny_text_model, data, t
                    check=False)
     assert proc.returncode == 1
     assert "error: loss is nan at step 2; stopping" in proc.stderr and "Traceback" not in proc.stderr
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-1"]
-    assert json.loads((out / "checkpoints/step-1/trainer_state.json").read_text())["step"] == 1
-    assert all(torch.isfinite(t).all() for t in load_file(str(out / "checkpoints/step-1/model.safetensors")).values())
+    assert [p.name for p in (run_folder(out) / "checkpoints").iterdir()] == ["step-1"]
+    assert json.loads((run_folder(out) / "checkpoints/step-1/run_state.json").read_text())["step"] == 1
+    assert all(torch.isfinite(t).all() for t in load_file(str(run_folder(out) / "checkpoints/step-1/model.safetensors")).values())
     assert not (out / "model.safetensors").exists()
 
 
@@ -446,7 +447,7 @@ def test_share_prompt_run_starts_at_the_reference(tiny_text_model, data, straigh
     # Same data, same steps: the same training curve as the separate forwards, up to float rounding.
     for a, b in zip(metrics(straight[0]), rows, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
-    with safe_open(str(out / apo.REFERENCE_FILE), framework="pt") as f:
+    with safe_open(str(run_folder(out) / apo.REFERENCE_FILE), framework="pt") as f:
         assert f.metadata()["share_prompt"] == "True"
 
 
@@ -467,10 +468,10 @@ def test_out_equal_to_model_or_locked_is_refused_before_any_model_work(tiny_text
     assert sorted((p.name, p.stat().st_mtime_ns) for p in model.iterdir()) == before
 
     out = tmp_path / "out"
-    out.mkdir()
-    with open(out / ".lock", "a") as held:  # what a running apo.py holds
+    run_folder(out).mkdir()
+    with open(run_folder(out) / ".lock", "a") as held:  # what a running apo.py holds
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(SystemExit) as exit_:
             apo.main(["--model", str(model), "--data", str(data), "--out", str(out), *TRAIN])
     assert exit_.value.code == 2 and "another apo.py is writing this output" in capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    assert sorted(p.name for p in run_folder(out).iterdir()) == [".lock"] and not out.exists()
