@@ -248,7 +248,7 @@ def test_two_processes_match_one(tiny_text_model, data, straight, tmp_path):
     assert_same_weights(straight[0], out, atol=adam_divergence_bound(1e-3, 6), rtol=0)
 
 
-def test_data_shorter_than_one_step_and_a_warmup_of_no_step_are_warned_with_the_numbers(tiny_text_model, data,
+def test_data_shorter_than_one_step_and_a_warmup_of_the_whole_run_are_warned_with_the_numbers(tiny_text_model, data,
                                                                                          tmp_path):
     # 4 preferences, a global batch of 8 (the default 32 on 16 preferences, smaller)
     proc = run_apo("--model", tiny_text_model, "--data", data, "--out", tmp_path / "o", "--batch-size", 1,
@@ -256,8 +256,8 @@ def test_data_shorter_than_one_step_and_a_warmup_of_no_step_are_warned_with_the_
     assert "apo: 1 steps on 4 preferences" in proc.stdout, proc.stdout
     assert ("warning: 4 examples x 1 epochs are less than one optimizer step of 8: running 1 step, which sees the "
             "data 2.0 times; lower --global-batch (or --grad-accum) to at most 4, or set --max-steps") in proc.stderr
-    assert ("warning: --warmup 0.05 of 1 steps rounds to no warmup step: the schedule starts at the full lr "
-            "5e-07") in proc.stderr
+    assert ("warning: --warmup 0.05 of 1 steps is 1 warmup steps: the run never reaches its lr 5e-07 (the first "
+            "step is at lr 0); lower --warmup or train more steps") in proc.stderr
     assert metrics(tmp_path / "o")[0]["epoch"] == 2.0  # what the warning said
 
 
@@ -475,3 +475,26 @@ def test_out_equal_to_model_or_locked_is_refused_before_any_model_work(tiny_text
             apo.main(["--model", str(model), "--data", str(data), "--out", str(out), *TRAIN])
     assert exit_.value.code == 2 and "another apo.py is writing this output" in capsys.readouterr().err
     assert sorted(p.name for p in run_folder(out).iterdir()) == [".lock"] and not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# --help and argument errors answer before torch is loaded (the import alone takes seconds)
+
+HEAVY = ("torch", "transformers", "accelerate", "peft")
+PROBE = """
+import runpy, sys
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as e:
+    print("exit", e.code, sorted(m for m in {heavy} if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("script", ["apo.py", "bootstrap.py", "evaluate.py", "export_preferences.py", "consensus.py",
+                                    "collect.py"])
+@pytest.mark.parametrize("argv, code", [(["--help"], 0), (["--no-such-flag"], 2)])
+def test_help_and_argument_errors_answer_without_loading_torch(script, argv, code):
+    proc = subprocess.run([sys.executable, "-c", PROBE.format(heavy=HEAVY), script, *argv], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip().splitlines()[-1] == f"exit {code} []", proc.stdout + proc.stderr
