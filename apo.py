@@ -20,18 +20,19 @@ What happens, top to bottom:
 2. The policy is loaded from the bootstrapped model. The reference log-probs of every (prompt,
    response) are computed ONCE, by a no-grad pass of those same initial weights, before the first
    update (each process its share, summed across processes), and cached in
-   OUT/reference_logps.safetensors with what they depend on as metadata: a rerun or a resumed run
+   OUT.run/reference_logps.safetensors with what they depend on as metadata: a rerun or a resumed run
    reuses them, a mismatch recomputes them. Only one model is ever in memory (with --lora-rank too:
    the adapters start at zero, so the adapted model before its first update computes the base's).
 3. Training: each instance's 1 + K responses go through one forward together (rows = chosen +
    negatives, variable K masked), summed response log-probs come from hidden states in chunks
    (never the [rows, tokens, vocab] logits), then the loss.
 4. Checkpoints (exact resume: rerun the same command), metrics.jsonl, the final Hugging Face
-   folder in OUT, and training_summary.json last: a finished run, rerun, does nothing.
+   folder in OUT, and training_summary.json last: a finished run, rerun, does nothing. OUT holds
+   only the model (what from_pretrained and vLLM read); everything else is in the run folder OUT.run.
 
 Where this departs from the paper (all off by default but the last; README lists them too):
 --max-negatives keeps the most drifted negatives first; --nll-weight adds the chosen response's
-NLL; --loss dpo-pairs is the pairwise loss the official scripts run; every weight is trained by
+NLL; --length-normalize scores responses by their per-token average log-prob; --loss dpo-pairs is the pairwise loss the official scripts run; every weight is trained by
 default, where the official recipe trains LoRA adapters (--lora-rank 8).
 """
 
@@ -45,11 +46,12 @@ from pathlib import Path
 import torch
 
 import training
-from apo_loss import LOSSES
+from apo_loss import LOSSES, per_token_logps
 from modeling import (PromptTooLong, ResponseLogps, collate, encode, is_vision_model, load_processor, model_fingerprint,
                       tokenizer_of)
-from records import RecordError, disk_full_reported, fail, file_hash, load_preferences
+from records import RecordError, disk_full_reported, fail, file_hash
 from shared_prompt import SharedPromptLogps, check_attention, pack_shared_prompt
+from trl_format import read_preferences
 
 REFERENCE_FILE = "reference_logps.safetensors"
 # Bump when the log-prob computation changes, so caches written by older code are recomputed.
@@ -59,11 +61,13 @@ TENSORS_SHA256 = "tensors_sha256"  # metadata key: the cached values as saved
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="the bootstrapped model folder (bootstrap.py's output): "
-                        "initial policy and frozen reference")
-    parser.add_argument("--data", required=True, help="preferences.jsonl written by consensus.py")
-    parser.add_argument("--out", required=True, help="output folder: final model, checkpoints/, metrics.jsonl, "
-                        f"{REFERENCE_FILE}")
+    parser.add_argument("--model", required=True, help="the bootstrapped model (bootstrap.py's output folder, or "
+                        "any Hugging Face folder or hub id): initial policy and frozen reference")
+    parser.add_argument("--data", required=True, help="preferences.jsonl written by consensus.py, or TRL's preference "
+                        "format (prompt / chosen / rejected, standard or conversational; JSONL or any file datasets "
+                        "loads): rows sharing a prompt and chosen become one instance with K negatives")
+    parser.add_argument("--out", required=True, help="model folder of the result; checkpoints/, metrics.jsonl, "
+                        f"{REFERENCE_FILE} and the summary go to the run folder OUT.run beside it")
     apo = parser.add_argument_group("APO")
     apo.add_argument("--beta", type=float, default=0.1, help="reward scale of the loss (default: %(default)s)")
     apo.add_argument("--loss", choices=sorted(LOSSES), default="apo",
@@ -76,6 +80,10 @@ def parse_args(argv=None):
     apo.add_argument("--nll-weight", type=float, default=0.0,
                      help="add this times the chosen response's token-mean NLL to the loss, like ms-swift "
                           "DPO's rpo_alpha (default: %(default)s)")
+    apo.add_argument("--length-normalize", action="store_true",
+                     help="departure from the paper (off by default): rewards from the average log-prob per "
+                          "response token (SimPO / LD-DPO) instead of the sum, for policy and reference alike; "
+                          "rewards shrink by about the response length, so beta wants to grow accordingly")
     apo.add_argument("--share-prompt", action="store_true",
                      help="text models: encode each prompt once for all 1 + K responses (one packed row per "
                           "instance with a block attention mask); needs the sdpa or eager attention")
@@ -86,7 +94,7 @@ def parse_args(argv=None):
     training.add_training_args(parser, lr=5e-7, max_length=4096, batch_size=1, warmup=0.05, global_batch=32)
     # Every other dropout is switched off (disable_dropout); the adapters' is the user's to choose.
     training.add_lora_args(parser, dropout=0.0)
-    args = parser.parse_args(argv)
+    args = training.parse_with_config(parser, argv)
     if args.max_negatives is not None and args.max_negatives < 1:
         parser.error("--max-negatives must be at least 1")
     return args
@@ -96,17 +104,23 @@ def parse_args(argv=None):
 # The objective of one micro-batch, and the one forward it takes
 
 
-def apo_step_loss(module, batch, reference, device, beta, nll_weight, loss="apo"):
+def apo_step_loss(module, batch, reference, device, beta, nll_weight, loss="apo", length_normalize=False):
     """Per-instance losses [B] of one micro-batch, and the sums its metrics are made of.
 
-    reference: (chosen [B], rejected [B, K]) cached log-probs of the initial weights.
+    reference: (chosen [B], rejected [B, K]) cached log-probs of the initial weights (summed).
+    length_normalize: rewards from per-token averages (--length-normalize), for both models.
     The sums (a dict of scalars) add up over micro-batches and processes; step_metrics divides.
     """
-    chosen, rejected, mask, chosen_tokens = concatenated_forward(module, batch, device)
+    logps, counts = row_logps(module, batch, device)
+    chosen, rejected, mask = split_rows(logps, batch["num_negatives"])
+    chosen_tokens, rejected_tokens, _ = split_rows(counts, batch["num_negatives"])
     ref_chosen, ref_rejected = (t.to(device) for t in reference)
-    losses, chosen_rewards, rejected_rewards = LOSSES[loss](chosen, rejected, ref_chosen,
-                                                            ref_rejected[:, :rejected.shape[1]],
-                                                            beta=beta, rejected_mask=mask)
+    ref_rejected = ref_rejected[:, :rejected.shape[1]]
+    pc, pr, rc, rr = chosen, rejected, ref_chosen, ref_rejected
+    if length_normalize:
+        pc, rc = per_token_logps(pc, chosen_tokens), per_token_logps(rc, chosen_tokens)
+        pr, rr = per_token_logps(pr, rejected_tokens), per_token_logps(rr, rejected_tokens)
+    losses, chosen_rewards, rejected_rewards = LOSSES[loss](pc, pr, rc, rr, beta=beta, rejected_mask=mask)
     nll = -chosen / chosen_tokens.clamp(min=1)
     if nll_weight:
         losses = losses + nll_weight * nll
@@ -117,7 +131,8 @@ def apo_step_loss(module, batch, reference, device, beta, nll_weight, loss="apo"
         "rewards/chosen": chosen_rewards.sum(), "rewards/rejected": rejected_rewards.sum(),
         "rewards/accuracies": (chosen_rewards > hardest).float().sum(),
         "rewards/margins": (chosen_rewards - hardest).sum(),
-        "logps/chosen": chosen.detach().sum(), "nll_loss": nll.detach().sum(),
+        "logps/chosen": chosen.detach().sum(), "logps/rejected": rejected.detach().masked_fill(~mask, 0).sum(),
+        "nll_loss": nll.detach().sum(),
         "negatives": mask.sum(), "tokens": batch["tokens"],
     }
     return losses, {k: torch.as_tensor(v, device=device).float() for k, v in sums.items()}
@@ -134,11 +149,15 @@ def concatenated_forward(module, batch, device):
     --share-prompt it is shared_prompt.SharedPromptLogps: the same sums from one packed row per
     instance.
     """
-    inputs = {k: v.to(device) for k, v in batch["inputs"].items()}
-    logps, counts = module(**inputs)
+    logps, counts = row_logps(module, batch, device)
     chosen, rejected, mask = split_rows(logps, batch["num_negatives"])
     chosen_tokens, _, _ = split_rows(counts, batch["num_negatives"])
     return chosen, rejected, mask, chosen_tokens
+
+
+def row_logps(module, batch, device):
+    """Summed response log-probs and response token counts of every row, in item order."""
+    return module(**{k: v.to(device) for k, v in batch["inputs"].items()})
 
 
 def split_rows(row_values, num_negatives):
@@ -152,14 +171,22 @@ def split_rows(row_values, num_negatives):
     return row_values[starts], row_values[index], mask
 
 
-def step_metrics(sums, seconds):
-    """An optimizer step's metrics (TRL's and ms-swift's names) from the sums of its micro-batches."""
+def step_metrics(sums, seconds=None):
+    """An optimizer step's metrics (TRL's and ms-swift's names) from the sums of its micro-batches.
+
+    At K = 1 each is TRL DPOTrainer's. With K negatives, rewards/rejected and logps/rejected are
+    means over all real negatives, and rewards/accuracies and rewards/margins are taken against
+    the hardest negative (the one of highest reward): the positive must beat every one.
+    """
     s = {k: v.item() for k, v in sums.items()}
     n = s["instances"]
     means = {k: s[k] / n for k in ("loss", "rewards/chosen", "rewards/accuracies", "rewards/margins",
                                    "logps/chosen", "nll_loss")}
-    return dict(means, **{"rewards/rejected": s["rewards/rejected"] / max(1.0, s["negatives"]),
-                          "tokens_per_s": s["tokens"] / max(seconds, 1e-9)})
+    negatives = max(1.0, s["negatives"])
+    means.update({"rewards/rejected": s["rewards/rejected"] / negatives, "logps/rejected": s["logps/rejected"] / negatives})
+    if seconds is not None:
+        means["tokens_per_s"] = s["tokens"] / max(seconds, 1e-9)
+    return means
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,11 +282,13 @@ def train(args):
     out, data_path = Path(args.out), Path(args.data)
 
     # Data first: a bad line ends the run before any model is loaded.
-    records = load_preferences(data_path)
+    records = read_preferences(data_path)  # preferences.jsonl or TRL's preference format
+    eval_records = read_preferences(args.eval_data) if args.eval_data else None
     examples = build_examples(records, args.max_negatives, data_path)
-    if not (Path(args.model) / "config.json").is_file():
-        raise RecordError(args.model, None, None, "not a model folder (no config.json)")
-    vision = is_vision_model(args.model)
+    try:
+        vision = is_vision_model(args.model)  # a folder's config.json, or a hub id's config
+    except (OSError, ValueError) as e:
+        raise RecordError(args.model, None, None, f"not a model folder or hub id: cannot read its config ({e})") from None
     check_inputs(records, vision, args, data_path)
 
     accelerator = training.start_run(args, "apo.py", vision, text_only_rows=any(not r.get("images") for r in records))
@@ -292,10 +321,12 @@ def train(args):
     if args.reference_only:
         accelerator.print(f"apo: reference log-probs {reference_state} for {len(examples)} preferences "
                           f"({len(skipped)} skipped: prompt too long; {truncated} responses truncated) "
-                          f"-> {out / REFERENCE_FILE}")
+                          f"-> {training.run_folder(out) / REFERENCE_FILE}")
         return
 
-    start, metrics = training.resume_run(accelerator, out, config, args, "apo")
+    held_out = held_out_preferences(accelerator, module, processor, eval_records, args)  # before a checkpoint's weights load
+    start, metrics = training.resume_run(accelerator, out, config, args, "apo", total)
+    training.init_weights(accelerator, module, config, start)
     accelerator.print(f"apo: {len(examples)} preferences, " + training.describe_steps(accelerator, args, total, start),
                       flush=True)
     micro_batch = training.MicroBatches([ex.length for ex in examples], micro_global, args.seed)
@@ -314,7 +345,7 @@ def train(args):
             ref = (reference["chosen"][rows], reference["rejected"][rows])
             with accelerator.accumulate(module):
                 losses, sums = apo_step_loss(module, batch, ref, accelerator.device, args.beta, args.nll_weight,
-                                             args.loss)
+                                             args.loss, args.length_normalize)
                 # The mean over this process's instances; accelerate divides by grad_accum and DDP
                 # averages over processes, so the step's gradient is the global batch mean.
                 accelerator.backward(losses.mean())
@@ -328,21 +359,60 @@ def train(args):
         progress.update(1)
         progress.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracies']:.2f}")
         if done % args.log_every == 0 or done == total:
-            metrics.log(done, dict(last, lr=lr, grad_norm=None if grad_norm is None else float(grad_norm),
+            metrics.log(done, dict(last, learning_rate=lr, grad_norm=None if grad_norm is None else float(grad_norm),
                                    epoch=done * args.grad_accum / micro_batch.per_epoch))
+        if training.eval_due(args, done, total):
+            metrics.log_eval(done, evaluate_preferences(accelerator, module, processor, held_out, args, pad_id))
         training.end_of_step(accelerator, out, done, total, {"config": config}, args, stop)
     progress.close()
 
     training.save_final(accelerator, module, processor, out, total, start, config, args, lora)
     training.write_summary(accelerator, out, {
         "config": config, "steps": total, "preferences": len(examples), "prompt_too_long": len(skipped),
-        "truncated": truncated, "reference_logps": reference_state})
+        "truncated": truncated, "reference_logps": reference_state}, stage="apo")
     accelerator.end_training()
     result = (f"last step loss {last['loss']:.4f}, reward accuracy {last['rewards/accuracies']:.2f}, "
               f"margin {last['rewards/margins']:.4f}" if last else "nothing left to train")
     accelerator.print(f"apo: {total} steps on {len(examples)} preferences ({len(skipped)} skipped: prompt too long; "
                       f"{truncated} responses truncated), reference log-probs {reference_state}; {result}; "
                       f"model in {out}")
+
+
+def held_out_preferences(accelerator, module, processor, records, args):
+    """--eval-data's usable examples and their reference log-probs (the initial weights'), or None."""
+    from tqdm.auto import tqdm
+
+    if records is None:
+        return None
+    path = Path(args.eval_data)
+    examples = build_examples(records, args.max_negatives, path)
+    examples, skipped, _ = measure_examples(processor, examples, args, path, accelerator)
+    if not examples:
+        raise RecordError(path, None, None, f"no usable preference ({len(skipped)} prompts longer than --max-length)")
+    with tqdm(total=len(examples), desc="held-out reference", disable=not accelerator.is_main_process) as bar:
+        reference = compute_reference(accelerator, module, processor, examples, args, path, bar)
+    return examples, reference, path
+
+
+@torch.no_grad()
+def evaluate_preferences(accelerator, module, processor, held_out, args, pad_id):
+    """TRL's eval metrics on the held-out preferences: loss, reward accuracy and margin (against the
+    hardest negative), rewards and log-probs. Each process takes a share of the batches; every
+    process runs the same number of forwards (FSDP's are collective), repeats counting nothing."""
+    examples, reference, path = held_out
+    batches = [list(range(i, min(i + args.batch_size, len(examples)))) for i in range(0, len(examples), args.batch_size)]
+    real = len(batches)
+    batches += batches[-1:] * (-len(batches) % accelerator.num_processes)
+    totals = None
+    for i in range(accelerator.process_index, len(batches), accelerator.num_processes):
+        rows = batches[i]
+        batch = make_batch(encode_examples(processor, [examples[j] for j in rows], args, path), pad_id,
+                           args.share_prompt)
+        _, sums = apo_step_loss(module, batch, (reference["chosen"][rows], reference["rejected"][rows]),
+                                accelerator.device, args.beta, args.nll_weight, args.loss)
+        sums = {k: v * (i < real) for k, v in sums.items()}
+        totals = sums if totals is None else {k: totals[k] + sums[k] for k in sums}
+    return step_metrics(accelerator.reduce(totals, reduction="sum"))
 
 
 def logps_module(model, args):
@@ -365,10 +435,12 @@ def check_inputs(records, model_is_vlm, args, data_path):
 
 def run_config(args, accelerator, data_sha256):
     """The settings that decide the trained weights; a checkpoint resumes only under the same ones."""
+    model = Path(args.model)
     return {
-        "model": str(Path(args.model).resolve()), "model_fingerprint": model_fingerprint(args.model),
+        "model": str(model.resolve()) if model.exists() else args.model, "model_fingerprint": model_fingerprint(args.model),
         "data_sha256": data_sha256, "max_length": args.max_length, "max_negatives": args.max_negatives,
         "beta": args.beta, "loss": args.loss, "nll_weight": args.nll_weight, "share_prompt": args.share_prompt,
+        "length_normalize": args.length_normalize,
         **training.loop_config(args, accelerator),
     }
 
@@ -381,11 +453,11 @@ def reference_logps(accelerator, module, model, processor, examples, config, arg
     """The cached reference log-probs if they match, else computed and cached; and which it was."""
     from tqdm.auto import tqdm
 
-    out = Path(args.out)
+    run = training.run_folder(args.out)
     # bf16 base weights (LoRA on GPU) give other log-probs than fp32 ones under the same autocast.
     weights = next(model.parameters()).dtype
     key = reference_key(config, accelerator.mixed_precision + ("" if weights == torch.float32 else f", {weights} weights"))
-    path = out / REFERENCE_FILE
+    path = run / REFERENCE_FILE
     reference, problem = load_reference(path, key, examples)
     if problem:
         accelerator.print(f"reference log-probs: the cached {path} is not used, {problem}; computing them again",
@@ -396,7 +468,7 @@ def reference_logps(accelerator, module, model, processor, examples, config, arg
         with tqdm(total=len(examples), desc="reference log-probs", disable=not accelerator.is_main_process) as bar:
             reference = compute_reference(accelerator, module, processor, examples, args, args.data, bar)
         if accelerator.is_main_process:
-            out.mkdir(parents=True, exist_ok=True)
+            run.mkdir(parents=True, exist_ok=True)
             save_reference(path, reference, key)
         accelerator.wait_for_everyone()
     accelerator.print(f"reference log-probs: {state} ({path})", flush=True)

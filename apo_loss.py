@@ -18,6 +18,12 @@ K = 1 gives DPO exactly: -log sigmoid(r+ - r-).
 `dpo_pairs_loss` is the pairwise alternative the official scripts run, mean_k -log sigmoid(r+ - r-_k);
 both share one signature, so a caller picks one from LOSSES by name.
 
+`per_token_logps` is an optional departure (apo.py --length-normalize, off by default): the
+average log-prob per response token of SimPO / LD-DPO in place of the sum. Summed log-probs
+reward moving away from short negatives more cheaply than from long ones; the average does not.
+It changes what r(y) measures, not the loss: apply it to all four log-prob tensors, then call
+either loss as usual.
+
 `sequence_logps_plain` defines log pi(y|x); `sequence_logps` computes the same sums from the final
 hidden states and the output projection in chunks of tokens, so the [sequences, tokens, vocab]
 logits tensor is never materialised, neither in forward nor in backward.
@@ -73,6 +79,13 @@ def dpo_pairs_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_
 
 
 LOSSES = {"apo": apo_loss, "dpo-pairs": dpo_pairs_loss}
+
+
+def per_token_logps(logps, token_counts):
+    """Summed response log-probs divided by the response's token count (at least 1): the average
+    log-prob of SimPO / LD-DPO. Any shape; token_counts broadcasts against logps. Not the paper's
+    loss, which sums (Eq. (6)); a named departure."""
+    return logps / token_counts.to(logps.dtype).clamp(min=1)
 
 
 def _rewards(pc, pr, rc, rr, beta, rejected_mask):

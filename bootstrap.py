@@ -9,7 +9,8 @@ target into the union of the sources. Labels are never read: APO is label-free.
     python bootstrap.py --model M --data trajectories.jsonl --out DIR          # one process
 
 DIR receives the fine-tuned model as a Hugging Face folder (the reference and starting point of
-consensus.py and apo.py), checkpoints/ (exact resume), metrics.jsonl and training_summary.json.
+consensus.py and apo.py) and nothing else; the run folder DIR.run beside it holds checkpoints/
+(exact resume), metrics.jsonl and training_summary.json.
 After an interruption, run the same command again: it continues from the last checkpoint in DIR
 (weights, optimizer, schedule, RNG and data position) and ends with the weights an uninterrupted
 run would have had. A finished run, rerun, does nothing. SIGTERM or Ctrl-C stops it after the
@@ -18,7 +19,7 @@ optimizer step in flight, with a checkpoint, exit status 75 (training.STOPPED_EX
 Defaults follow the paper's official recipe (1 epoch, 2 examples per device, global batch 32, max
 length 2304, warmup 0.05, bf16 on GPU). By default every weight is trained, at lr 1e-5 (the usual
 rate for full fine-tuning); --lora-rank 8 trains the recipe's LoRA adapters (alpha 32, all linear
-layers of the language model) at its lr 1e-4, and DIR holds the merged model plus DIR/adapter.
+layers of the language model) at its lr 1e-4, and DIR holds the merged model, DIR.run/adapter the adapters.
 Batches are length-grouped (examples of similar length together, random order across groups) to
 pad little; sequences are not packed. --max-length cuts long responses at the end, never the
 prompt or its image tokens; an instance whose prompt leaves no room is skipped. Both are counted.
@@ -41,21 +42,24 @@ import training
 from answers import parse_answer
 from modeling import (PromptTooLong, ResponseLogps, collate, encode, is_vision_model, load_processor, model_fingerprint,
                       tokenizer_of)
-from records import RecordError, file_hash, load_instances
+from records import RecordError, file_hash
+from trl_format import read_instances
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="target model: a Hugging Face folder or hub id (text LM or VLM)")
-    parser.add_argument("--data", required=True, help="trajectories.jsonl from collect.py; only split train is used")
-    parser.add_argument("--out", required=True, help="output folder: final model, checkpoints/, metrics.jsonl")
+    parser.add_argument("--data", required=True, help="trajectories.jsonl from collect.py (only split train is used), or "
+                        "TRL's SFT conversations (`messages`: optional system, one user and one assistant turn)")
+    parser.add_argument("--out", required=True, help="model folder of the result; checkpoints/, metrics.jsonl and the "
+                        "summary go to the run folder OUT.run beside it")
     parser.add_argument("--drop-unanswered", action="store_true",
                         help="drop trajectories without a parseable 'Answer:' line (refusals); by default they are "
                              "kept, as the paper trains on the union of all trajectories. Counted either way")
     training.add_training_args(parser, lr=None, max_length=2304, batch_size=2, warmup=0.05, global_batch=32)
     training.add_lora_args(parser, dropout=0.05)
     next(a for a in parser._actions if a.dest == "lr").help = "peak learning rate (default: 1e-5, 1e-4 with --lora-rank)"
-    args = parser.parse_args(argv)
+    args = training.parse_with_config(parser, argv)
     if args.lr is None:  # the recipe's rate for adapters; full fine-tuning of every weight wants ~10x less
         args.lr = 1e-4 if args.lora_rank else 1e-5
     return args
@@ -185,8 +189,9 @@ def train(args):
     out = Path(args.out)
 
     # Data first: a bad line ends the run before any model is loaded.
-    records = load_instances(args.data, require_trajectories=True)
+    records = read_instances(args.data)  # trajectories.jsonl or TRL's SFT conversations
     examples, counts = collect_examples(records, args.drop_unanswered)
+    held_out = held_out_examples(args.eval_data, args.drop_unanswered) if args.eval_data else None
     if not examples:
         raise RecordError(args.data, None, "trajectories", "no training examples (no trajectory of split train)")
     try:
@@ -221,7 +226,13 @@ def train(args):
     model, lora = training.load_trainable_model(args, accelerator)
     module, optimizer, scheduler = training.prepare_training(accelerator, ResponseLogps(model), args, total)
 
-    start, metrics = training.resume_run(accelerator, out, config, args, "apo-bootstrap")
+    if held_out is not None:
+        held_out = measure_examples(processor, held_out, args, args.eval_data, accelerator)[0]
+        if not held_out:
+            raise RecordError(args.eval_data, None, None, "no usable held-out example (no trajectory of split train "
+                                                          "whose prompt fits --max-length)")
+    start, metrics = training.resume_run(accelerator, out, config, args, "apo-bootstrap", total)
+    training.init_weights(accelerator, module, config, start)
     accelerator.print(f"bootstrap: {len(examples)} examples from {counts['train_instances']} train instances, "
                       + training.describe_steps(accelerator, args, total, start, unit=" examples"),
                       flush=True)
@@ -256,24 +267,49 @@ def train(args):
         if done_steps % args.log_every == 0 or done_steps == total:
             seen = done_steps * args.grad_accum * micro_global
             metrics.log(done_steps, {
-                "loss": loss.item(), "lr": lr,
+                "loss": loss.item(), "learning_rate": lr,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "tokens_per_s": sum(lengths[i] for b in micro for i in b) / (time.perf_counter() - began),
                 "examples_seen": seen, "epoch": seen / (micro_batch.per_epoch * micro_global),
             })
+        if training.eval_due(args, done_steps, total):
+            metrics.log_eval(done_steps, {"loss": held_out_loss(accelerator, module, processor, held_out, args, pad_id)})
         training.end_of_step(accelerator, out, done_steps, total, {"config": config}, args, stop)
     progress.close()
 
     training.save_final(accelerator, module, processor, out, total, start, config, args, lora)
     summary = training.write_summary(accelerator, out, {
         "config": config, "steps": total, "examples": len(examples), **counts, "truncated": truncated,
-        "prompt_too_long": too_long})
+        "prompt_too_long": too_long}, stage="bootstrap")
     accelerator.end_training()
     unanswered = f"{counts['unanswered']} unanswered {'dropped' if args.drop_unanswered else 'kept'}"
     accelerator.print(
         f"bootstrap: {total} steps on {len(examples)} examples, loss {summary['first_loss']} -> "
         f"{summary['final_loss']}; {unanswered}, {truncated} truncated, {too_long} skipped (prompt too long), "
         f"{counts['empty_trajectories']} empty; model in {out}")
+
+
+def held_out_examples(path, drop_unanswered):
+    """--eval-data's examples: the trajectories of its val and test instances, or of all of them
+    when it has only train ones (a file held out as a whole, e.g. TRL's SFT messages)."""
+    records = read_instances(path)
+    held = [r for r in records if r["split"] != "train"] or records
+    return collect_examples([dict(r, split="train") for r in held], drop_unanswered)[0]
+
+
+@torch.no_grad()
+def held_out_loss(accelerator, module, processor, examples, args, pad_id):
+    """Mean NLL per response token of the held-out examples (the training loss's measure). Every
+    process runs the same number of forwards (FSDP's are collective); repeats count nothing."""
+    batches = [list(range(i, min(i + args.batch_size, len(examples)))) for i in range(0, len(examples), args.batch_size)]
+    real = len(batches)
+    batches += batches[-1:] * (-len(batches) % accelerator.num_processes)
+    nll = torch.zeros((), device=accelerator.device)
+    for i in range(accelerator.process_index, len(batches), accelerator.num_processes):
+        batch = make_batch(encode_examples(processor, [examples[j] for j in batches[i]], args, args.eval_data), pad_id)
+        nll += sft_step_loss(module, batch, accelerator.device) * (i < real)
+    tokens = sum(ex.response_tokens for ex in examples)
+    return (accelerator.reduce(nll, reduction="sum") / tokens).item()
 
 
 def run_config(args, accelerator):

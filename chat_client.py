@@ -139,7 +139,9 @@ class RequestDeadline:
     """A total deadline for each request of one HTTP client, however slowly the server answers.
 
     httpx timeouts bound each network operation, so a server that trickles a byte every half
-    second never times out. Instead a timer shuts the request's socket down when its time is up,
+    second never times out. The openai client's own `timeout=` is such an httpx timeout (it is
+    passed too, for connects): alone, it let test_collect's trickling-server request run 167 s
+    against --timeout 1.5 (measured with this class's timer off), hence this class. Instead a timer shuts the request's socket down when its time is up,
     which ends the read in progress. The socket comes from httpx's `trace` extension when the
     connection is opened (and again when TLS wraps it); `Connection: close` gives every request a
     connection of its own, so none runs on a socket the timer cannot see (a handshake is small

@@ -43,8 +43,10 @@ Where this departs from the paper (the first two also in the paper's mode; the r
     (counted in consensus_by by the reason): it ended on its own, not at --max-new-tokens
     ("vote:cut"); it has a parseable Answer line ("vote:no-answer"), exactly one ("vote:answers"),
     as its last line ("vote:answer-not-last"); it does not echo the prompt's response labels
-    ("vote:echo", e.g. "Response B says ..."). APO teaches the model to write its chosen texts:
-    a cut, looping or label-quoting consensus would be learnt as the target.
+    ("vote:echo", e.g. "Response B says ..."); it says no sentence more than three times
+    ("vote:repeats": a loop; no simulated source can say one more than three times). APO teaches
+    the model to write its chosen texts: a cut, looping or label-quoting consensus would be
+    learnt as the target.
 
 --negatives
     all         the paper: every source trajectory except the chosen one itself.
@@ -433,15 +435,31 @@ def pick_negatives(record, chosen_text, chosen_answer, chosen_index, which):
 LABEL_ECHO_RE = re.compile(r"\b(?i:responses?)\s+[A-Z]{1,2}\b")
 
 
+SENTENCE_END_RE = re.compile(r"(?<=[.!?])\s+|\n")
+LIST_MARK_RE = re.compile(r"^(?:[-*#>]+|\d+[.)])\s*")
+# A sentence said a fourth time is a loop: the most verbose simulated source (expansive) writes
+# three "To be thorough, I re-checked ..." sentences, which can happen to be the same words.
+MAX_REPEATS = 3
+
+
+def most_repeats(text):
+    """How often the most repeated sentence of text occurs (list marks, case and spacing aside)."""
+    sentences = [" ".join(LIST_MARK_RE.sub("", s.strip()).lower().split()) for s in SENTENCE_END_RE.split(text)]
+    counts = Counter(s for s in sentences if s)
+    return max(counts.values(), default=0)
+
+
 def consensus_defect(text, ended):
-    """Why a model consensus cannot be the positive ("cut", "no-answer", "echo", "answers",
-    "answer-not-last"), or None when it is clean."""
+    """Why a model consensus cannot be the positive ("cut", "no-answer", "echo", "repeats",
+    "answers", "answer-not-last"), or None when it is clean."""
     if not ended:
         return "cut"
     if answers.parse_answer(text) is None:
         return "no-answer"
     if LABEL_ECHO_RE.search(text):
         return "echo"
+    if most_repeats(text) > MAX_REPEATS:
+        return "repeats"
     lines = [line for line in text.splitlines() if line.strip()]
     if sum(answers.answer_line_start(line) is not None for line in lines) > 1:
         return "answers"

@@ -23,7 +23,8 @@ Outputs in --out:
     models.json        what produced the predictions of each model (weights hash, settings)
     metrics.json       per row (sources, then models) and task: per-finding metrics, macro, unparsed, n
     table.md           the Markdown table, also printed
-    accuracy.png       per-finding accuracy bars (skipped with a note without matplotlib)
+    accuracy.png       heat map of per-finding accuracy with the unparsed share (skipped with a note
+                       without matplotlib)
 
 A model given as DIR@URL (or every model, with --server URL) answers through that OpenAI-compatible
 server (`vllm serve runs/apo`) instead of being loaded here: the same conversation, greedy, up to
@@ -536,7 +537,10 @@ def markdown_tables(rows):
 
 
 def plot_accuracy(rows, path):
-    """Grouped bars of per-finding accuracy, one panel per task; False when matplotlib is absent."""
+    """A heat map per task: rows (sources, then models) x findings, each cell's accuracy written in,
+    then the average and the share of answers without a parseable Answer line (an unparsed answer
+    is wrong on every finding, so it reads as a low row, never as missing data; a finding not
+    scored is a blank cell with a dash). False when matplotlib is absent."""
     try:
         import matplotlib
 
@@ -544,27 +548,57 @@ def plot_accuracy(rows, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    import numpy as np
+
     tasks = [t for t in ("presence", "change") if any(t in r for r in rows)]
-    fig, axes = plt.subplots(len(tasks), 1, figsize=(max(8, 1.1 * len(FINDINGS)), 4 * len(tasks)), squeeze=False)
+    heights = [0.42 * sum(task in r for r in rows) + 1.9 for task in tasks]
+    widths = [len([f for f in TASK_FINDINGS[t] if any(f in r[t]["per_finding"] for r in rows if t in r)]) for t in tasks]
+    fig, axes = plt.subplots(len(tasks), 1, squeeze=False, figsize=(2.6 + 0.62 * (max(widths) + 2), sum(heights)),
+                             gridspec_kw={"height_ratios": heights})
     for ax, task in zip(axes[:, 0], tasks):
         scored = [r for r in rows if task in r]
         findings = [f for f in TASK_FINDINGS[task] if any(f in r[task]["per_finding"] for r in scored)]
-        width = 0.8 / len(scored)
-        for k, r in enumerate(scored):
-            values = [r[task]["per_finding"].get(f, {}).get("accuracy", 0.0) for f in findings]
-            ax.bar([i + k * width for i in range(len(findings))], values, width, label=r["name"],
-                   hatch="//" if r["kind"] == "model" else None)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(findings))], findings, rotation=30, ha="right")
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("accuracy")
-        ax.set_title(task)
-        ax.legend(fontsize="small", ncol=min(4, len(scored)))
+        accuracy = np.array([[r[task]["per_finding"][f]["accuracy"] if f in r[task]["per_finding"] else np.nan
+                              for f in findings] + [r[task]["macro"]["accuracy"]] for r in scored])
+        unparsed = np.array([[r[task]["unparsed"] / max(1, r[task]["n"])] for r in scored])
+        cols = len(findings) + 1
+        ax.imshow(np.ma.masked_invalid(accuracy), cmap="RdYlGn", vmin=0.5, vmax=1.0, aspect="auto",
+                  extent=(-0.5, cols - 0.5, len(scored) - 0.5, -0.5))
+        ax.imshow(unparsed, cmap="Greys", vmin=0, vmax=1.5, aspect="auto",
+                  extent=(cols - 0.5, cols + 0.5, len(scored) - 0.5, -0.5))
+        colours = plt.get_cmap("RdYlGn")
+        for i, r in enumerate(scored):
+            for j in range(cols):
+                value = accuracy[i, j]
+                red, green, blue, _ = colours(np.clip((value - 0.5) / 0.5, 0, 1)) if not np.isnan(value) else (1, 1, 1, 1)
+                dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5  # white text on dark cells
+                ax.text(j, i, "–" if np.isnan(value) else cell_text(value), ha="center", va="center", fontsize=8,
+                        color="white" if dark else "black", fontweight="bold" if j == cols - 1 else None)
+            ax.text(cols, i, f"{r[task]['unparsed']}/{r[task]['n']}", ha="center", va="center", fontsize=8,
+                    color="white" if unparsed[i, 0] > 0.5 else "black")
+        models = [i for i, r in enumerate(scored) if r["kind"] == "model"]
+        if models and models[0] > 0:  # sources above the line, trained models below
+            ax.axhline(models[0] - 0.5, color="black", linewidth=2)
+        ax.axvline(cols - 1.5, color="white", linewidth=3)
+        ax.axvline(cols - 0.5, color="white", linewidth=3)
+        ax.set_xlim(-0.5, cols + 0.5)
+        ax.set_ylim(len(scored) - 0.5, -0.5)
+        ax.set_xticks(range(cols + 1), findings + ["average", "unparsed"], rotation=35, ha="right")
+        ax.set_yticks(range(len(scored)), [f"{r['name']} ({r['kind']})" for r in scored])
+        ax.tick_params(length=0)
+        ax.set_title(f"{task}: accuracy per finding on {scored[0][task]['n']} instances "
+                     f"(colour from 0.5 red to 1 green; unparsed: answers without an Answer line)", fontsize=9)
     fig.tight_layout()
     try:
         fig.savefig(path, dpi=120, format="png")
     finally:
         plt.close(fig)
     return True
+
+
+def cell_text(value):
+    """An accuracy as a heat-map cell writes it: 1, 0, or two decimals without the leading zero."""
+    return "1" if value == 1 else "0" if value == 0 else f"{value:.2f}".lstrip("0")
 
 
 def summary(rows, tasks, unlabelled, n_sources, n_models, generated, reused, args):

@@ -491,25 +491,25 @@ class OutputLock:
 
     The lock is a separate file (<out>.lock, or <out>/.lock for a folder), because outputs are
     replaced by rename and a lock on a replaced file protects nothing. It is left in place: removing
-    it would race with a run that is just opening it.
+    it would race with a run that is just opening it. filelock takes it (flock on POSIX, msvcrt on
+    Windows), so it holds on every platform.
     """
 
     def __init__(self, out, stage, folder=False):
+        from filelock import FileLock, Timeout
+
         out = Path(out) if folder else output_file(out)
         self.path = out / ".lock" if folder else out.with_name(out.name + ".lock")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.handle = open(self.path, "a", encoding="utf-8")
+            open(self.path, "a", encoding="utf-8").close()
         except OSError as e:  # checked before any model work: a read-only folder fails here, not at the end
             raise RecordError(out, None, None, f"cannot write the output here ({e.strerror or e})") from None
+        # thread_local=False: the lock is the process's, whichever thread releases it
+        self.lock = FileLock(self.path, timeout=0, thread_local=False, preserve_lock_file=True)
         try:
-            import fcntl
-
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # no fcntl (Windows): run one stage per --out yourself
-            pass
-        except OSError:
-            self.handle.close()
+            self.lock.acquire()
+        except Timeout:
             raise RecordError(out, None, None, f"another {stage} is writing this output (lock {self.path}); "
                                                "wait for it to finish or use another --out") from None
         _HELD_LOCKS.append(self)  # held until the process ends, whether or not the caller keeps it
@@ -517,7 +517,7 @@ class OutputLock:
     def release(self):
         if self in _HELD_LOCKS:
             _HELD_LOCKS.remove(self)
-        self.handle.close()
+        self.lock.release(force=True)
 
 
 _HELD_LOCKS = []

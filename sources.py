@@ -24,14 +24,13 @@ import os
 import re
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
 import records
 # the OpenAI-compatible client, shared with consensus.py and evaluate.py --server
-from chat_client import (ServerError, api_client, api_messages, ask, image_data_url,  # noqa: F401 (image_data_url: sources.*)
-                         refuse_credentials)
+from chat_client import (ServerError, answer_all, api_messages, image_data_url,  # noqa: F401 (image_data_url: sources.*)
+                         make_client, refuse_credentials)
 from records import RecordError
 
 KINDS = ("hf", "openai", "sim")
@@ -188,28 +187,16 @@ def openai_answers(source, instances, data_path=None, api_key=None, concurrency=
     `timeout` is each request's total deadline. The key is removed from every answer and error,
     whatever the server echoes back.
     """
-    client, deadline = api_client(source.base_url, api_key, timeout,
-                                  *(() if max_response_mb is None else (max_response_mb,)))
-    secrets = [api_key]
-
-    def answer(record):
-        try:  # images are encoded in the worker, so only the requests in flight hold them in memory
-            messages = api_messages(record, data_path, allow_outside_images)
-        except RecordError as e:  # an image path that leads out of the data folder since validation
-            return None, str(e)
-        except OSError as e:  # an image vanished since validation
-            return None, f"image unreadable: {e}"
-        return ask(client, source.target, messages, request or {}, max_retries, backoff, secrets=secrets,
-                   deadline=deadline)
-
-    pool = ThreadPoolExecutor(max_workers=max(1, concurrency))
+    client = make_client(source.base_url, api_key, timeout,
+                         *(() if max_response_mb is None else (max_response_mb,)))
     try:
-        futures = {pool.submit(answer, r): r["id"] for r in instances}
-        for future in as_completed(futures):
-            text, error = future.result()
-            yield futures[future], text, error
+        # the one bounded-concurrency loop of every stage that asks a server (chat_client.answer_all)
+        for record, text, error in answer_all(
+                client, source.target, instances, lambda r: api_messages(r, data_path, allow_outside_images),
+                lambda r: request or {}, concurrency=concurrency, max_retries=max_retries, backoff=backoff,
+                secrets=[api_key]):
+            yield record["id"], text, error
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
         client.close()
 
 

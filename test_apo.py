@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from apo_loss import _ChunkedTokenLogps, apo_loss, dpo_pairs_loss, sequence_logps, sequence_logps_plain
+from apo_loss import (_ChunkedTokenLogps, apo_loss, dpo_pairs_loss, per_token_logps, sequence_logps,
+                      sequence_logps_plain)
 
 
 def make_logps(B=4, K=3, dtype=torch.float32, scale=50.0, seed=0):
@@ -67,6 +68,24 @@ def test_hand_computed_value():
     assert losses.item() == pytest.approx(expected, abs=1e-6)
     assert chosen_r.item() == pytest.approx(0.2, abs=1e-6)
     assert rejected_r.tolist()[0] == pytest.approx([0.0, 0.1], abs=1e-6)
+
+
+def test_length_normalized_hand_computed_value():
+    # Chosen: 10 tokens, sums -10 (policy) and -12 (reference): averages -1.0 and -1.2, r+ = 0.1 * 0.2 = 0.02.
+    # Negatives: 4 tokens, -20 / -20 -> r = 0; 2 tokens, -5 / -6 -> averages -2.5 / -3.0, r = 0.05.
+    tokens_c, tokens_r = torch.tensor([10]), torch.tensor([[4, 2]])
+    pc, rc = per_token_logps(torch.tensor([-10.0]), tokens_c), per_token_logps(torch.tensor([-12.0]), tokens_c)
+    pr, rr = (per_token_logps(torch.tensor([[-20.0, -5.0]]), tokens_r),
+              per_token_logps(torch.tensor([[-20.0, -6.0]]), tokens_r))
+    assert pc.tolist() == [-1.0] and pr.tolist() == [[-5.0, -2.5]]
+    losses, chosen_r, rejected_r = apo_loss(pc, pr, rc, rr)
+    expected = -math.log(math.exp(0.02) / (math.exp(0.02) + 1.0 + math.exp(0.05)))
+    assert losses.item() == pytest.approx(expected, abs=1e-6)
+    assert chosen_r.item() == pytest.approx(0.02, abs=1e-7) and rejected_r.tolist()[0] == pytest.approx([0.0, 0.05], abs=1e-7)
+    # the summed loss of the same inputs (test_hand_computed_value) ranks the short negative higher
+    assert expected != pytest.approx(-math.log(math.exp(0.2) / (math.exp(0.2) + 1.0 + math.exp(0.1))))
+    # a zero-token slot (padding) divides by 1, never by 0
+    assert per_token_logps(torch.tensor([0.0, -3.0]), torch.tensor([0, 3])).tolist() == [0.0, -1.0]
 
 
 @pytest.mark.parametrize("garbage", [0.0, -1e30, float("nan"), float("inf"), float("-inf")])

@@ -25,6 +25,7 @@ import modeling
 import tiny_models
 from apo_loss import apo_loss
 from records import file_hash, load_preferences
+from training import run_folder
 
 ROOT = Path(__file__).resolve().parent
 
@@ -73,7 +74,7 @@ def run_apo(*args, launcher=(), extra_env=None, check=True):
 
 
 def metrics(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run_folder(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 # Two runs that differ only in the order of their fp32 sums (one process's local sum against gloo's
@@ -140,7 +141,7 @@ def test_training_raises_margin_and_writes_a_loadable_model(tiny_text_model, dat
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert set(rows[0]) >= {"loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen",
-                            "lr", "tokens_per_s", "grad_norm"}
+                            "logps/rejected", "learning_rate", "tokens_per_s", "grad_norm"}
     # Before the first update the policy IS the reference: every reward is 0, P = 1 / (1 + K).
     assert rows[0]["loss"] == pytest.approx(START_LOSS, abs=1e-5)
     assert rows[0]["rewards/margins"] == pytest.approx(0, abs=1e-5) and rows[0]["rewards/accuracies"] == 0
@@ -157,7 +158,7 @@ def test_training_raises_margin_and_writes_a_loadable_model(tiny_text_model, dat
     with torch.no_grad():
         pc, pr, mask, _ = apo.concatenated_forward(modeling.ResponseLogps(final), batch, "cpu")
         rc, rr, _, _ = apo.concatenated_forward(modeling.ResponseLogps(initial), batch, "cpu")
-    cache = load_file(str(out / apo.REFERENCE_FILE))
+    cache = load_file(str(run_folder(out) / apo.REFERENCE_FILE))
     torch.testing.assert_close(cache["chosen"], rc, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(cache["rejected"][mask], rr[mask], atol=1e-4, rtol=1e-5)
     assert cache["num_negatives"].tolist() == [1, 2, 3, 2] and cache["line"].tolist() == [1, 2, 3, 4]
@@ -170,7 +171,7 @@ def test_training_raises_margin_and_writes_a_loadable_model(tiny_text_model, dat
 def test_reference_cache_reused_and_recomputed(tiny_text_model, tmp_path):
     data = write_jsonl(tmp_path / "preferences.jsonl", PREFERENCES)
     out = tmp_path / "out"
-    cache = out / apo.REFERENCE_FILE
+    cache = run_folder(out) / apo.REFERENCE_FILE
     common = ("--model", tiny_text_model, "--data", data, "--out", out, "--reference-only")
 
     assert "reference log-probs computed for 4 preferences" in run_apo(*common).stdout
@@ -196,13 +197,13 @@ def test_sigkill_then_rerun_resumes_to_the_same_weights(tiny_text_model, data, s
     killed = run_apo(*common, launcher=(sys.executable, "launch_for_tests.py"),
                      extra_env={"APO_TEST_SIGKILL_AFTER_BACKWARD": "6"}, check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-3"]
+    assert [p.name for p in (run_folder(out) / "checkpoints").iterdir()] == ["step-3"]
     assert not (out / "model.safetensors").exists()
-    cached = (out / apo.REFERENCE_FILE).stat().st_mtime_ns
+    cached = (run_folder(out) / apo.REFERENCE_FILE).stat().st_mtime_ns
 
     resumed = run_apo(*common)
     assert "reference log-probs: reused" in resumed.stdout and "resuming from step 3" in resumed.stdout
-    assert (out / apo.REFERENCE_FILE).stat().st_mtime_ns == cached
+    assert (run_folder(out) / apo.REFERENCE_FILE).stat().st_mtime_ns == cached
     assert_same_weights(straight[0], out, atol=1e-6)
     straight_rows, resumed_rows = metrics(straight[0]), metrics(out)
     assert [r["step"] for r in resumed_rows] == [1, 2, 3, 4, 5, 6]
@@ -214,14 +215,14 @@ def test_sigkill_then_rerun_resumes_to_the_same_weights(tiny_text_model, data, s
     rerun = run_apo(*common)
     assert "apo: nothing to do" in rerun.stdout and "reference log-probs" not in rerun.stdout
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
-    assert json.loads((out / "training_summary.json").read_text())["steps"] == 6
+    assert json.loads((run_folder(out) / "training_summary.json").read_text())["steps"] == 6
 
     # Other data in the same folder is refused at once, before a reference pass could overwrite the cache.
     other = write_jsonl(tmp_path / "other.jsonl", PREFERENCES[:3])
     refused = run_apo("--model", tiny_text_model, "--data", other, "--out", out, "--batch-size", 2, *TRAIN,
                       check=False)
     assert refused.returncode == 2 and "saved by a run with other settings (data_sha256:" in refused.stderr
-    assert (out / apo.REFERENCE_FILE).stat().st_mtime_ns == cached
+    assert (run_folder(out) / apo.REFERENCE_FILE).stat().st_mtime_ns == cached
 
 
 def test_two_processes_match_one(tiny_text_model, data, straight, tmp_path):
@@ -240,14 +241,14 @@ def test_two_processes_match_one(tiny_text_model, data, straight, tmp_path):
     assert two[-1]["loss"] < two[0]["loss"]
     # The reference pass is sharded over the processes and summed: same cache as one process, to
     # fp32 rounding of sums of up to 256 token log-probs.
-    ref1, ref2 = load_file(str(straight[0] / apo.REFERENCE_FILE)), load_file(str(out / apo.REFERENCE_FILE))
+    ref1, ref2 = load_file(str(run_folder(straight[0]) / apo.REFERENCE_FILE)), load_file(str(run_folder(out) / apo.REFERENCE_FILE))
     for name in ref1:
         torch.testing.assert_close(ref2[name], ref1[name], atol=1e-4, rtol=1e-5)
     # TRAIN: 6 steps at a constant lr of 1e-3, no weight decay.
     assert_same_weights(straight[0], out, atol=adam_divergence_bound(1e-3, 6), rtol=0)
 
 
-def test_data_shorter_than_one_step_and_a_warmup_of_no_step_are_warned_with_the_numbers(tiny_text_model, data,
+def test_data_shorter_than_one_step_and_a_warmup_of_the_whole_run_are_warned_with_the_numbers(tiny_text_model, data,
                                                                                          tmp_path):
     # 4 preferences, a global batch of 8 (the default 32 on 16 preferences, smaller)
     proc = run_apo("--model", tiny_text_model, "--data", data, "--out", tmp_path / "o", "--batch-size", 1,
@@ -255,8 +256,8 @@ def test_data_shorter_than_one_step_and_a_warmup_of_no_step_are_warned_with_the_
     assert "apo: 1 steps on 4 preferences" in proc.stdout, proc.stdout
     assert ("warning: 4 examples x 1 epochs are less than one optimizer step of 8: running 1 step, which sees the "
             "data 2.0 times; lower --global-batch (or --grad-accum) to at most 4, or set --max-steps") in proc.stderr
-    assert ("warning: --warmup 0.05 of 1 steps rounds to no warmup step: the schedule starts at the full lr "
-            "5e-07") in proc.stderr
+    assert ("warning: --warmup 0.05 of 1 steps is 1 warmup steps: the run never reaches its lr 5e-07 (the first "
+            "step is at lr 0); lower --warmup or train more steps") in proc.stderr
     assert metrics(tmp_path / "o")[0]["epoch"] == 2.0  # what the warning said
 
 
@@ -264,7 +265,7 @@ def test_dpo_pairs_loss_starts_at_log2_and_learns(tiny_text_model, data, straigh
     """--loss dpo-pairs: at the reference every pair is -log sigmoid(0) = log 2, whatever K is;
     the reference cache of the APO run is reused (it does not depend on the loss)."""
     out = tmp_path / "pairs"
-    shutil.copy(straight[0] / apo.REFERENCE_FILE, out.mkdir() or out / apo.REFERENCE_FILE)
+    shutil.copy(run_folder(straight[0]) / apo.REFERENCE_FILE, run_folder(out).mkdir() or run_folder(out) / apo.REFERENCE_FILE)
     proc = run_apo("--model", tiny_text_model, "--data", data, "--out", out, "--batch-size", 2, "--loss", "dpo-pairs",
                    *TRAIN)
     assert "reference log-probs: reused" in proc.stdout, proc.stdout
@@ -291,7 +292,7 @@ def test_vlm_path_with_an_image(tiny_vl_model, tmp_path):
     # K = 1, 2, 3 cut to 1, 2, 2; at the start the loss is sum log(1 + K) / 3 plus 0.5 x the chosen NLL.
     first = metrics(out)[0]
     assert first["loss"] == pytest.approx((math.log(2) + 2 * math.log(3)) / 3 + 0.5 * first["nll_loss"], abs=1e-5)
-    assert load_file(str(out / apo.REFERENCE_FILE))["num_negatives"].tolist() == [1, 2, 2]
+    assert load_file(str(run_folder(out) / apo.REFERENCE_FILE))["num_negatives"].tolist() == [1, 2, 2]
     model = AutoModelForImageTextToText.from_pretrained(out)
     assert "vision_config" in model.config.to_dict()
 
@@ -322,9 +323,9 @@ def test_nan_loss_stops_with_the_last_checkpoint_intact(tiny_text_model, data, t
                    check=False)
     assert proc.returncode == 1
     assert "error: loss is nan at step 2; stopping" in proc.stderr and "Traceback" not in proc.stderr
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-1"]
-    assert json.loads((out / "checkpoints/step-1/trainer_state.json").read_text())["step"] == 1
-    assert all(torch.isfinite(t).all() for t in load_file(str(out / "checkpoints/step-1/model.safetensors")).values())
+    assert [p.name for p in (run_folder(out) / "checkpoints").iterdir()] == ["step-1"]
+    assert json.loads((run_folder(out) / "checkpoints/step-1/run_state.json").read_text())["step"] == 1
+    assert all(torch.isfinite(t).all() for t in load_file(str(run_folder(out) / "checkpoints/step-1/model.safetensors")).values())
     assert not (out / "model.safetensors").exists()
 
 
@@ -383,6 +384,32 @@ def test_readme_method_in_20_lines_is_what_apo_py_computes(tiny_text_model, data
         torch.testing.assert_close(param.grad, readme_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_length_normalize_divides_every_reward_by_its_response_tokens(tiny_text_model, data, straight):
+    """--length-normalize: apo_step_loss's rewards are the summed rewards over each response's token count."""
+    from transformers import AutoModelForCausalLM
+
+    processor = modeling.load_processor(tiny_text_model)
+    examples = apo.build_examples(load_preferences(data)[:3], None, data)
+    batch = apo.make_batch([modeling.encode(processor, ex.record, apo.responses_of(ex), 256) for ex in examples],
+                           modeling.tokenizer_of(processor).pad_token_id, share_prompt=False)
+    policy = modeling.ResponseLogps(AutoModelForCausalLM.from_pretrained(straight[0]))
+    with torch.no_grad():
+        reference = apo.concatenated_forward(modeling.ResponseLogps(AutoModelForCausalLM.from_pretrained(tiny_text_model)),
+                                             batch, "cpu")[:2]
+        pc, pr, mask, _ = apo.concatenated_forward(policy, batch, "cpu")
+        _, counts = apo.row_logps(policy, batch, "cpu")
+        tc, tr, _ = apo.split_rows(counts, batch["num_negatives"])
+        summed, s_sums = apo.apo_step_loss(policy, batch, reference, "cpu", 0.1, 0.0)
+        averaged, a_sums = apo.apo_step_loss(policy, batch, reference, "cpu", 0.1, 0.0, length_normalize=True)
+    chosen_r = 0.1 * (pc - reference[0]) / tc
+    rejected_r = 0.1 * (pr - reference[1]) / tr
+    expected, _, _ = apo_loss(chosen_r / 0.1, rejected_r / 0.1, torch.zeros_like(chosen_r),
+                              torch.zeros_like(rejected_r), beta=0.1, rejected_mask=mask)
+    torch.testing.assert_close(averaged, expected, atol=1e-6, rtol=1e-5)
+    assert a_sums["rewards/chosen"].item() == pytest.approx(chosen_r.sum().item(), abs=1e-6)
+    assert (tc > 1).all() and not torch.allclose(summed, averaged)  # real responses: the flag changes the loss
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_shared_prompt_equals_separate_forwards(tiny_text_model, tmp_path, attention):
     """Log-probs AND gradients of the packed shared-prompt forward equal one row per response."""
@@ -420,7 +447,7 @@ def test_share_prompt_run_starts_at_the_reference(tiny_text_model, data, straigh
     # Same data, same steps: the same training curve as the separate forwards, up to float rounding.
     for a, b in zip(metrics(straight[0]), rows, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
-    with safe_open(str(out / apo.REFERENCE_FILE), framework="pt") as f:
+    with safe_open(str(run_folder(out) / apo.REFERENCE_FILE), framework="pt") as f:
         assert f.metadata()["share_prompt"] == "True"
 
 
@@ -441,13 +468,13 @@ def test_out_equal_to_model_or_locked_is_refused_before_any_model_work(tiny_text
     assert sorted((p.name, p.stat().st_mtime_ns) for p in model.iterdir()) == before
 
     out = tmp_path / "out"
-    out.mkdir()
-    with open(out / ".lock", "a") as held:  # what a running apo.py holds
+    run_folder(out).mkdir()
+    with open(run_folder(out) / ".lock", "a") as held:  # what a running apo.py holds
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(SystemExit) as exit_:
             apo.main(["--model", str(model), "--data", str(data), "--out", str(out), *TRAIN])
     assert exit_.value.code == 2 and "another apo.py is writing this output" in capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    assert sorted(p.name for p in run_folder(out).iterdir()) == [".lock"] and not out.exists()
 
 
 def test_a_damaged_reference_cache_is_recomputed_and_said_so(tiny_text_model, tmp_path, capsys):
@@ -505,3 +532,26 @@ def test_preferences_that_reject_their_chosen_or_break_design_ranges_are_refused
     with pytest.raises(apo.RecordError) as e:
         load_preferences(data)
     assert str(e.value).startswith(f"{data}:1: field '{field}': {message}"), str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# --help and argument errors answer before torch is loaded (the import alone takes seconds)
+
+HEAVY = ("torch", "transformers", "accelerate", "peft")
+PROBE = """
+import runpy, sys
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as e:
+    print("exit", e.code, sorted(m for m in {heavy} if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("script", ["apo.py", "bootstrap.py", "evaluate.py", "export_preferences.py", "consensus.py",
+                                    "collect.py"])
+@pytest.mark.parametrize("argv, code", [(["--help"], 0), (["--no-such-flag"], 2)])
+def test_help_and_argument_errors_answer_without_loading_torch(script, argv, code):
+    proc = subprocess.run([sys.executable, "-c", PROBE.format(heavy=HEAVY), script, *argv], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip().splitlines()[-1] == f"exit {code} []", proc.stdout + proc.stderr

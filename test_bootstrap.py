@@ -25,6 +25,7 @@ import tiny_models
 from launch_for_tests import sigkill_at_line
 from modeling import IGNORE_INDEX, ResponseLogps, load_model, load_processor, tokenizer_of
 from records import load_instances
+from training import run_folder
 
 REPO = Path(__file__).resolve().parent
 
@@ -78,7 +79,7 @@ def train_args(model, data, out, *extra):
 
 
 def metrics(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run_folder(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 def weights(folder):
@@ -191,7 +192,7 @@ def straight(tmp_path_factory, tiny_text_model):
 
 def test_straight_run_outputs_counts_schedule_and_a_loadable_model(straight):
     data, out, result = straight
-    summary = json.loads((out / "training_summary.json").read_text())
+    summary = json.loads((run_folder(out) / "training_summary.json").read_text())
     # 8 x 3 trajectories + 1 refusal (kept) + 2 of the instance whose prompt leaves no room (skipped)
     assert (summary["examples"], summary["unanswered"], summary["prompt_too_long"], summary["truncated"]) == (25, 1, 2, 1)
     assert "1 unanswered kept, 1 truncated, 2 skipped (prompt too long)" in result.stdout
@@ -199,11 +200,12 @@ def test_straight_run_outputs_counts_schedule_and_a_loadable_model(straight):
     steps = metrics(out)
     assert [m["step"] for m in steps] == [1, 2, 3, 4, 5, 6]
     assert [m["examples_seen"] for m in steps] == [4, 8, 12, 16, 20, 24]
-    # warmup round(0.34 * 6) = 2 steps, then cosine to zero over the 4 others
-    lrs = [1e-3 * (s + 1) / 3 for s in range(2)] + [1e-3 * 0.5 * (1 + math.cos(math.pi * p / 4)) for p in range(4)]
-    assert [m["lr"] for m in steps] == pytest.approx(lrs, abs=1e-6)
+    # transformers' schedule, as the Trainer's: warmup ceil(0.34 * 6) = 3 steps from 0, then cosine
+    # to zero over the 3 others; logged unrounded
+    lrs = [1e-3 * s / 3 for s in range(3)] + [1e-3 * 0.5 * (1 + math.cos(math.pi * p / 3)) for p in range(3)]
+    assert [m["learning_rate"] for m in steps] == pytest.approx(lrs, rel=1e-12, abs=1e-18)
     assert all(m["loss"] > 0 and m["grad_norm"] > 0 and m["tokens_per_s"] > 0 for m in steps)
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-3", "step-6"]
+    assert sorted(p.name for p in (run_folder(out) / "checkpoints").iterdir()) == ["step-3", "step-6"]
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     AutoModelForCausalLM.from_pretrained(out)
@@ -218,13 +220,13 @@ def test_sigkill_then_rerun_gives_the_weights_of_a_straight_run(tmp_path, capsys
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "model.safetensors").exists()
     # A checkpoint write killed half-way leaves only its temporary folder, which is never resumed from.
-    torn = out / "checkpoints" / ".tmp-step-6"
+    torn = run_folder(out) / "checkpoints" / ".tmp-step-6"
     torn.mkdir(exist_ok=True)
     (torn / "model.safetensors").write_bytes(b"\x00" * 10)
 
     with pytest.raises(SystemExit) as exit_:  # other settings would mix two runs: refused before any loading
-        bootstrap.main(train_args(tiny_text_model, data, out, "--max-steps", "8", "--save-every", "3"))
-    assert exit_.value.code == 2 and "saved by a run with other settings (max_steps: 6 -> 8)" in capsys.readouterr().err
+        bootstrap.main(train_args(tiny_text_model, data, out, *RESUME_ARGS, "--max-length", "200"))
+    assert exit_.value.code == 2 and "saved by a run with other settings (max_length: 160 -> 200)" in capsys.readouterr().err
 
     resumed = run(train_args(tiny_text_model, data, out, *RESUME_ARGS))
     assert "resuming from step 3" in resumed.stdout
@@ -244,9 +246,9 @@ def test_sigkill_then_rerun_gives_the_weights_of_a_straight_run(tmp_path, capsys
     assert "nothing to do" in capsys.readouterr().out
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
 
-    with pytest.raises(SystemExit) as exit_:
-        bootstrap.main(train_args(tiny_text_model, data, out, "--max-steps", "7", "--save-every", "3"))
-    assert exit_.value.code == 2 and "max_steps: 6 -> 7" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # a larger --max-steps would continue it (test_hf_toolchain)
+        bootstrap.main(train_args(tiny_text_model, data, out, *RESUME_ARGS, "--max-length", "200"))
+    assert exit_.value.code == 2 and "max_length: 160 -> 200" in capsys.readouterr().err
 
 
 def test_two_processes_give_the_losses_of_one(tmp_path, straight, tiny_text_model):
@@ -281,11 +283,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys, t
     assert exit_.value.code == 1
     assert "error: loss is nan at step 2" in err or "error: loss is inf at step 2" in err
     assert "checkpoints/step-1) is intact" in err and "Instances in this step: t" in err
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1"]
-    state = json.loads((out / "checkpoints" / "step-1" / "trainer_state.json").read_text())
+    assert sorted(p.name for p in (run_folder(out) / "checkpoints").iterdir()) == ["step-1"]
+    state = json.loads((run_folder(out) / "checkpoints" / "step-1" / "run_state.json").read_text())
     assert state["step"] == 1
-    assert all(torch.isfinite(t).all() for t in load_file(str(out / "checkpoints" / "step-1" / "model.safetensors")).values())
-    assert not (out / "model.safetensors").exists() and not (out / "training_summary.json").exists()
+    assert all(torch.isfinite(t).all() for t in load_file(str(run_folder(out) / "checkpoints" / "step-1" / "model.safetensors")).values())
+    assert not (out / "model.safetensors").exists() and not (run_folder(out) / "training_summary.json").exists()
     assert [m["step"] for m in metrics(out)] == [1]
 
 
@@ -382,7 +384,7 @@ def wait_for(condition, what, proc, timeout=600):
 
 
 def steps_logged(out):
-    path = Path(out) / "metrics.jsonl"
+    path = run_folder(out) / "metrics.jsonl"
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
@@ -434,25 +436,25 @@ def test_a_full_disk_at_a_checkpoint_is_named_leaves_no_temporaries_and_the_reru
     host = shlex.quote(str(tmp_path))
     result = small_disk("640k", f"""
         {command} > {host}/first.out 2> {host}/first.err || echo $? > {host}/first.rc
-        (cd {shlex.quote(str(out))} && find . | sort) > {host}/after-first.txt
+        (cd {shlex.quote(str(out))}.run && find . | sort) > {host}/after-first.txt
         mount -o remount,size=8m {shlex.quote(str(small_disk.disk))}
         {command} > {host}/second.out 2> {host}/second.err
-        cp {shlex.quote(str(out))}/model.safetensors {shlex.quote(str(out))}/metrics.jsonl {host}/
+        cp {shlex.quote(str(out))}/model.safetensors {shlex.quote(str(out))}.run/metrics.jsonl {host}/
         """, env=env())
     assert result.returncode == 0, (tmp_path / "second.err").read_text()[-3000:] if (tmp_path / "second.err").exists() else result.stderr
     err = (tmp_path / "first.err").read_text()
     assert (tmp_path / "first.rc").read_text().strip() == "2" and "Traceback" not in err, err[-3000:]
-    assert (f"error: {out}/checkpoints/step-6: the disk is full (No space left on device) while writing this; nothing "
+    assert (f"error: {out}.run/checkpoints/step-6: the disk is full (No space left on device) while writing this; nothing "
             f"half-written was kept. Free some space and run again: the same command resumes from "
-            f"{out}/checkpoints/step-3") in err
+            f"{out}.run/checkpoints/step-3") in err
     after = (tmp_path / "after-first.txt").read_text().split()
-    assert "./checkpoints/step-3/trainer_state.json" in after and not any("tmp" in p or "step-6" in p for p in after)
+    assert "./checkpoints/step-3/run_state.json" in after and not any("tmp" in p or "step-6" in p for p in after)
     assert "resuming from step 3" in (tmp_path / "second.out").read_text()
     a, b = weights(reference), weights(tmp_path)
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
-    assert [m["step"] for m in metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
 
 
 def test_a_second_signal_stops_at_once(tmp_path, straight, tiny_text_model):
@@ -604,14 +606,15 @@ def test_a_sigkill_before_the_summary_rename_is_finished_without_saving_the_mode
                             env={**env(), "APO_TEST_SIGKILL_BEFORE_RENAME": "training_summary.json"},
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert (out / "training_summary.json.tmp").is_file() and not (out / "training_summary.json").exists()
+    run_dir = training.run_folder(out)
+    assert (run_dir / "training_summary.json.tmp").is_file() and not (run_dir / "training_summary.json").exists()
     fingerprint = model_fingerprint(out)  # what evaluate.py ties predictions of this folder to
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file() and not p.name.startswith("training_")}
 
     result = run(args, timeout=300)
     assert "nothing to do" in result.stdout
-    assert not (out / "training_summary.json.tmp").exists()
-    assert json.loads((out / "training_summary.json").read_text())["steps"] == 2
+    assert not (run_dir / "training_summary.json.tmp").exists()
+    assert json.loads((run_dir / "training_summary.json").read_text())["steps"] == 2
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()
             and not p.name.startswith("training_")} == stamps
     assert model_fingerprint(out) == fingerprint

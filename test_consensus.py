@@ -94,9 +94,26 @@ def test_response_order_is_seeded_per_instance():
     ("As responses A and C say, fluid.\nAnswer: Edema", True, "echo"),
     ("Answer: Edema\nAnswer: Edema", True, "answers"),
     ("Fluid.\nAnswer: Edema\nEdema is seen in heart failure.", True, "answer-not-last"),
+    # a sentence said four times is a loop; three times the most verbose source may write itself
+    ("Fluid. To be thorough, I re-checked the bones and the hila. " * 4 + "\nAnswer: Edema", True, "repeats"),
+    ("Fluid. To be thorough, I re-checked the bones and the hila. " * 3 + "\nAnswer: Edema", True, None),
+    ("- A fracture points to a pneumothorax.\n* a fracture points to a pneumothorax.\n"
+     "3. A fracture  points to a pneumothorax.\n4) A fracture points to a pneumothorax.\nAnswer: Pneumothorax",
+     True, "repeats"),  # list marks, case and spacing aside
 ])
 def test_consensus_defect(text, ended, defect):
     assert consensus.consensus_defect(text, ended) == defect
+
+
+def test_no_simulated_source_repeats_a_sentence_four_times():
+    """The repeats gate never rejects a text any source of the simulator would write."""
+    import simulator
+
+    records_ = simulator.make_instances(300, 0, seed=11)
+    for i, record in enumerate(records_):
+        for profile in simulator.PROFILES.values():
+            text = simulator.simulate(profile, record, i / 299, seed=11)
+            assert consensus.most_repeats(text) <= consensus.MAX_REPEATS, (profile.name, text)
 
 
 def test_majority_support_exact():

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 import apo
 import tiny_models
+from training import run_folder
 from test_apo_stage import PREFERENCES, adam_divergence_bound, assert_same_first_step, write_jsonl
 from test_bootstrap import write_data
 
@@ -67,7 +68,7 @@ def two_processes(script, *args, config=FSDP, mixed_precision="no", **extra_env)
 
 
 def metrics(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run_folder(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 def losses(out):
@@ -101,8 +102,8 @@ def test_fsdp2_bootstrap_equals_one_process_keeps_ties_survives_a_slow_rank_and_
     result = two_processes("bootstrap.py", "--model", tiny_text_model, "--data", data, "--out", two,
                            "--batch-size", 1, *BOOTSTRAP, APO_TEST_SLOW_SAVE_RANK="1:3")
     assert "(1 x 2 processes x 2 accumulation)" in result.stdout
-    assert (two / "checkpoints" / "step-3" / "pytorch_model_fsdp_0").is_dir()  # sharded: FSDP really ran
-    assert {p.name for p in (two / "checkpoints" / "step-6").glob("random_states_*.pkl")} == {
+    assert (run_folder(two) / "checkpoints" / "step-3" / "pytorch_model_fsdp_0").is_dir()  # sharded: FSDP really ran
+    assert {p.name for p in (run_folder(two) / "checkpoints" / "step-6").glob("random_states_*.pkl")} == {
         "random_states_0.pkl", "random_states_1.pkl"}
 
     # Same keys as the one-process folder: lm_head.weight is tied to the embeddings, not a copy of
@@ -113,9 +114,9 @@ def test_fsdp2_bootstrap_equals_one_process_keeps_ties_survives_a_slow_rank_and_
 
     # Sharded resume: back to the state of a run killed after its step-3 checkpoint.
     final, before = load_file(str(two / "model.safetensors")), losses(two)
-    shutil.rmtree(two / "checkpoints" / "step-6")
-    for name in ("model.safetensors", "training_summary.json"):
-        (two / name).unlink()
+    shutil.rmtree(run_folder(two) / "checkpoints" / "step-6")
+    (two / "model.safetensors").unlink()
+    (run_folder(two) / "training_summary.json").unlink()
     resumed = two_processes("bootstrap.py", "--model", tiny_text_model, "--data", data, "--out", two,
                             "--batch-size", 1, *BOOTSTRAP)
     assert "resuming from step 3" in resumed.stdout
@@ -147,7 +148,7 @@ def test_fsdp2_apo_vlm_frozen_tower_and_checkpointing_equals_one_process(tiny_vl
 
     out = tmp_path / "fsdp"
     two_processes("apo.py", "--model", tiny_vl_model, "--data", vl_data, "--out", out, "--batch-size", 1, *APO)
-    ref1, ref2 = load_file(str(vl_one / apo.REFERENCE_FILE)), load_file(str(out / apo.REFERENCE_FILE))
+    ref1, ref2 = load_file(str(run_folder(vl_one) / apo.REFERENCE_FILE)), load_file(str(run_folder(out) / apo.REFERENCE_FILE))
     torch.testing.assert_close(ref2["chosen"], ref1["chosen"], rtol=1e-5, atol=1e-4)
     assert_two_processes_equal_one(vl_one, out, lr=1e-3, steps=2, keys=("loss", "rewards/margins", "grad_norm"))
     initial = AutoModelForImageTextToText.from_pretrained(tiny_vl_model)
@@ -160,14 +161,14 @@ def test_fsdp2_bf16_log_probs_and_rewards_stay_fp32(tiny_vl_model, vl_data, vl_o
     out = tmp_path / "bf16"
     two_processes("apo.py", "--model", tiny_vl_model, "--data", vl_data, "--out", out, "--batch-size", 1,
                   *APO[:-2], "--max-steps", "1", "--grad-accum", "2", mixed_precision="bf16")
-    reference, exact = load_file(str(out / apo.REFERENCE_FILE)), load_file(str(vl_one / apo.REFERENCE_FILE))
+    reference, exact = load_file(str(run_folder(out) / apo.REFERENCE_FILE)), load_file(str(run_folder(vl_one) / apo.REFERENCE_FILE))
     chosen = reference["chosen"]
     assert chosen.dtype == torch.float32
     # Summed log-probs cast to bf16 by the root module would sit on bf16's grid (-150.0 for -149.71).
     assert not torch.equal(chosen, chosen.bfloat16().float()), chosen
     torch.testing.assert_close(chosen, exact["chosen"], rtol=0.02, atol=0.5)
     # Step 1: the policy is the reference, so every reward is exactly 0 and P = 1 / (1 + K).
-    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    first = json.loads((run_folder(out) / "metrics.jsonl").read_text().splitlines()[0])
     assert first["rewards/chosen"] == 0 and first["rewards/margins"] == 0
     k = [min(2, len(p["rejected"])) for p in PREFERENCES]
     assert first["loss"] == pytest.approx(sum(torch.log(torch.tensor(1.0 + n)).item() for n in k) / 4, abs=1e-6)
@@ -183,7 +184,7 @@ def test_a_world_size_accelerate_did_not_join_is_refused(tmp_path, tiny_text_mod
     result = run(launch, check=False)
     assert result.returncode != 0
     assert "the launcher started 2 processes (WORLD_SIZE) but accelerate runs this one as 1 of 1" in result.stderr
-    assert not (tmp_path / "out" / "checkpoints").exists()
+    assert not (tmp_path / "out.run" / "checkpoints").exists()
 
 
 # ---------------------------------------------------------------------------------------------

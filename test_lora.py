@@ -19,6 +19,7 @@ from modeling import is_vision_model
 from test_apo_stage import PREFERENCES, adam_divergence_bound, assert_same_first_step, metrics, run_apo, write_jsonl
 from test_bootstrap import REPO, env, free_port, train_args, write_data
 from test_bootstrap import run as run_bootstrap
+from training import run_folder
 
 RANK, ALPHA = 4, 8
 LORA = ["--lora-rank", str(RANK), "--lora-alpha", str(ALPHA)]
@@ -33,7 +34,7 @@ def load(folder):
 
 def adapters(out):
     """{module name: (A, B)} from the adapter folder, as peft wrote it."""
-    tensors = load_file(str(Path(out) / "adapter" / "adapter_model.safetensors"))
+    tensors = load_file(str(run_folder(out) / "adapter" / "adapter_model.safetensors"))
     pairs = {}
     for key, value in tensors.items():
         module, kind = key.removeprefix("base_model.model.").rsplit(".lora_", 1)
@@ -89,12 +90,12 @@ def test_bootstrap_lora_trains_only_adapters_and_merges_them(straight, tiny_text
     # The adapter folder is peft's own: loaded on the base, it computes what the merged folder computes.
     ids = torch.tensor([[5, 17, 42, 99, 7]])
     with torch.no_grad():
-        peft_logits = PeftModel.from_pretrained(load(tiny_text_model), out / "adapter").eval()(ids).logits
+        peft_logits = PeftModel.from_pretrained(load(tiny_text_model), run_folder(out) / "adapter").eval()(ids).logits
         merged_logits = load(out).eval()(ids).logits
     torch.testing.assert_close(peft_logits, merged_logits, rtol=0, atol=1e-5)
 
     # Checkpoints hold the adapters alone (the frozen base is reloaded from --model on resume).
-    saved = load_file(str(out / "checkpoints" / "step-4" / "model.safetensors"))
+    saved = load_file(str(run_folder(out) / "checkpoints" / "step-4" / "model.safetensors"))
     assert sorted(saved) == sorted(f"model.{t}.lora_{ab}.default.weight" for t in targets for ab in "AB")
 
 
@@ -103,7 +104,7 @@ def test_bootstrap_lora_resumes_exactly_after_sigkill(tmp_path, straight, tiny_t
     out = tmp_path / "killed"
     cmd = [sys.executable, "bootstrap.py", *train_args(tiny_text_model, data, out, *BOOTSTRAP)]
     proc = sigkill_at_line(cmd, "checkpoint: step 2", cwd=REPO, env=env())
-    assert proc.returncode == -signal.SIGKILL and not (out / "adapter").exists()
+    assert proc.returncode == -signal.SIGKILL and not (run_folder(out) / "adapter").exists()
 
     # Other LoRA settings in the same folder would mix two runs: refused.
     other = run_bootstrap(train_args(tiny_text_model, data, out, *BOOTSTRAP, "--lora-alpha", "16"), check=False)

@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from records import (OutputLock, RecordError, check_output_paths, disk_full_reported, fail, on_main_process,
@@ -28,6 +27,55 @@ from records import (OutputLock, RecordError, check_output_paths, disk_full_repo
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
+# A checkpoint's step and settings. Not "trainer_state.json": that is the HF Trainer's file, with
+# other content; checkpoints written under that name are still read.
+CHECKPOINT_STATE = "run_state.json"
+OLD_CHECKPOINT_STATE = "trainer_state.json"
+
+
+def checkpoint_state_file(folder):
+    """A checkpoint folder's state file (the older name where only that exists), or None."""
+    for name in (CHECKPOINT_STATE, OLD_CHECKPOINT_STATE):
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
+# What a run writes besides the model: it lives in the run folder beside the model folder, so the
+# model folder holds only what from_pretrained and vLLM read (vLLM's default loader takes every
+# *.safetensors of a folder without an index as weights).
+RUN_FILES = (METRICS, "training_summary.json", CHECKPOINTS, "reference_logps.safetensors", "logs", "adapter")
+
+
+def run_folder(out_dir):
+    """Where a training stage keeps everything but the model: <out>.run beside the model folder <out>
+    (checkpoints/, metrics.jsonl, training_summary.json, logs/, adapter/, the lock, apo.py's cache)."""
+    out_dir = Path(out_dir)
+    if out_dir.name in ("", ".", ".."):
+        out_dir = out_dir.resolve()
+    return out_dir.with_name(out_dir.name + ".run")
+
+
+def migrate_old_layout(out_dir):
+    """Move a run written with the model folder holding the run's files (metrics, summary,
+    checkpoints, cache, adapters, lock) into the run folder, saying so; returns what moved. A file
+    already in both places is refused: the two runs cannot be told apart."""
+    out_dir, run = Path(out_dir), run_folder(out_dir)
+    moved = []
+    for name in RUN_FILES:
+        old = out_dir / name
+        if not old.exists():
+            continue
+        if (run / name).exists():
+            raise RecordError(old, None, None, f"an older layout put this in the model folder, and {run / name} "
+                                               "exists too; move one of them away")
+        run.mkdir(parents=True, exist_ok=True)
+        os.replace(old, run / name)
+        moved.append(name)
+    if (out_dir / ".lock").is_file():
+        (out_dir / ".lock").unlink()
+    if moved:
+        print(f"note: {out_dir} was written with the run's files inside the model folder; moved "
+              f"{', '.join(moved)} to {run} (the model folder now holds only the model)", file=sys.stderr, flush=True)
+    return moved
 
 
 class NonFiniteLoss(RuntimeError):
@@ -73,9 +121,80 @@ def add_training_args(parser, lr, max_length, batch_size=2, grad_accum=16, warmu
     g.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept on disk (default: %(default)s)")
     g.add_argument("--log-every", type=int, default=1, help="write metrics every N optimizer steps (default: %(default)s)")
     g.add_argument("--report-to", default=None,
-                   help="accelerate trackers, e.g. tensorboard,wandb (metrics.jsonl is always written)")
+                   help="accelerate trackers, e.g. tensorboard,wandb (metrics.jsonl is always written); metrics "
+                        "go under train/ and eval/ with TRL's names; TensorBoard writes to OUT.run/logs/PROJECT")
+    g.add_argument("--project", default=None,
+                   help="the trackers' project (wandb, trackio, mlflow experiment; TensorBoard's subfolder) "
+                        "(default: the stage's name)")
+    g.add_argument("--run-name", default=None,
+                   help="the run's name in wandb, trackio and mlflow (default: the --out folder's name)")
+    g.add_argument("--init-from", metavar="CHECKPOINT", default=None,
+                   help="start from the weights of another run's checkpoint (OUT.run/checkpoints/step-N of the same "
+                        "--model) with a fresh optimizer and schedule, e.g. with another --lr; recorded in the "
+                        "run's settings. apo.py's reference stays --model's")
+    g.add_argument("--eval-data", default=None,
+                   help="held-out data in the --data format: evaluated every --eval-every steps and at the end, "
+                        "written as eval_* lines of metrics.jsonl and eval/* in the trackers (TRL's eval_strategy)")
+    g.add_argument("--eval-every", type=int, default=0,
+                   help="with --eval-data: evaluate every N optimizer steps (0: at the end only) (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="seed for data order and initialisation (default: %(default)s)")
     return g
+
+
+def eval_due(args, done, total):
+    """Whether the held-out data is evaluated after optimizer step `done`."""
+    return bool(args.eval_data) and (done == total or (args.eval_every > 0 and done % args.eval_every == 0))
+
+
+def parse_with_config(parser, argv=None):
+    """parser's arguments, with --config FILE.yaml read first: its keys are the flags (`lr: 1.0e-5`,
+    `lora-rank: 8`, `share-prompt: true`), so the command line, read after it, overrides it."""
+    import argparse
+
+    parser.add_argument("--config", metavar="FILE.yaml", help="a YAML file whose keys are this script's flags "
+                        "(e.g. configs/apo-paper-recipe.yaml); flags given on the command line override it")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    return parser.parse_args(config_flags(parser, known.config) + argv if known.config else argv)
+
+
+def config_flags(parser, path):
+    """The flags a YAML config stands for, as command-line tokens; unknown keys and values that are
+    not a scalar name their file and line."""
+    try:
+        import yaml
+    except ImportError:
+        fail("--config needs the pyyaml package: pip install pyyaml")
+    try:
+        root = yaml.compose(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise SystemExit(f"error: {path}: cannot read the config ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise SystemExit(f"error: {path}: not YAML ({e})") from None
+    if root is None:
+        return []
+    if not isinstance(root, yaml.MappingNode):
+        raise SystemExit(f"error: {path}: expected a mapping of flag: value")
+    flags = {option: action for action in parser._actions for option in action.option_strings}
+    tokens = []
+    for key_node, value_node in root.value:
+        line, key = key_node.start_mark.line + 1, str(key_node.value)
+        option = "--" + key.removeprefix("--").replace("_", "-")
+        action = flags.get(option)
+        if action is None or option == "--config":
+            raise SystemExit(f"error: {path}:{line}: field '{key}': not a flag of {parser.prog}")
+        if not isinstance(value_node, yaml.ScalarNode):
+            raise SystemExit(f"error: {path}:{line}: field '{key}': expected a single value")
+        value = yaml.safe_load(yaml.serialize(value_node))
+        if action.nargs == 0:  # a switch: true turns it on, false leaves it off
+            if not isinstance(value, bool):
+                raise SystemExit(f"error: {path}:{line}: field '{key}': expected true or false")
+            tokens += [option] if value else []
+        elif value is not None:
+            tokens += [option, str(value_node.value)]
+    return tokens
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,13 +207,14 @@ def start_run(args, stage, vision, text_only_rows):
     DDP must be told about parameters that get no gradient in a step: a VLM's trainable vision
     tower on a micro-batch without images.
     """
+    from accelerate.utils import set_seed
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     unused = vision and text_only_rows and not (args.freeze_vision or args.lora_rank)
     accelerator = build_accelerator(args, args.out, find_unused_parameters=unused)
     claim_output(accelerator, args.out, stage, inputs={"--data": args.data}, model_dirs={"--model": args.model})
-    seed_everything(args.seed)
+    set_seed(args.seed)  # Python, NumPy and torch (CPU and every GPU), as evaluate.py seeds
     return accelerator
 
 
@@ -105,8 +225,44 @@ def loop_config(args, accelerator):
         "grad_accum": args.grad_accum, "lr": args.lr, "epochs": args.epochs, "max_steps": args.max_steps,
         "warmup": args.warmup, "schedule": args.schedule, "weight_decay": args.weight_decay,
         "max_grad_norm": args.max_grad_norm, "freeze_vision": args.freeze_vision, "seed": args.seed,
-        **lora_config(args),
+        **lora_config(args), **({"init_from": init_from_record(args.init_from)} if args.init_from else {}),
     }
+
+
+def init_from_record(checkpoint):
+    """Where a run's weights start (--init-from): the checkpoint, its step and the settings it was
+    trained with, so the run's settings and summary say what it grew from."""
+    path = Path(checkpoint)
+    if checkpoint_state_file(path) is None or not (path / "model.safetensors").is_file():
+        raise RecordError(path, None, None, "--init-from: not a checkpoint with one file of weights "
+                                            f"({CHECKPOINT_STATE} and model.safetensors)")
+    state = json.loads(checkpoint_state_file(path).read_text())
+    saved = state.get("config") or {}
+    return {"checkpoint": str(path.resolve()), "step": state.get("step"),
+            **{k: saved.get(k) for k in ("model_fingerprint", "data_sha256", "lr", "max_steps", "epochs")}}
+
+
+def init_weights(accelerator, module, config, start):
+    """A new run (start 0) with --init-from: load that checkpoint's weights into the prepared module.
+    The checkpoint must come from the same --model (its fingerprint), and hold every weight this
+    run trains (the adapters alone for LoRA)."""
+    record = config.get("init_from")
+    if not record or start > 0:
+        return
+    from safetensors.torch import load_file
+
+    if record["model_fingerprint"] != config["model_fingerprint"]:
+        raise ResumeMismatch(f"--init-from {record['checkpoint']}: that run trained another --model (its fingerprint "
+                             f"differs); start from a checkpoint of a run on {config['model']}")
+    state = load_file(str(Path(record["checkpoint"]) / "model.safetensors"))
+    unwrapped = accelerator.unwrap_model(module)
+    _, unexpected = unwrapped.load_state_dict(state, strict=False)
+    trained = {name for name, p in unwrapped.named_parameters() if p.requires_grad}
+    if unexpected or trained - set(state):
+        raise ResumeMismatch(f"--init-from {record['checkpoint']}: its weights do not fit this run "
+                             f"({len(trained - set(state))} missing, {len(unexpected)} unexpected; LoRA settings "
+                             "must match)")
+    accelerator.print(f"weights from {record['checkpoint']} (step {record['step']})", flush=True)
 
 
 def load_trainable_model(args, accelerator, dropout=True):
@@ -156,13 +312,25 @@ def prepare_training(accelerator, module, args, total):
     return accelerator.prepare(module, optimizer, scheduler)
 
 
-def resume_run(accelerator, out_dir, config, args, project):
+def resume_run(accelerator, out_dir, config, args, project, total=None):
     """The step to start from (the last checkpoint's, or 0) and the metrics writer."""
     state = resume_from_checkpoint(accelerator, out_dir, config) or {}
     start = state.get("step", 0)
+    if total is not None and start > total:
+        raise ResumeMismatch(f"{out_dir} has {start} steps done, more than this run's {total}: a run continues to "
+                             f"more steps, never fewer (the checkpoints are in {run_folder(out_dir) / CHECKPOINTS})")
+    saved = state.get("config") or {}
+    if saved and any(saved.get(k) != config.get(k) for k in LENGTH_SETTINGS) and accelerator.is_main_process:
+        record_provenance(out_dir, {"event": "continued", "from_step": start,
+                                    **{k: [saved.get(k), config.get(k)] for k in LENGTH_SETTINGS}})
+        accelerator.print(f"continuing the run from step {start} with " + ", ".join(
+            f"{k} {saved.get(k)} -> {config.get(k)}" for k in LENGTH_SETTINGS if saved.get(k) != config.get(k)))
     metrics = Metrics(accelerator, out_dir, resumed_step=start)
     if args.report_to:
-        accelerator.init_trackers(project, config={k: v for k, v in config.items() if v is not None})
+        name = args.run_name or run_folder(out_dir).name.removesuffix(".run")
+        accelerator.init_trackers(args.project or project, config={k: v for k, v in config.items() if v is not None},
+                                  init_kwargs={"wandb": {"name": name}, "trackio": {"name": name},
+                                               "mlflow": {"run_name": name}})
     return start, metrics
 
 
@@ -202,13 +370,16 @@ def finished_run(out_dir, config):
     predictions already made with it.
     """
     checkpoint_state(out_dir, config)
-    path = Path(out_dir) / SUMMARY
+    path = run_folder(out_dir) / SUMMARY
     if not path.is_file() and not finish_summary_rename(path):
         return None
     summary = json.loads(path.read_text())
     diff = config_mismatch(summary.get("config") or {}, config)
+    if diff and not run_mismatch(summary.get("config") or {}, config):
+        return None  # a longer run: it continues from the last checkpoint (resume_run records it)
     if diff:
-        raise ResumeMismatch(f"{out_dir} holds a finished run with other settings ({diff}); use another --out")
+        raise ResumeMismatch(f"{out_dir} holds a finished run with other settings ({diff}); use another --out, "
+                             f"or --init-from one of its checkpoints to start a new run from its weights")
     return summary
 
 
@@ -234,22 +405,123 @@ def finish_summary_rename(path):
     return path.is_file()
 
 
+# A run continues under a larger --max-steps or --epochs: the settings that only say how long it is.
+LENGTH_SETTINGS = ("max_steps", "epochs")
+
+
+def run_mismatch(saved, now):
+    """The settings that differ between two runs' configs, their length left aside."""
+    return config_mismatch({k: v for k, v in saved.items() if k not in LENGTH_SETTINGS},
+                           {k: v for k, v in now.items() if k not in LENGTH_SETTINGS})
+
+
+PROVENANCE = "provenance.jsonl"
+
+
+def record_provenance(out_dir, event):
+    """One line of the run's history (continued longer, started from another run's checkpoint);
+    write_summary copies the history into training_summary.json."""
+    path = run_folder(out_dir) / PROVENANCE
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(dict(event, time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))) + "\n")
+
+
+def read_provenance(out_dir):
+    path = run_folder(out_dir) / PROVENANCE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
 def read_losses(out_dir):
-    path = Path(out_dir) / METRICS
+    path = run_folder(out_dir) / METRICS
     if not path.is_file():
         return []
-    return [json.loads(line)["loss"] for line in path.read_text().splitlines() if line.strip()]
+    lines = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return [line["loss"] for line in lines if "loss" in line]  # training lines, not evaluation ones
 
 
-def write_summary(accelerator, out_dir, summary):
+def write_summary(accelerator, out_dir, summary, stage=None):
     """training_summary.json, written last: its presence means "finished". first_loss and
-    final_loss come from metrics.jsonl, so a resumed run reports its whole curve."""
+    final_loss come from metrics.jsonl, so a resumed run reports its whole curve. With stage, the
+    model folder's card (README.md) is written just before it."""
     losses = read_losses(out_dir) if accelerator.is_main_process else []
     summary = dict(summary, first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None)
     if accelerator.is_main_process:
-        write_json_atomic(Path(out_dir) / SUMMARY, summary)
+        summary["provenance"] = read_provenance(out_dir)
+        if stage:
+            write_model_card(out_dir, stage, summary)
+        write_json_atomic(run_folder(out_dir) / SUMMARY, summary)
     accelerator.wait_for_everyone()
     return summary
+
+
+CITATION = """@inproceedings{yang2026apo,
+  title     = {Turning Drift into Constraint: Robust Reasoning Alignment in Non-Stationary Multi-Stream Environments},
+  author    = {Yang and Yu and Duan and Lu},
+  booktitle = {International Conference on Machine Learning (ICML)},
+  year      = {2026},
+  eprint    = {2510.04142},
+  archivePrefix = {arXiv}
+}"""
+
+STAGES = {"bootstrap": "supervised bootstrapping on the union of the source trajectories (bootstrap.py)",
+          "apo": "constraint-aware preference optimisation, APO (apo.py)"}
+
+
+def last_metrics(out_dir):
+    """The last training line and the last evaluation line of metrics.jsonl ({} when none)."""
+    path = run_folder(out_dir) / METRICS
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    train = [line for line in lines if "loss" in line]
+    held_out = [line for line in lines if "eval_loss" in line]
+    return (train[-1] if train else {}), (held_out[-1] if held_out else {})
+
+
+def write_model_card(out_dir, stage, summary):
+    """README.md of the model folder, as the Hub shows it: base model, stage, data, settings, final
+    metrics and the paper to cite. The data is named by its hash: the card travels with the model."""
+    config = summary["config"]
+    train, held_out = last_metrics(out_dir)
+    settings = "\n".join(f"| {k} | {v} |" for k, v in config.items()
+                         if k not in ("model", "model_fingerprint", "data_sha256") and v is not None)
+    metrics = "\n".join(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |"
+                        for k, v in {**train, **held_out}.items())
+    card = f"""---
+base_model: {json.dumps(config["model"])}
+library_name: transformers
+tags: [apo, {"sft" if stage == "bootstrap" else "preference-optimization"}]
+---
+
+# {Path(out_dir).resolve().name}
+
+{STAGES[stage]}, with the reference implementation of Autonomous Preference Optimization
+(arXiv 2510.04142). Load it with `AutoModelForCausalLM.from_pretrained` (a VLM:
+`AutoModelForImageTextToText`), `pipeline`, or `vllm serve`.
+
+- Base model: `{config["model"]}`
+- Training data: sha256 `{config["data_sha256"]}`
+- Steps: {summary.get("steps")}; first loss {summary.get("first_loss")}, final loss {summary.get("final_loss")}
+
+## Settings
+
+| setting | value |
+|---|---|
+{settings}
+
+## Final metrics (TRL's names; eval_ on the held-out data)
+
+| metric | value |
+|---|---|
+{metrics}
+
+## Citation
+
+```bibtex
+{CITATION}
+```
+"""
+    tmp = Path(out_dir) / ".README.md.tmp"
+    tmp.write_text(card, encoding="utf-8")
+    os.replace(tmp, Path(out_dir) / "README.md")
 
 
 def save_final(accelerator, module, processor, out_dir, total, start, config, args, lora):
@@ -335,7 +607,7 @@ def build_accelerator(args, out_dir, find_unused_parameters=False):
         gradient_accumulation_steps=args.grad_accum,
         mixed_precision=mixed_precision_for(state.device, getattr(args, "mixed_precision", "auto")),
         log_with=report_to,
-        project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(Path(out_dir) / "logs")),
+        project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(run_folder(out_dir) / "logs")),
         step_scheduler_with_optimizer=False,
         kwargs_handlers=handlers,
     )
@@ -477,24 +749,22 @@ def clip_gradients(accelerator, module, max_norm):
     return None if norm is None else torch.as_tensor(norm, dtype=torch.float32)
 
 
-def lr_lambda(schedule, warmup_steps, total_steps):
-    """Linear warmup, then cosine / linear decay to zero, or constant."""
+# --schedule names -> transformers' schedules, the curves the Trainer and TRL draw
+SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
-    def f(step):
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        progress = min(1.0, progress)
-        return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
 
-    return f
+def warmup_steps(warmup, total_steps):
+    """--warmup as a share of the steps, rounded up as the Trainer rounds warmup_ratio."""
+    return math.ceil(warmup * total_steps)
 
 
 def build_scheduler(optimizer, args, total_steps):
-    warmup_steps = int(round(args.warmup * total_steps))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.schedule, warmup_steps, total_steps))
+    """transformers.get_scheduler: linear warmup from 0 (the first step's lr is 0 when there is
+    warmup, as in the Trainer), then cosine or linear decay to 0, or constant."""
+    from transformers import get_scheduler
+
+    return get_scheduler(SCHEDULES[args.schedule], optimizer, num_warmup_steps=warmup_steps(args.warmup, total_steps),
+                         num_training_steps=total_steps)
 
 
 def total_steps(num_examples, micro_global, args, warn):
@@ -502,7 +772,7 @@ def total_steps(num_examples, micro_global, args, warn):
 
     A schedule too short for what was asked is run, with a warning (warn: the main process's
     print) that gives the numbers: data that makes less than one optimizer step is repeated, and a
-    warmup share that rounds to no step starts at the full lr."""
+    warmup that lasts the whole run never reaches the lr."""
     if args.max_steps is not None:
         total = args.max_steps
     else:
@@ -517,9 +787,10 @@ def total_steps(num_examples, micro_global, args, warn):
             warn(f"warning: {num_examples} examples x {args.epochs:g} epochs are less than one optimizer step of "
                  f"{step}: running 1 step, which sees the data {step / num_examples:.1f} times; lower "
                  f"--global-batch (or --grad-accum) to at most {num_examples}, or set --max-steps", file=sys.stderr)
-    if args.warmup > 0 and round(args.warmup * total) == 0:
-        warn(f"warning: --warmup {args.warmup:g} of {total} steps rounds to no warmup step: the schedule starts at "
-             f"the full lr {args.lr:g}", file=sys.stderr)
+    warm = warmup_steps(args.warmup, total)
+    if warm >= total > 0 and args.warmup > 0:
+        warn(f"warning: --warmup {args.warmup:g} of {total} steps is {warm} warmup steps: the run never reaches "
+             f"its lr {args.lr:g} (the first step is at lr 0); lower --warmup or train more steps", file=sys.stderr)
     return total
 
 
@@ -545,19 +816,19 @@ def prepare_model_for_training(model, args):
 
 
 def checkpoint_dirs(out_dir):
-    root = Path(out_dir) / CHECKPOINTS
+    root = run_folder(out_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.name.startswith("step-") and (p / "trainer_state.json").is_file()]
+    found = [p for p in root.iterdir() if p.name.startswith("step-") and checkpoint_state_file(p) is not None]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
 def save_checkpoint(accelerator, out_dir, step, state, keep=2):
     """Write to a temporary folder, then rename: a kill mid-write never spoils the last checkpoint.
 
-    trainer_state.json is written last, so a folder without it is never taken for a checkpoint.
+    run_state.json is written last, so a folder without it is never taken for a checkpoint.
     """
-    root = Path(out_dir) / CHECKPOINTS
+    root = run_folder(out_dir) / CHECKPOINTS
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}"
     if accelerator.is_main_process and tmp.exists():
@@ -571,7 +842,7 @@ def save_checkpoint(accelerator, out_dir, step, state, keep=2):
         # Every rank writes its own shards and RNG state: rename only once all of them are done.
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            write_json_atomic(tmp / "trainer_state.json", dict(state, step=step, saved_at=time.time()))
+            write_json_atomic(tmp / CHECKPOINT_STATE, dict(state, step=step, saved_at=time.time()))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -713,8 +984,14 @@ def claim_output(accelerator, out_dir, stage, inputs, model_dirs):
     """Before any model work: the output folder overwrites no input and is not the model folder
     read, is writable, and is locked (main process) against a second run on it; the lock is held
     until the process ends."""
-    check_output_paths(folders=[out_dir], inputs=inputs, model_dirs=model_dirs)
-    return on_main_process(accelerator, lambda: OutputLock(out_dir, stage, folder=True))
+    check_output_paths(folders=[out_dir, run_folder(out_dir)], inputs=inputs, model_dirs=model_dirs)
+
+    def lock_and_migrate():
+        lock = OutputLock(run_folder(out_dir), stage, folder=True)
+        migrate_old_layout(out_dir)
+        return lock
+
+    return on_main_process(accelerator, lock_and_migrate)
 
 
 class ResumeMismatch(ValueError):
@@ -744,19 +1021,14 @@ def checkpoint_state(out_dir, config=None):
     found = checkpoint_dirs(out_dir)
     if not found:
         return None
-    state = json.loads((found[-1] / "trainer_state.json").read_text())
+    state = json.loads(checkpoint_state_file(found[-1]).read_text())
     if config is not None:
-        diff = config_mismatch(state.get("config") or {}, config)
+        diff = run_mismatch(state.get("config") or {}, config)
         if diff:
-            raise ResumeMismatch(f"{found[-1]} was saved by a run with other settings ({diff}); "
-                                 f"rerun with the same settings to resume, or use another output folder")
+            raise ResumeMismatch(f"{found[-1]} was saved by a run with other settings ({diff}); rerun with the same "
+                                 f"settings to resume (a larger --max-steps or --epochs continues it), or start a "
+                                 f"new run from its weights in another output folder: --init-from {found[-1]}")
     return state
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -765,11 +1037,18 @@ def seed_everything(seed):
 
 class Metrics:
     """metrics.jsonl on the main process (appended, so a resumed run continues the curve), plus
-    accelerate's trackers when --report-to names any."""
+    accelerate's trackers when --report-to names any.
+
+    Names are TRL's: a line of metrics.jsonl is what TRL's log_history holds (`loss`,
+    `learning_rate`, `grad_norm`, `epoch`, `rewards/chosen` …; evaluation lines `eval_loss`,
+    `eval_rewards/chosen` …), and the trackers get them under `train/` and `eval/`, as the
+    Trainer's TensorBoard and wandb callbacks write them. Values are written unrounded: a
+    learning rate of 5e-7 is not 0.
+    """
 
     def __init__(self, accelerator, out_dir, resumed_step=0):
         self.accelerator = accelerator
-        self.path = Path(out_dir) / METRICS
+        self.path = run_folder(out_dir) / METRICS
         if accelerator.is_main_process:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         if accelerator.is_main_process and self.path.exists():
@@ -778,12 +1057,20 @@ class Metrics:
             self.path.write_text("".join(l + "\n" for l in kept))
 
     def log(self, step, values):
-        values = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in values.items()}
+        """A training step's metrics."""
+        self._write(step, values)
+        self.accelerator.log({f"train/{k}": v for k, v in values.items() if v is not None}, step=step)
+
+    def log_eval(self, step, values):
+        """Metrics on the held-out data at a step: eval_<name> in metrics.jsonl, eval/<name> in the trackers."""
+        self._write(step, {f"eval_{k}": v for k, v in values.items()})
+        self.accelerator.log({f"eval/{k}": v for k, v in values.items() if v is not None}, step=step)
+
+    def _write(self, step, values):
         if self.accelerator.is_main_process:
             # a line torn by a full disk is dropped on resume (_step_of), with the steps it follows
             with disk_full_reported(self.path, resumes=RESUMES_FROM_LAST_CHECKPOINT), open(self.path, "a") as f:
                 f.write(json.dumps({"step": step, **values}) + "\n")
-        self.accelerator.log(values, step=step)
 
 
 def _step_of(line):
@@ -821,17 +1108,17 @@ def without_tied_copies(model, state):
 def save_hf_folder(accelerator, model, processor, out_dir, lora=None):
     """The final model as a folder from_pretrained loads: safetensors, config, tokenizer/processor.
 
-    With lora (add_lora's PeftModel) the folder holds the merged weights, and out_dir/adapter the
-    adapters alone, so a user can keep either.
+    With lora (add_lora's PeftModel) the folder holds the merged weights, and the run folder's
+    adapter/ the adapters alone, so a user can keep either.
 
     get_state_dict gathers FSDP / DeepSpeed shards; weights are written into a temporary folder
     and renamed, so an interrupted save never leaves a half model where a good one was.
     """
     out_dir = Path(out_dir)
     if lora is not None:
-        save_adapter(accelerator, lora, out_dir / ADAPTER)
+        save_adapter(accelerator, lora, run_folder(out_dir) / ADAPTER)
         model = lora.merge_and_unload()  # the adapters folded into the base weights, in place
-    tmp = out_dir / ".tmp-model"
+    tmp = run_folder(out_dir) / ".tmp-model"  # outside the model folder, which holds only the model
     state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         if tmp.exists():
@@ -845,6 +1132,7 @@ def save_hf_folder(accelerator, model, processor, out_dir, lora=None):
         with disk_full_reported(out_dir, leftovers=[tmp], resumes=RESUMES_FROM_LAST_CHECKPOINT):
             unwrapped.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             processor.save_pretrained(tmp)
+        out_dir.mkdir(parents=True, exist_ok=True)
         for item in tmp.iterdir():
             os.replace(item, out_dir / item.name)
         tmp.rmdir()
@@ -863,7 +1151,7 @@ def add_lora_args(parser, dropout):
     g.add_argument("--lora-rank", type=_lora_rank, default=None,
                    help="train LoRA adapters of this rank (the official recipe: 8) instead of every weight; the "
                         "base weights and the vision tower stay frozen. OUT then holds the merged model and "
-                        f"OUT/{ADAPTER} the adapters alone (peft). Default: full fine-tuning")
+                        f"OUT.run/{ADAPTER} the adapters alone (peft). Default: full fine-tuning")
     g.add_argument("--lora-alpha", type=_positive_int, default=32,
                    help="LoRA scale numerator: the update is (alpha / rank) * B @ A (default: %(default)s)")
     g.add_argument("--lora-dropout", type=_probability, default=dropout,
@@ -950,20 +1238,27 @@ def add_lora(model, args, accelerator):
     if str(state.distributed_type).endswith("FSDP") or (deepspeed is not None and deepspeed.zero_stage == 3):
         fail("--lora-rank runs on one GPU, DDP or DeepSpeed ZeRO-2 (configs/deepspeed_zero2_8gpu.yaml): FSDP and "
              "ZeRO-3 shard the base weights the adapters are merged into at the end")
+    lora = peft.get_peft_model(model, lora_peft_config(model, args.lora_rank, args.lora_alpha, args.lora_dropout,
+                                                       args.lora_targets))
+    checkpoint_trainable_only(accelerator)
+    return lora
+
+
+def lora_peft_config(model, rank, alpha, dropout, targets):
+    """peft's LoraConfig for --lora-targets on model's language linear layers (export_checkpoint.py
+    rebuilds a run's adapters with it)."""
+    import peft
+
     layers = language_linear_layers(model)
-    if args.lora_targets.strip() != "all-linear":
-        wanted = {t.strip() for t in args.lora_targets.split(",") if t.strip()}
+    if targets.strip() != "all-linear":
+        wanted = {t.strip() for t in targets.split(",") if t.strip()}
         known = {name.rsplit(".", 1)[-1] for name in layers}
         if not wanted or wanted - known:
             fail(f"--lora-targets: {', '.join(sorted(wanted - known)) or 'no name given'} is not a linear layer of "
                  f"the language model; its linear layers are {', '.join(sorted(known))} (or all-linear)")
         layers = [name for name in layers if name.rsplit(".", 1)[-1] in wanted]
     # Full module names, not suffixes: a VLM's vision tower has layers of the same short names.
-    config = peft.LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                             target_modules=layers, bias="none")
-    lora = peft.get_peft_model(model, config)
-    checkpoint_trainable_only(accelerator)
-    return lora
+    return peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=layers, bias="none")
 
 
 def checkpoint_trainable_only(accelerator):
