@@ -51,6 +51,8 @@ def run_folder(out_dir):
     out_dir = Path(out_dir)
     if out_dir.name in ("", ".", ".."):
         out_dir = out_dir.resolve()
+    if not out_dir.name:  # the root of the file system has no name to put .run after
+        raise RecordError(out_dir, None, None, "is the root of the file system; choose an output folder of its own")
     return out_dir.with_name(out_dir.name + ".run")
 
 
