@@ -486,7 +486,7 @@ def test_a_damaged_reference_cache_is_recomputed_and_said_so(tiny_text_model, tm
 
     data = write_jsonl(tmp_path / "preferences.jsonl", PREFERENCES)
     out = tmp_path / "out"
-    cache = out / apo.REFERENCE_FILE
+    cache = run_folder(out) / apo.REFERENCE_FILE
     common = [str(a) for a in ("--model", tiny_text_model, "--data", data, "--out", out, "--reference-only")]
 
     def reference_pass():  # in this process: the interpreter and torch start once
