@@ -43,17 +43,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 import training
-from apo_loss import LOSSES, per_token_logps
-from modeling import (PromptTooLong, ResponseLogps, collate, encode, is_vision_model, load_processor, model_fingerprint,
-                      tokenizer_of)
-from records import RecordError, disk_full_reported, fail, file_hash
-from shared_prompt import SharedPromptLogps, check_attention, pack_shared_prompt
+from records import RecordError, disk_full_reported, fail, file_hash, lazy_import
 from trl_format import read_preferences
 
+# Loaded on first use, so that --help and a wrong flag answer at once (torch alone takes seconds).
+torch = lazy_import("torch")
+apo_loss = lazy_import("apo_loss")
+modeling = lazy_import("modeling")
+shared_prompt = lazy_import("shared_prompt")
+
 REFERENCE_FILE = "reference_logps.safetensors"
+LOSS_NAMES = ("apo", "dpo-pairs")  # apo_loss.LOSSES, named here for --help (test_apo_stage checks they agree)
 # Bump when the log-prob computation changes, so caches written by older code are recomputed.
 REFERENCE_VERSION = "1"
 TENSORS_SHA256 = "tensors_sha256"  # metadata key: the cached values as saved
@@ -70,7 +71,7 @@ def parse_args(argv=None):
                         f"{REFERENCE_FILE} and the summary go to the run folder OUT.run beside it")
     apo = parser.add_argument_group("APO")
     apo.add_argument("--beta", type=float, default=0.1, help="reward scale of the loss (default: %(default)s)")
-    apo.add_argument("--loss", choices=sorted(LOSSES), default="apo",
+    apo.add_argument("--loss", choices=LOSS_NAMES, default="apo",
                      help="'apo': the paper's multi-negative Plackett-Luce loss; 'dpo-pairs': pairwise DPO averaged "
                           "over the (consensus, negative) pairs, what the official ms-swift scripts run. Equal at "
                           "K = 1 (default: %(default)s)")
@@ -118,9 +119,9 @@ def apo_step_loss(module, batch, reference, device, beta, nll_weight, loss="apo"
     ref_rejected = ref_rejected[:, :rejected.shape[1]]
     pc, pr, rc, rr = chosen, rejected, ref_chosen, ref_rejected
     if length_normalize:
-        pc, rc = per_token_logps(pc, chosen_tokens), per_token_logps(rc, chosen_tokens)
-        pr, rr = per_token_logps(pr, rejected_tokens), per_token_logps(rr, rejected_tokens)
-    losses, chosen_rewards, rejected_rewards = LOSSES[loss](pc, pr, rc, rr, beta=beta, rejected_mask=mask)
+        pc, rc = apo_loss.per_token_logps(pc, chosen_tokens), apo_loss.per_token_logps(rc, chosen_tokens)
+        pr, rr = apo_loss.per_token_logps(pr, rejected_tokens), apo_loss.per_token_logps(rr, rejected_tokens)
+    losses, chosen_rewards, rejected_rewards = apo_loss.LOSSES[loss](pc, pr, rc, rr, beta=beta, rejected_mask=mask)
     nll = -chosen / chosen_tokens.clamp(min=1)
     if nll_weight:
         losses = losses + nll_weight * nll
@@ -232,8 +233,8 @@ def measure_examples(processor, examples, args, data_path, accelerator):
     for i in range(accelerator.process_index, len(examples), accelerator.num_processes):
         ex = examples[i]
         try:
-            enc = encode(processor, ex.record, responses_of(ex), args.max_length, data_path)
-        except PromptTooLong as e:
+            enc = modeling.encode(processor, ex.record, responses_of(ex), args.max_length, data_path)
+        except modeling.PromptTooLong as e:
             rows.append((i, None, f"{data_path}:{ex.record['_line']}: {e}"))
             continue
         rows.append((i, forward_length(enc, args.share_prompt), enc.truncated))
@@ -259,12 +260,15 @@ def forward_length(encoded, share_prompt):
 def encode_examples(processor, examples, args, data_path):
     # Encoded again when used (cheap next to a forward), so the whole data set's ids and image
     # tensors never sit in memory at once.
-    return [encode(processor, ex.record, responses_of(ex), args.max_length, data_path) for ex in examples]
+    return [modeling.encode(processor, ex.record, responses_of(ex), args.max_length, data_path) for ex in examples]
 
 
 def make_batch(encoded_items, pad_id, share_prompt):
     """Model inputs for the items plus the layout: how many negatives each item has."""
-    inputs = pack_shared_prompt(encoded_items, pad_id) if share_prompt else collate(encoded_items, pad_id)
+    if share_prompt:
+        inputs = shared_prompt.pack_shared_prompt(encoded_items, pad_id)
+    else:
+        inputs = modeling.collate(encoded_items, pad_id)
     num_negatives = torch.tensor([len(e.responses) - 1 for e in encoded_items])
     # Tokens as the usual implementation sees them (the prompt once per response), so tokens/s
     # compares directly with and without --share-prompt.
@@ -286,7 +290,7 @@ def train(args):
     eval_records = read_preferences(args.eval_data) if args.eval_data else None
     examples = build_examples(records, args.max_negatives, data_path)
     try:
-        vision = is_vision_model(args.model)  # a folder's config.json, or a hub id's config
+        vision = modeling.is_vision_model(args.model)  # a folder's config.json, or a hub id's config
     except (OSError, ValueError) as e:
         raise RecordError(args.model, None, None, f"not a model folder or hub id: cannot read its config ({e})") from None
     check_inputs(records, vision, args, data_path)
@@ -299,7 +303,7 @@ def train(args):
                           f"({done['steps']} steps, final loss {done['final_loss']})")
         return
 
-    processor = load_processor(args.model)
+    processor = modeling.load_processor(args.model)
     examples, skipped, truncated = measure_examples(processor, examples, args, data_path, accelerator)
     if accelerator.is_main_process:
         for line in skipped:
@@ -330,7 +334,7 @@ def train(args):
     accelerator.print(f"apo: {len(examples)} preferences, " + training.describe_steps(accelerator, args, total, start),
                       flush=True)
     micro_batch = training.MicroBatches([ex.length for ex in examples], micro_global, args.seed)
-    pad_id = tokenizer_of(processor).pad_token_id
+    pad_id = modeling.tokenizer_of(processor).pad_token_id
 
     last = None
     stop = training.stop_on_signal()
@@ -394,7 +398,7 @@ def held_out_preferences(accelerator, module, processor, records, args):
     return examples, reference, path
 
 
-@torch.no_grad()
+@training.no_grad
 def evaluate_preferences(accelerator, module, processor, held_out, args, pad_id):
     """TRL's eval metrics on the held-out preferences: loss, reward accuracy and margin (against the
     hardest negative), rewards and log-probs. Each process takes a share of the batches; every
@@ -419,9 +423,9 @@ def logps_module(model, args):
     """What the loop calls for summed log-probs: one row per response, or one packed row per
     instance (--share-prompt)."""
     if args.share_prompt:
-        check_attention(model, args.model)
-        return SharedPromptLogps(model, args.chunk_size)
-    return ResponseLogps(model, args.chunk_size)
+        shared_prompt.check_attention(model, args.model)
+        return shared_prompt.SharedPromptLogps(model, args.chunk_size)
+    return modeling.ResponseLogps(model, args.chunk_size)
 
 
 def check_inputs(records, model_is_vlm, args, data_path):
@@ -437,7 +441,8 @@ def run_config(args, accelerator, data_sha256):
     """The settings that decide the trained weights; a checkpoint resumes only under the same ones."""
     model = Path(args.model)
     return {
-        "model": str(model.resolve()) if model.exists() else args.model, "model_fingerprint": model_fingerprint(args.model),
+        "model": str(model.resolve()) if model.exists() else args.model,
+        "model_fingerprint": modeling.model_fingerprint(args.model),
         "data_sha256": data_sha256, "max_length": args.max_length, "max_negatives": args.max_negatives,
         "beta": args.beta, "loss": args.loss, "nll_weight": args.nll_weight, "share_prompt": args.share_prompt,
         "length_normalize": args.length_normalize,
@@ -550,7 +555,7 @@ def save_reference(path, tensors, key):
         os.replace(tmp, path)
 
 
-@torch.no_grad()
+@training.no_grad
 def compute_reference(accelerator, module, processor, examples, args, data_path, progress):
     """Log-probs of the initial weights for every example, each process its share, summed.
 
@@ -565,7 +570,7 @@ def compute_reference(accelerator, module, processor, examples, args, data_path,
     batches = [order[i:i + args.batch_size] for i in range(0, n, args.batch_size)]
     real = len(batches)
     batches += batches[-1:] * (-len(batches) % accelerator.num_processes)
-    pad_id = tokenizer_of(processor).pad_token_id
+    pad_id = modeling.tokenizer_of(processor).pad_token_id
     for i in range(accelerator.process_index, len(batches), accelerator.num_processes):
         idx = batches[i]
         batch = make_batch(encode_examples(processor, [examples[j] for j in idx], args, data_path), pad_id,

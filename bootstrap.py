@@ -35,15 +35,16 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 import training
 from answers import parse_answer
-from modeling import (PromptTooLong, ResponseLogps, collate, encode, is_vision_model, load_processor, model_fingerprint,
-                      tokenizer_of)
-from records import RecordError, file_hash
+from records import RecordError, file_hash, lazy_import
 from trl_format import read_instances
+
+# Loaded on first use, so that --help and a wrong flag answer at once (torch alone takes seconds).
+torch = lazy_import("torch")
+modeling = lazy_import("modeling")
 
 
 def parse_args(argv=None):
@@ -135,9 +136,9 @@ def measure_examples(processor, examples, args, data_path, accelerator):
     for line in tqdm(mine, desc="tokenizing", disable=not accelerator.is_local_main_process):
         idx = by_instance[line]
         try:
-            enc = encode(processor, examples[idx[0]].record, [examples[i].text for i in idx], args.max_length,
+            enc = modeling.encode(processor, examples[idx[0]].record, [examples[i].text for i in idx], args.max_length,
                          data_path)
-        except PromptTooLong as e:  # one message an instance, on its first example
+        except modeling.PromptTooLong as e:  # one message an instance, on its first example
             rows += [(i, None, None, (f"{data_path}:{line}: {e}", e.prompt_tokens) if k == 0 else None)
                      for k, i in enumerate(idx)]
             continue
@@ -173,12 +174,12 @@ def too_few_examples(usable, micro_global, too_long, skipped, args):
 def encode_examples(processor, examples, args, data_path):
     # Encoded again when used (cheap next to a forward), so the whole data set's ids and image
     # tensors never sit in memory at once.
-    return [encode(processor, ex.record, [ex.text], args.max_length, data_path) for ex in examples]
+    return [modeling.encode(processor, ex.record, [ex.text], args.max_length, data_path) for ex in examples]
 
 
 def make_batch(encoded_items, pad_id):
     """Right-padded rows of these examples: labels are the response tokens, -100 elsewhere."""
-    return collate(encoded_items, pad_id)
+    return modeling.collate(encoded_items, pad_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +196,7 @@ def train(args):
     if not examples:
         raise RecordError(args.data, None, "trajectories", "no training examples (no trajectory of split train)")
     try:
-        vision = is_vision_model(args.model)
+        vision = modeling.is_vision_model(args.model)
     except OSError as e:
         raise RecordError(args.model, None, None, f"cannot read the model's config: {e}") from None
 
@@ -209,7 +210,7 @@ def train(args):
         return
 
     try:
-        processor = load_processor(args.model)
+        processor = modeling.load_processor(args.model)
     except OSError as e:  # a broken or missing tokenizer is a RecordError from load_processor itself
         raise RecordError(args.model, None, None, f"cannot load the model's tokenizer/processor: {e}") from None
     measured = len(examples)
@@ -224,7 +225,7 @@ def train(args):
     total = training.total_steps(len(examples), micro_global, args, accelerator.print)
 
     model, lora = training.load_trainable_model(args, accelerator)
-    module, optimizer, scheduler = training.prepare_training(accelerator, ResponseLogps(model), args, total)
+    module, optimizer, scheduler = training.prepare_training(accelerator, modeling.ResponseLogps(model), args, total)
 
     if held_out is not None:
         held_out = measure_examples(processor, held_out, args, args.eval_data, accelerator)[0]
@@ -238,7 +239,7 @@ def train(args):
                       flush=True)
     lengths = [ex.length for ex in examples]
     micro_batch = training.MicroBatches(lengths, micro_global, args.seed)
-    pad_id = tokenizer_of(processor).pad_token_id
+    pad_id = modeling.tokenizer_of(processor).pad_token_id
 
     stop = training.stop_on_signal()
     progress = tqdm(total=total, initial=start, desc="bootstrap", disable=not accelerator.is_local_main_process)
@@ -297,7 +298,7 @@ def held_out_examples(path, drop_unanswered):
     return collect_examples([dict(r, split="train") for r in held], drop_unanswered)[0]
 
 
-@torch.no_grad()
+@training.no_grad
 def held_out_loss(accelerator, module, processor, examples, args, pad_id):
     """Mean NLL per response token of the held-out examples (the training loss's measure). Every
     process runs the same number of forwards (FSDP's are collective); repeats count nothing."""
@@ -317,7 +318,7 @@ def run_config(args, accelerator):
     model = Path(args.model)
     return {
         "model": str(model.resolve()) if model.exists() else args.model,
-        "model_fingerprint": model_fingerprint(args.model), "data_sha256": file_hash(args.data),
+        "model_fingerprint": modeling.model_fingerprint(args.model), "data_sha256": file_hash(args.data),
         "drop_unanswered": args.drop_unanswered, "max_length": args.max_length,
         **training.loop_config(args, accelerator),
     }

@@ -49,18 +49,17 @@ import re
 from collections import Counter
 from pathlib import Path
 
-import torch
-import transformers
-from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
 import chat_client
-import modeling
 from answers import CHANGE_FINDINGS, FINDINGS, normalize, parse_answer, score, task_of
 from records import (SPLITS, JsonlAppender, OutputLock, RecordError, check_output_paths, content_key,
-                     disk_full_reported, fail, load_instances, read_jsonl, release_locks, repair_torn_tail,
+                     disk_full_reported, fail, lazy_import, load_instances, read_jsonl, release_locks, repair_torn_tail,
                      write_json_atomic, write_jsonl_atomic, write_text_atomic)
+
+# Loaded on first use, so that --help and a wrong flag answer at once (torch alone takes seconds).
+torch = lazy_import("torch")
+modeling = lazy_import("modeling")
 
 TASK_FINDINGS = {"presence": FINDINGS, "change": CHANGE_FINDINGS}
 # The flags that change a model's answers, recorded per model in models.json: predictions made
@@ -103,6 +102,10 @@ def parse_args(argv=None):
 
 
 def evaluate(args):
+    import transformers  # here, not at the top: --help and a wrong flag answer before torch is loaded
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
     transformers.utils.logging.disable_progress_bar()
     accelerator = Accelerator()
     set_seed(args.seed)
@@ -232,6 +235,8 @@ def generate_missing(accelerator, name, path, instances, done, appender, args):
     todo = [r for r in instances if (name, r["id"]) not in done]
     if not todo:
         return 0
+    from accelerate.utils import gather_object
+
     processor = modeling.load_processor(path)
     model = modeling.load_model(path, dtype=modeling.default_dtype(accelerator)).to(accelerator.device).eval()
     check_context(model, processor, todo, args)
@@ -393,6 +398,8 @@ def ask_missing(name, served, instances, done, appender, failed, args):
 def resume(out, models, keys, served, args, accelerator):
     """{(model, id)} already in predictions.jsonl, after locking the output and checking models.json.
     The main process alone touches the output files; the others learn from it what is done."""
+    from accelerate.utils import broadcast_object_list
+
     shared = [None, set()]
     if accelerator.is_main_process:
         try:

@@ -15,10 +15,12 @@ is loaded, so a bad line never surfaces as a traceback from deep inside torch.
 
 import errno
 import hashlib
+import importlib.util
 import json
 import os
 import re
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,6 +33,22 @@ class RecordError(ValueError):
     def __init__(self, path, line, field, message):
         where = f"{path}:{line}" if line else str(path)
         super().__init__(f"{where}: field '{field}': {message}" if field else f"{where}: {message}")
+
+
+def lazy_import(name):
+    """The module `name`, executed on its first attribute access (importlib's LazyLoader): the
+    stages take torch this way so that --help and a wrong flag answer before torch is loaded.
+    Not for transformers, which replaces itself in sys.modules while it loads."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def on_main_process(accelerator, fn):

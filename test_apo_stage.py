@@ -23,7 +23,7 @@ import apo
 import shared_prompt
 import modeling
 import tiny_models
-from apo_loss import apo_loss
+from apo_loss import LOSSES, apo_loss
 from records import file_hash, load_preferences
 from training import run_folder
 
@@ -538,13 +538,16 @@ def test_preferences_that_reject_their_chosen_or_break_design_ranges_are_refused
 # --help and argument errors answer before torch is loaded (the import alone takes seconds)
 
 HEAVY = ("torch", "transformers", "accelerate", "peft")
+# A module counts as loaded once it is in sys.modules as more than records.lazy_import's placeholder
+# (isinstance looks at the placeholder's type first, so it does not load it).
 PROBE = """
-import runpy, sys
+import importlib.util, runpy, sys
 sys.argv = [sys.argv[1], *sys.argv[2:]]
 try:
     runpy.run_path(sys.argv[0], run_name="__main__")
 except SystemExit as e:
-    print("exit", e.code, sorted(m for m in {heavy} if m in sys.modules))
+    loaded = [m for m in {heavy} if m in sys.modules and not isinstance(sys.modules[m], importlib.util._LazyModule)]
+    print("exit", e.code, sorted(loaded))
 """
 
 
@@ -552,6 +555,7 @@ except SystemExit as e:
                                     "collect.py"])
 @pytest.mark.parametrize("argv, code", [(["--help"], 0), (["--no-such-flag"], 2)])
 def test_help_and_argument_errors_answer_without_loading_torch(script, argv, code):
+    assert set(apo.LOSS_NAMES) == set(LOSSES)  # --loss's choices, named without loading apo_loss
     proc = subprocess.run([sys.executable, "-c", PROBE.format(heavy=HEAVY), script, *argv], cwd=ROOT, env=env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.stdout.strip().splitlines()[-1] == f"exit {code} []", proc.stdout + proc.stderr

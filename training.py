@@ -8,6 +8,7 @@ write_summary. Multi-GPU and multi-node come from `accelerate launch` (DDP, FSDP
 configs); nothing here is home-made distribution.
 """
 
+import functools
 import json
 import logging
 import math
@@ -20,10 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from records import (OutputLock, RecordError, check_output_paths, disk_full_reported, fail, lazy_import,
+                     on_main_process, release_locks, settings_mismatch, write_json_atomic)
 
-from records import (OutputLock, RecordError, check_output_paths, disk_full_reported, fail, on_main_process,
-                     release_locks, settings_mismatch, write_json_atomic)
+torch = lazy_import("torch")  # loaded on first use: the stages' --help answers before torch is loaded
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -265,6 +266,16 @@ def init_weights(accelerator, module, config, start):
                              f"({len(trained - set(state))} missing, {len(unexpected)} unexpected; LoRA settings "
                              "must match)")
     accelerator.print(f"weights from {record['checkpoint']} (step {record['step']})", flush=True)
+
+
+def no_grad(fn):
+    """@torch.no_grad() for the stages' functions, without loading torch when they are defined."""
+    @functools.wraps(fn)
+    def without_gradients(*args, **kwargs):
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return without_gradients
 
 
 def load_trainable_model(args, accelerator, dropout=True):
