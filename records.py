@@ -15,7 +15,7 @@ is loaded, so a bad line never surfaces as a traceback from deep inside torch.
 
 import errno
 import hashlib
-import importlib.util
+import importlib
 import json
 import os
 import re
@@ -35,20 +35,16 @@ class RecordError(ValueError):
         super().__init__(f"{where}: field '{field}': {message}" if field else f"{where}: {message}")
 
 
-def lazy_import(name):
-    """The module `name`, executed on its first attribute access (importlib's LazyLoader): the
-    stages take torch this way so that --help and a wrong flag answer before torch is loaded.
-    Not for transformers, which replaces itself in sys.modules while it loads."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.find_spec(name)
-    if spec is None:
-        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-    spec.loader = importlib.util.LazyLoader(spec.loader)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+class lazy_import:  # noqa: N801 - used as a module name, as `import` would bind it
+    """Stands for the module `name` and imports it at the first attribute read: the stages take
+    torch this way so that --help and a wrong flag answer before torch (seconds) is loaded. Only
+    the name in the importing file is deferred; sys.modules and other imports are untouched."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        return getattr(importlib.import_module(self._name), attr)
 
 
 def on_main_process(accelerator, fn):

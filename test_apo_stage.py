@@ -538,16 +538,13 @@ def test_preferences_that_reject_their_chosen_or_break_design_ranges_are_refused
 # --help and argument errors answer before torch is loaded (the import alone takes seconds)
 
 HEAVY = ("torch", "transformers", "accelerate", "peft")
-# A module counts as loaded once it is in sys.modules as more than records.lazy_import's placeholder
-# (isinstance looks at the placeholder's type first, so it does not load it).
 PROBE = """
-import importlib.util, runpy, sys
+import runpy, sys
 sys.argv = [sys.argv[1], *sys.argv[2:]]
 try:
     runpy.run_path(sys.argv[0], run_name="__main__")
 except SystemExit as e:
-    loaded = [m for m in {heavy} if m in sys.modules and not isinstance(sys.modules[m], importlib.util._LazyModule)]
-    print("exit", e.code, sorted(loaded))
+    print("exit", e.code, sorted(m for m in {heavy} if m in sys.modules))
 """
 
 
