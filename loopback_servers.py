@@ -42,6 +42,18 @@ def prompt_of(body):
     return content if isinstance(content, str) else next(p["text"] for p in content if p["type"] == "text")
 
 
+def send(handler, status, data, headers):
+    """One whole HTTP response from a BaseHTTPRequestHandler; a client that hung up is no error."""
+    try:
+        handler.send_response(status)
+        for k, v in headers.items():
+            handler.send_header(k, v)
+        handler.end_headers()
+        handler.wfile.write(data)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+
+
 def loopback_certificate(folder):
     """A self-signed certificate for 127.0.0.1 (cert file, key file), made by the openssl tool: the
     `tls` of a ChatServer, and the SSL_CERT_FILE of the client that trusts it."""
@@ -94,18 +106,13 @@ class ChatServer:
             def reply(self, status, payload, headers):
                 data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 headers = {"Content-Type": "application/json", **headers, "Content-Length": str(len(data))}
+                if not server.trickle:
+                    return send(self, status, data, headers)
+                head = f"HTTP/1.1 {status} X\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
                 try:
-                    if server.trickle:
-                        head = f"HTTP/1.1 {status} X\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-                        for byte in (head + "\r\n").encode() + data:
-                            self.wfile.write(bytes([byte]))
-                            time.sleep(server.trickle)
-                        return
-                    self.send_response(status)
-                    for k, v in headers.items():
-                        self.send_header(k, v)
-                    self.end_headers()
-                    self.wfile.write(data)
+                    for byte in (head + "\r\n").encode() + data:
+                        self.wfile.write(bytes([byte]))
+                        time.sleep(server.trickle)
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
@@ -176,14 +183,7 @@ class CountingProxy:
                 self.reply(response.status, data, response.getheader("Content-Type", "application/json"))
 
             def reply(self, status, data, content_type):
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", content_type)
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
+                send(self, status, data, {"Content-Type": content_type, "Content-Length": str(len(data))})
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
