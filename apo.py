@@ -43,15 +43,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import training
-from records import RecordError, disk_full_reported, fail, file_hash, lazy_import
-from trl_format import read_preferences
+from common import training
+from common.records import RecordError, disk_full_reported, fail, file_hash, lazy_import
+from common.trl_format import read_preferences
 
 # Loaded on first use, so that --help and a wrong flag answer at once (torch alone takes seconds).
 torch = lazy_import("torch")
 apo_loss = lazy_import("apo_loss")
-modeling = lazy_import("modeling")
-shared_prompt = lazy_import("shared_prompt")
+modeling = lazy_import("common.modeling")
+shared_prompt = lazy_import("common.shared_prompt")
 
 REFERENCE_FILE = "reference_logps.safetensors"
 LOSS_NAMES = ("apo", "dpo-pairs")  # apo_loss.LOSSES, named here for --help (test_apo_stage checks they agree)

@@ -37,14 +37,14 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-import training
-from answers import parse_answer
-from records import RecordError, file_hash, lazy_import
-from trl_format import read_instances
+from common import training
+from common.answers import parse_answer
+from common.records import RecordError, file_hash, lazy_import
+from common.trl_format import read_instances
 
 # Loaded on first use, so that --help and a wrong flag answer at once (torch alone takes seconds).
 torch = lazy_import("torch")
-modeling = lazy_import("modeling")
+modeling = lazy_import("common.modeling")
 
 
 def parse_args(argv=None):

@@ -24,12 +24,12 @@ from collections import Counter, defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-import answers
-import chat_client
-import records
-import sources
-from records import RecordError
-from sources import SourceError
+from common import answers
+from common import chat_client
+from common import records
+from common import sources
+from common.records import RecordError
+from common.sources import SourceError
 
 EPILOG = """\
 sources (--sources, each [NAME=]KIND:TARGET; NAME is the trajectories' `source` field):
@@ -57,7 +57,7 @@ exit status: 0 all pairs answered; 2 bad input or options (nothing asked); 3 som
 
 def build_parser():
     try:
-        import simulator
+        from common import simulator
 
         profiles = ", ".join(simulator.PROFILES)
     except ImportError:
@@ -159,7 +159,7 @@ def load_stream(args):
         mapping = sources.parse_mapping(args.map)
         origin, instances = args.import_jsonl, sources.import_mapped(args.import_jsonl, mapping, args.import_source)
     else:
-        import simulator
+        from common import simulator
 
         n_train = 1000 if args.n_train is None else args.n_train
         n_test = 200 if args.n_test is None else args.n_test
@@ -187,7 +187,7 @@ def check_sources(srcs, instances, origin, key_envs, allow_outside_images=False)
             if text_only and with_images:
                 raise SourceError(f"{s} is a text model but {with_images} instances have images; name a VLM "
                                   "(its config has a vision_config) or instances without images")
-            import modeling
+            from common import modeling
 
             modeling.load_processor(s.target)  # its tokenizer checked now, not after the other sources' answers
         if s.kind == "openai" and api_key(s, key_envs) is None and (
@@ -227,7 +227,7 @@ def source_settings(source, args):
         profile = json.dumps(dataclasses.asdict(source.profile), sort_keys=True, default=str)
         settings.update(seed=args.seed, profile_sha256=hashlib.sha256(profile.encode()).hexdigest()[:16])
     elif source.kind == "hf":
-        from modeling import model_fingerprint
+        from common.modeling import model_fingerprint
 
         settings.update(seed=args.seed, model_fingerprint=model_fingerprint(source.target), **hf_generation(args))
     else:  # API endpoints are not seeded; they get only the flags given

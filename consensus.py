@@ -99,10 +99,10 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-import answers
-import chat_client
-import records
-from records import RecordError
+from common import answers
+from common import chat_client
+from common import records
+from common.records import RecordError
 
 # What the bootstrapped model reads to write the consensus (Eq. (5)): the question and every source
 # trajectory of the instance, in one context.
@@ -268,7 +268,7 @@ def build_prompts(train, skips, template, generator, args, is_main):
     prompt, fitted to the model's window; an instance that does not fit is added to `skips`."""
     from tqdm.auto import tqdm
 
-    import modeling
+    from common import modeling
 
     processor = generator.processor
     tok = modeling.tokenizer_of(processor)
@@ -354,7 +354,7 @@ def generate_rounds(args, accelerator, todo, settled, prompts, generator):
             continue
         generated = {}
         if prompts:
-            import modeling
+            from common import modeling
 
             set_seed(args.seed + start, device_specific=True)
             with accelerator.split_between_processes(batch) as share:
@@ -575,7 +575,7 @@ def fit_prompt(build, count, texts, budget, tok, tries=8):
 def token_counter(processor, record, data_path):
     """count(prompt): the length in tokens of the chat the model sees for a consensus prompt of this
     record (template, system and image tokens included)."""
-    from modeling import load_images, prompt_text, tokenizer_of
+    from common.modeling import load_images, prompt_text, tokenizer_of
 
     tok = tokenizer_of(processor)
     extra = 0
@@ -609,7 +609,7 @@ def load_generator(args, accelerator):
     server must serve, or else from the folder or hub id the server names."""
     import transformers
 
-    import modeling
+    from common import modeling
 
     transformers.utils.logging.disable_progress_bar()
     model = served = None
@@ -656,7 +656,7 @@ def served_model(args):
 def ask_server(args, served, todo, prompts):
     """(record, (consensus text, ended), error) from the server as requests finish, what
     modeling.generate gives in-process (an empty answer is kept: it falls back to the vote)."""
-    import sources
+    from common import sources
 
     api_key = os.environ.get(args.api_key_env)
     sampling = args.temperature > 0
@@ -688,7 +688,7 @@ def run_settings(args, train, template):
     settings = {"train_sha256": hashlib.sha256(content.encode()).hexdigest(),
                 **{k: getattr(args, k, None) for k in OUTPUT_ARGS}}
     if args.consensus != "vote":
-        from modeling import model_fingerprint
+        from common.modeling import model_fingerprint
 
         settings.update({"model": str(Path(args.model).resolve()), "model_fingerprint": model_fingerprint(args.model),
                          "prompt_sha256": hashlib.sha256(template.encode()).hexdigest()},
@@ -700,7 +700,7 @@ def claim_output(args, train, template, accelerator):
     """Lock the output and tie it to this run's settings (main process), before any model work."""
     out = records.output_file(args.out)
     if args.consensus != "vote" and args.model:
-        import modeling
+        from common import modeling
 
         modeling.load_processor(args.model)  # a folder without its tokenizer is refused before the manifest
     records.check_output_paths(

@@ -51,15 +51,15 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-import chat_client
-from answers import CHANGE_FINDINGS, FINDINGS, normalize, parse_answer, score, task_of
-from records import (SPLITS, JsonlAppender, OutputLock, RecordError, check_output_paths, content_key,
+from common import chat_client
+from common.answers import CHANGE_FINDINGS, FINDINGS, normalize, parse_answer, score, task_of
+from common.records import (SPLITS, JsonlAppender, OutputLock, RecordError, check_output_paths, content_key,
                      disk_full_reported, fail, lazy_import, load_instances, read_jsonl, release_locks, repair_torn_tail,
                      write_json_atomic, write_jsonl_atomic, write_text_atomic)
 
 # Loaded on first use, so that --help and a wrong flag answer at once (torch alone takes seconds).
 torch = lazy_import("torch")
-modeling = lazy_import("modeling")
+modeling = lazy_import("common.modeling")
 
 TASK_FINDINGS = {"presence": FINDINGS, "change": CHANGE_FINDINGS}
 # The flags that change a model's answers, recorded per model in models.json: predictions made

@@ -6,4 +6,4 @@ cd "$(dirname "$0")"
 ./setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-python quickstart.py "$@"
+python -m scripts.quickstart "$@"

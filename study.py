@@ -52,8 +52,8 @@ from pathlib import Path
 
 import numpy as np
 
-import answers
-import records
+from common import answers
+from common import records
 
 SOURCES = "sim:all"
 # One protocol for every model: greedy, a budget the sources' own answers fit in, and no
@@ -135,7 +135,7 @@ def write_instances(out, n_stream, n_test, seed):
     """The simulator's instances as two collect.py --data files: the training stream (collect
     places its N instances at i / (N - 1), so they span the drift from 0 to 1) and the benchmark
     (its own file, so its positions span 0 to 1 as well and its size costs no training data)."""
-    import simulator
+    from common import simulator
 
     rows = simulator.make_instances(n_stream, n_test, seed)
     paths = {"train": Path(out) / "stream.jsonl", "test": Path(out) / "benchmark.jsonl"}
@@ -242,7 +242,7 @@ def share_reference(out, data, run_dir):
     from safetensors import safe_open
 
     from apo import REFERENCE_FILE
-    from training import run_folder
+    from common.training import run_folder
 
     target = run_folder(run_dir) / REFERENCE_FILE
     if target.exists():
@@ -345,7 +345,7 @@ def endpoints(preds_by_seed, labels, texts_by_seed=None):
 def overcall_rates(preds_by_seed, labels):
     """{drifter: false-positive rate on the findings its drifted regime over-calls}, averaged over
     seeds: do the drifters' specific over-calls fall after the preference stage?"""
-    import simulator
+    from common import simulator
 
     out = {}
     for name in DRIFTERS:
@@ -386,7 +386,7 @@ def response_logps(model_dir, items, max_length, batch_size=8):
     """Summed log-probs and token counts of (record, text) items under the model in model_dir."""
     import torch
 
-    import modeling
+    from common import modeling
 
     processor = modeling.load_processor(model_dir)
     model = modeling.ResponseLogps(modeling.load_model(model_dir, dtype=torch.float32).eval())
@@ -406,7 +406,7 @@ def cached_logps(cache, model_dir, items, max_length):
     """response_logps, kept in the cache file (keyed by folder and items) so a rerun computes nothing."""
     import hashlib
 
-    from modeling import model_fingerprint
+    from common.modeling import model_fingerprint
 
     asked = json.dumps([[records.content_key(r), t] for r, t in items], ensure_ascii=False)
     key = f"{model_fingerprint(model_dir)}|{hashlib.sha256(asked.encode()).hexdigest()[:16]}"
@@ -508,7 +508,7 @@ def score_arms(instances, answers_by, predictions, train_seeds, resamples, seed,
 
 def training_tail(out, last=5):
     """Mean of the last metrics lines of a preference-stage run (reward accuracy, margin ...)."""
-    from training import METRICS, run_folder
+    from common.training import METRICS, run_folder
 
     lines = [json.loads(line) for line in (run_folder(out) / METRICS).read_text().splitlines() if line.strip()]
     lines = [line for line in lines if "loss" in line]  # training steps, not evaluation lines
@@ -703,15 +703,12 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     py, seed = sys.executable, ["--seed", str(args.seed)]
     if args.model is None and args.size == "smoke":
-        # The plumbing, not the result: a tiny random Qwen2 (built offline in seconds) keeps CI short.
-        import tiny_models
-
-        folder = out / "tiny-model"
-        if not (folder / "tokenizer_config.json").exists():  # written last
-            tiny_models.build_text_model(folder)
-        args.model = str(folder)
-    elif args.model is None:
-        from demo_model import smollm2_folder
+        # The plumbing, not the result: CI passes a tiny random Qwen2 built offline in seconds
+        # (python tests/tiny_models.py --out DIR); the product imports no test support.
+        records.fail("--size smoke needs --model: build a tiny one with `python tests/tiny_models.py --out runs/tiny` "
+                     "and pass --model runs/tiny/qwen2")
+    if args.model is None:
+        from common.demo_model import smollm2_folder
 
         args.model = str(smollm2_folder())
     check_run_folder(out, args)

@@ -61,11 +61,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import apo  # noqa: E402
-import shared_prompt  # noqa: E402
-import training  # noqa: E402
+from common import shared_prompt  # noqa: E402
+from common import training  # noqa: E402
 from apo_loss import apo_loss  # noqa: E402
-from modeling import IGNORE_INDEX, Encoded, ResponseLogps, collate  # noqa: E402
-from records import fail, write_json_atomic  # noqa: E402
+from common.modeling import IGNORE_INDEX, Encoded, ResponseLogps, collate  # noqa: E402
+from common.records import fail, write_json_atomic  # noqa: E402
 
 # The usual step with gradient checkpointing, measured on an H200 with torch 2.11 (issue 9).
 ANCHOR_DEVICE = "H200, torch 2.11"

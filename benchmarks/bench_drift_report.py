@@ -23,8 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import drift_report  # noqa: E402
-import simulator  # noqa: E402
+from scripts import drift_report  # noqa: E402
+from common import simulator  # noqa: E402
 
 STABLE = ("concise", "expansive", "refuser", "confuser")
 

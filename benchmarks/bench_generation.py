@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import modeling  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))  # tiny models, servers
+from common import modeling  # noqa: E402
 import tiny_models  # noqa: E402
-from records import RecordError, fail, write_json_atomic  # noqa: E402
-from simulator import make_instances  # noqa: E402
+from common.records import RecordError, fail, write_json_atomic  # noqa: E402
+from common.simulator import make_instances  # noqa: E402
 
 TARGET_SPEEDUP = 10.0
 QWEN2_5_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,

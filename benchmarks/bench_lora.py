@@ -33,8 +33,8 @@ from bench_logps import proc_status_bytes, reset_peak_rss  # noqa: E402  (one RS
 def child(args):
     from accelerate import Accelerator
 
-    import training
-    from modeling import ResponseLogps, load_model
+    from common import training
+    from common.modeling import ResponseLogps, load_model
 
     torch.manual_seed(0)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -92,7 +92,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0, help="unused; the data is seeded with 0")
     args = parser.parse_args()
     if args.model is None:
-        import demo_model
+        from common import demo_model
 
         args.model = str(demo_model.smollm2_folder())
     if args.variant:

@@ -24,12 +24,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import chat_client  # noqa: E402
-import modeling  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))  # tiny models, servers
+from common import chat_client  # noqa: E402
+from common import modeling  # noqa: E402
 import tiny_models  # noqa: E402
 from loopback_servers import Serve, free_port  # noqa: E402
-from records import write_json_atomic  # noqa: E402
-from simulator import make_instances  # noqa: E402
+from common.records import write_json_atomic  # noqa: E402
+from common.simulator import make_instances  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -13,8 +13,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from answers import parse_answer  # noqa: E402
-from simulator import PROFILES, make_instances, simulate  # noqa: E402
+from common.answers import parse_answer  # noqa: E402
+from common.simulator import PROFILES, make_instances, simulate  # noqa: E402
 
 
 def main():

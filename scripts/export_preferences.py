@@ -22,7 +22,7 @@ Image paths are written absolute, so the file works from any working directory.
 import argparse
 from pathlib import Path
 
-from records import (OutputLock, RecordError, check_output_paths, fail, load_preferences, manifest_path, output_file,
+from common.records import (OutputLock, RecordError, check_output_paths, fail, load_preferences, manifest_path, output_file,
                      release_locks, resolve_image, tie_to_run, write_json_atomic, write_jsonl_atomic)
 
 FORMATS = ("swift", "trl")
@@ -72,7 +72,7 @@ def swift_rows(record, max_negatives, data_path):
 
 
 def trl_rows(record, max_negatives, data_path, with_images):
-    from modeling import messages_for  # imports torch: here, so that --help answers at once
+    from common.modeling import messages_for  # imports torch: here, so that --help answers at once
 
     prompt = messages_for(record)  # exactly the chat apo.py encodes
     for text, _ in pairs(record, max_negatives, data_path):

@@ -20,14 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import apo  # noqa: E402
-import shared_prompt  # noqa: E402
+from common import shared_prompt  # noqa: E402
 import bench_apo_step as bench  # noqa: E402
 import bench_generation  # noqa: E402
-import training  # noqa: E402
-from modeling import Encoded  # noqa: E402
+from common import training  # noqa: E402
+from common.modeling import Encoded  # noqa: E402
 
 
 def run_script(name, *args):

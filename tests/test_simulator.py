@@ -6,10 +6,10 @@ import statistics
 
 import pytest
 
-from answers import FINDINGS, POSITIVE_FINDINGS, format_answer, majority_vote, parse_answer, score
-from simulator import (DISTRACTORS, PROFILES, SIGNS, Profile, load_profiles, make_instances, resolve,
+from common.answers import FINDINGS, POSITIVE_FINDINGS, format_answer, majority_vote, parse_answer, score
+from common.simulator import (DISTRACTORS, PROFILES, SIGNS, Profile, load_profiles, make_instances, resolve,
                        simulate, simulate_detail)
-import simulator
+from common import simulator
 
 N_STREAM = 3000      # thirds of 1,000: the refuser's refusals alone move a third's accuracy by ~2 points
 SEED = 0

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 
 import apo
-import export_preferences
-import modeling
-import sources
+from scripts import export_preferences
+from common import modeling
+from common import sources
 import tiny_models
-from records import RecordError, load_preferences, public
+from common.records import RecordError, load_preferences, public
 from test_apo_stage import PREFERENCES, write_jsonl
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def read_jsonl(path):
 
 def test_swift_export_reimports_to_the_same_instances(data, tmp_path):
     out = tmp_path / "export" / "dpo.jsonl"
-    result = subprocess.run([sys.executable, "export_preferences.py", "--data", str(data), "--format", "swift",
+    result = subprocess.run([sys.executable, "-m", "scripts.export_preferences", "--data", str(data), "--format", "swift",
                              "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     pairs = sum(len(p["rejected"]) for p in PREFERENCES)
@@ -111,7 +111,7 @@ def test_import_swift_takes_rejected_response_as_assistant_messages(tmp_path):
 
 
 def run_export(*args):
-    return subprocess.run([sys.executable, "export_preferences.py", *map(str, args)], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "scripts.export_preferences", *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
 
 
@@ -149,7 +149,7 @@ def test_the_export_never_writes_over_its_input_a_model_or_another_export_in_pro
     assert out.read_bytes() != swift and not Path(f"{out}.tmp").exists()
 
     # A second export while the first holds the lock (held here by a real process) is refused.
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, records; records.OutputLock(sys.argv[1], "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from common import records; records.OutputLock(sys.argv[1], "
                                "'export_preferences.py'); print('locked', flush=True); time.sleep(60)", str(out)],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:

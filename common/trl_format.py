@@ -16,7 +16,7 @@ JSONL is read line by line, so errors name file:line:field as for every input; a
 import json
 from pathlib import Path
 
-from records import RecordError, read_jsonl
+from common.records import RecordError, read_jsonl
 
 ROLES_IN_A_PROMPT = ("system", "user")
 
@@ -148,7 +148,7 @@ def first_row(path):
 def read_preferences(path):
     """apo.py's data: preferences.jsonl (consensus.py's output) or TRL's preference format, told
     apart by their first row, validated whole as load_preferences validates."""
-    from records import check_instance, load_preferences
+    from common.records import check_instance, load_preferences
 
     first = first_row(path)
     if first is None or not is_trl_preference(first):
@@ -164,7 +164,7 @@ def read_preferences(path):
 
 def read_instances(path):
     """bootstrap.py's data: trajectories.jsonl, or TRL's SFT conversations (`messages`)."""
-    from records import check_instance, load_instances
+    from common.records import check_instance, load_instances
 
     first = first_row(path)
     if first is None or "messages" not in first or "trajectories" in first:

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-import chat_client
+from common import chat_client
 import consensus
 import evaluate
-import modeling
+from common import modeling
 import tiny_models
 from loopback_servers import completion, server_env, varied_copy
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent
 SOURCES = [("a", "The angle is blunted.\nAnswer: Pleural Effusion"), ("b", "Clear lungs.\nAnswer: No Finding"),
            ("c", "Big heart, fluid.\nAnswer: Cardiomegaly, Pleural Effusion")]
 

@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 import bootstrap
 import tiny_models
 from launch_for_tests import sigkill_at_line
-from modeling import is_vision_model
+from common.modeling import is_vision_model
 from test_apo_stage import PREFERENCES, adam_divergence_bound, assert_same_first_step, metrics, run_apo, write_jsonl
 from test_bootstrap import REPO, env, free_port, train_args, write_data
 from test_bootstrap import run as run_bootstrap
-from training import run_folder
+from common.training import run_folder
 
 RANK, ALPHA = 4, 8
 LORA = ["--lora-rank", str(RANK), "--lora-alpha", str(ALPHA)]

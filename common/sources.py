@@ -27,11 +27,11 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import records
+from common import records
 # the OpenAI-compatible client, shared with consensus.py and evaluate.py --server
-from chat_client import (ServerError, answer_all, api_messages, image_data_url,  # noqa: F401 (image_data_url: sources.*)
+from common.chat_client import (ServerError, answer_all, api_messages, image_data_url,  # noqa: F401 (image_data_url: sources.*)
                          make_client, refuse_credentials)
-from records import RecordError
+from common.records import RecordError
 
 KINDS = ("hf", "openai", "sim")
 
@@ -86,7 +86,7 @@ def parse_sources(specs, sim_profiles=None):
                 raise SourceError(str(e)) from None
             out.append(Source(name or model, "openai", model, base_url=url))
         else:
-            import simulator
+            from common import simulator
 
             try:
                 profiles = simulator.resolve([target], sim_profiles)
@@ -145,7 +145,7 @@ def hf_answers(source, instances, todo, data_path=None, batch_size=8, max_new_to
 
     import torch
 
-    import modeling
+    from common import modeling
 
     cuda = torch.cuda.is_available()
     processor = modeling.load_processor(source.target)
@@ -171,7 +171,7 @@ def hf_answers(source, instances, todo, data_path=None, batch_size=8, max_new_to
 
 
 def is_text_model(source):
-    import modeling
+    from common import modeling
 
     return not modeling.is_vision_model(source.target)
 
@@ -206,7 +206,7 @@ def openai_answers(source, instances, data_path=None, api_key=None, concurrency=
 
 def sim_answers(source, instances, positions, seed=0, delay=0.0):
     """Yield (id, text, None): the profile's trajectory at each instance's stream position."""
-    import simulator
+    from common import simulator
 
     for r in instances:
         if delay:

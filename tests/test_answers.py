@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from answers import (CHANGE_CLASSES, CHANGE_FINDINGS, FINDINGS, POSITIVE_FINDINGS, answer_distance,
+from common.answers import (CHANGE_CLASSES, CHANGE_FINDINGS, FINDINGS, POSITIVE_FINDINGS, answer_distance,
                      answer_line_start, format_answer, majority_vote, normalize, parse_answer, presence, score, task_of)
 
 

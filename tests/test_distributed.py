@@ -23,11 +23,11 @@ from safetensors.torch import load_file
 
 import apo
 import tiny_models
-from training import run_folder
+from common.training import run_folder
 from test_apo_stage import PREFERENCES, adam_divergence_bound, assert_same_first_step, write_jsonl
 from test_bootstrap import write_data
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent
 FSDP = "configs/fsdp_8gpu.yaml"
 BOOTSTRAP = ["--grad-accum", "2", "--lr", "1e-3", "--max-length", "160", "--warmup", "0.34", "--max-steps", "6",
              "--save-every", "3"]
@@ -63,7 +63,7 @@ def two_processes(script, *args, config=FSDP, mixed_precision="no", **extra_env)
     """The stage on 2 gloo processes under an accelerate config, through the test-only shim."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2",
               "--mixed_precision", mixed_precision, "--main_process_port", str(free_port()),
-              "launch_for_tests.py", script, *map(str, args)]
+              "tests/launch_for_tests.py", script, *map(str, args)]
     return run(launch, ACCELERATE_USE_CPU="1", **extra_env)
 
 
@@ -193,7 +193,7 @@ def test_a_world_size_accelerate_did_not_join_is_refused(tmp_path, tiny_text_mod
 
 def test_auto_accumulation_in_a_config_takes_the_runs_own(tmp_path, monkeypatch):
     import bootstrap
-    import training
+    from common import training
 
     monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "auto")  # what `accelerate launch` sets for 'auto'
     args = bootstrap.parse_args(["--model", "m", "--data", "d", "--out", str(tmp_path), "--global-batch", "8",
@@ -205,7 +205,7 @@ def test_auto_accumulation_in_a_config_takes_the_runs_own(tmp_path, monkeypatch)
 def test_deepspeed_settings_come_from_the_run_and_a_fixed_clipping_must_match(capsys):
     import argparse
 
-    import training
+    from common import training
 
     args = argparse.Namespace(batch_size=2, grad_accum=4, max_grad_norm=0.5)
     config = {"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": "auto", "zero_optimization": {"stage": 3}}
@@ -218,7 +218,7 @@ def test_deepspeed_settings_come_from_the_run_and_a_fixed_clipping_must_match(ca
 
 
 def test_weight_decay_groups_use_the_real_shape_of_zero3_shards():
-    import training
+    from common import training
 
     model = torch.nn.Linear(4, 3)
     # ZeRO-3 init replaces every parameter by a 1-D shard and keeps its shape in ds_shape.

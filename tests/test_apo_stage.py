@@ -20,14 +20,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import apo
-import shared_prompt
-import modeling
+from common import shared_prompt
+from common import modeling
 import tiny_models
 from apo_loss import LOSSES, apo_loss
-from records import file_hash, load_preferences
-from training import run_folder
+from common.records import file_hash, load_preferences
+from common.training import run_folder
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 
 # K = 1, 2, 3, 2 negatives; drift orders the negatives kept by --max-negatives.
 PREFERENCES = [
@@ -195,7 +195,7 @@ def test_sigkill_then_rerun_resumes_to_the_same_weights(tiny_text_model, data, s
     out = tmp_path / "killed"
     common = ("--model", tiny_text_model, "--data", data, "--out", out, "--batch-size", 2, *TRAIN)
     # Killed right after the first micro-batch of step 4 (global micro-batch 6), a checkpoint at step 3.
-    killed = run_apo(*common, launcher=(sys.executable, "launch_for_tests.py"),
+    killed = run_apo(*common, launcher=(sys.executable, "tests/launch_for_tests.py"),
                      extra_env={"APO_TEST_SIGKILL_AFTER_BACKWARD": "6"}, check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert [p.name for p in (run_folder(out) / "checkpoints").iterdir()] == ["step-3"]
@@ -549,7 +549,7 @@ except SystemExit as e:
 """
 
 
-@pytest.mark.parametrize("script", ["apo.py", "bootstrap.py", "evaluate.py", "export_preferences.py", "consensus.py",
+@pytest.mark.parametrize("script", ["apo.py", "bootstrap.py", "evaluate.py", "scripts/export_preferences.py", "consensus.py",
                                     "collect.py"])
 @pytest.mark.parametrize("argv, code", [(["--help"], 0), (["--no-such-flag"], 2)])
 def test_help_and_argument_errors_answer_without_loading_torch(script, argv, code):

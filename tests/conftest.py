@@ -70,7 +70,7 @@ def small_disk(tmp_path):
 
     def run(size, script, env=None):
         script = f"set -e\nmount -t tmpfs -o size={size} tmpfs {shlex.quote(str(disk))}\n{script}"
-        return subprocess.run(["unshare", "-rm", "bash", "-c", script], cwd=os.path.dirname(__file__), env=env,
+        return subprocess.run(["unshare", "-rm", "bash", "-c", script], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
                               capture_output=True, text=True, timeout=600)
 
     run.disk = disk

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-import records
-import simulator
-import sources
+from common import records
+from common import simulator
+from common import sources
 import tiny_models
 from loopback_servers import completion, free_port, loopback_certificate, server_env
-from records import RecordError
+from common.records import RecordError
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent
 SECRET = "sk-test-9f8e7d6c5b4a-SECRET"
 
 
@@ -223,7 +223,7 @@ def expected_hf(model_dir, name, instances, data_file, seed, batch_size, max_new
     """What collect must write: modeling.generate on each fixed batch, seeded per batch."""
     import torch
 
-    import modeling
+    from common import modeling
 
     processor, model = modeling.load_processor(model_dir), modeling.load_model(model_dir)
     out, threads = {}, torch.get_num_threads()

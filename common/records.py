@@ -239,7 +239,7 @@ def check_labels(obj, path, lineno):
         return
     if not isinstance(labels, dict):
         raise RecordError(path, lineno, "labels", "must be an object {finding: class}")
-    import answers
+    from common import answers
 
     try:
         answers.normalize(labels)

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from records import (OutputLock, RecordError, check_output_paths, disk_full_reported, fail, lazy_import,
+from common.records import (OutputLock, RecordError, check_output_paths, disk_full_reported, fail, lazy_import,
                      on_main_process, release_locks, settings_mismatch, write_json_atomic)
 
 torch = lazy_import("torch")  # loaded on first use: the stages' --help answers before torch is loaded
@@ -284,7 +284,7 @@ def load_trainable_model(args, accelerator, dropout=True):
 
     Dropout is switched off before the adapters are added, so --lora-dropout still holds.
     """
-    from modeling import load_model
+    from common.modeling import load_model
 
     model = prepare_model_for_training(load_model(args.model, dtype=weights_dtype(args, accelerator.device)), args)
     if model.config.get_text_config().tie_word_embeddings:

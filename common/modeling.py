@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from apo_loss import sequence_logps
-from records import resolve_image
+from common.records import resolve_image
 
 IGNORE_INDEX = -100
 
@@ -61,7 +61,7 @@ def model_fingerprint(path):
 def load_processor(path):
     """The processor of a VLM or the tokenizer of a text model, padded on the left for generation;
     checked against the model (check_tokenizer), RecordError naming the folder when it is unusable."""
-    from records import RecordError
+    from common.records import RecordError
 
     try:
         if is_vision_model(path):
@@ -90,7 +90,7 @@ def check_tokenizer(processor, path):
     on text it cannot see. Its vocabulary must fit the model's embeddings and be most of them
     (models pad their embedding rows a little past the vocabulary, never to twice its size), and it
     must have the chat template every stage formats with."""
-    from records import RecordError
+    from common.records import RecordError
 
     tok = tokenizer_of(processor)
     rows = _embedding_rows(path)

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 import evaluate
-from answers import FINDINGS, parse_answer, task_of
-from modeling import model_fingerprint
-from records import content_key
+from common.answers import FINDINGS, parse_answer, task_of
+from common.modeling import model_fingerprint
+from common.records import content_key
 from tiny_models import build_scripted_model, write_test_image
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 GEN = ["--max-new-tokens", "24", "--batch-size", "3"]
 
@@ -70,7 +70,7 @@ def livelier(src, dst):
     repeats one token (the text strips to ""), and equal empty texts would prove nothing."""
     import torch
 
-    import modeling
+    from common import modeling
 
     model = modeling.load_model(src)
     torch.manual_seed(1)

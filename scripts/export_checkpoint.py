@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from records import RecordError, fail
+from common.records import RecordError, fail
 
 
 def parse_args(argv=None):
@@ -36,7 +36,7 @@ def parse_args(argv=None):
 def checkpoint_settings(checkpoint):
     """The run's settings recorded in the checkpoint, and its weights file."""
     checkpoint = Path(checkpoint)
-    from training import CHECKPOINT_STATE, checkpoint_state_file
+    from common.training import CHECKPOINT_STATE, checkpoint_state_file
 
     state_file = checkpoint_state_file(checkpoint)
     if state_file is None:
@@ -53,7 +53,7 @@ def checkpoint_settings(checkpoint):
 
 def base_model(config, base):
     """The base model path or hub id, checked against the fingerprint the run recorded."""
-    from modeling import model_fingerprint
+    from common.modeling import model_fingerprint
 
     path = base or config["model"]
     saved = config.get("model_fingerprint")
@@ -73,8 +73,8 @@ def load_checkpoint_model(checkpoint, base=None):
     """The checkpoint's model, adapters merged, and its processor: (model, processor)."""
     from safetensors.torch import load_file
 
-    import training
-    from modeling import load_model, load_processor
+    from common import training
+    from common.modeling import load_model, load_processor
 
     config, weights = checkpoint_settings(checkpoint)
     path = base_model(config, base)

@@ -11,8 +11,8 @@ gradients) are computed once. benchmarks/bench_apo_step.py measures what it save
 import torch
 
 from apo_loss import sequence_logps
-from modeling import IGNORE_INDEX, ResponseLogps
-from records import fail
+from common.modeling import IGNORE_INDEX, ResponseLogps
+from common.records import fail
 
 ATTENTION = ("sdpa", "eager")  # the implementations that take an arbitrary [B, 1, L, L] mask
 

@@ -9,11 +9,11 @@ import json
 import numpy as np
 import pytest
 
-import answers
+from common import answers
 import collect
 import consensus
-import records
-import simulator
+from common import records
+from common import simulator
 import study
 
 

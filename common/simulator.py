@@ -24,7 +24,7 @@ import math
 import random
 from dataclasses import dataclass, field
 
-from answers import (CHANGE_CLASSES, CHANGE_FINDINGS, FINDINGS, NO_FINDING, POSITIVE_FINDINGS,
+from common.answers import (CHANGE_CLASSES, CHANGE_FINDINGS, FINDINGS, NO_FINDING, POSITIVE_FINDINGS,
                      presence)
 
 __all__ = ["SIGNS", "PREVALENCE", "DISTRACTORS", "Profile", "PROFILES", "STYLES", "DRIFTS",

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-import drift_report
-import simulator
+from scripts import drift_report
+from common import simulator
 from loopback_servers import completion, server_env
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent
 OVERALL = drift_report.OVERALL
 STABLE = ("concise", "expansive", "refuser", "confuser")
 
@@ -45,7 +45,7 @@ def report_of(path, *flags, preferences=None):
 
 
 def run_report(*args):
-    return subprocess.run([sys.executable, "drift_report.py", *map(str, args)], cwd=REPO, env=server_env(),
+    return subprocess.run([sys.executable, "-m", "scripts.drift_report", *map(str, args)], cwd=REPO, env=server_env(),
                           capture_output=True, text=True, timeout=300)
 
 

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-import answers
-import records
-from records import RecordError
+from common import answers
+from common import records
+from common.records import RecordError
 
 OVERALL = "all findings"
 REFUSALS = "refusals"

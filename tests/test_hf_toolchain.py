@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import trl_format
-from records import RecordError
+from common import trl_format
+from common.records import RecordError
 from test_apo_stage import PREFERENCES, ROOT, run_apo, write_jsonl
-from training import run_folder
+from common.training import run_folder
 
 # One negative each (K = 1): TRL's pairwise rows and apo.py's instances are then the same thing.
 PAIRS = [{"id": p["id"], "prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"][:1],
@@ -46,7 +46,7 @@ def model(tiny_text_model, tmp_path_factory):
 def exported(tmp_path_factory):
     folder = tmp_path_factory.mktemp("export")
     prefs = write_jsonl(folder / "preferences.jsonl", PAIRS)
-    import export_preferences
+    from scripts import export_preferences
 
     export_preferences.main(["--data", str(prefs), "--format", "trl", "--out", str(folder / "trl.jsonl")])
     return prefs, folder / "trl.jsonl"
@@ -322,7 +322,7 @@ def same_tensors(a, b):
 
 def export_checkpoint(capsys, *args):
     """export_checkpoint.py in this process: (exit status, stderr)."""
-    import export_checkpoint as tool
+    from scripts import export_checkpoint as tool
 
     try:
         tool.main([str(a) for a in args])
@@ -389,7 +389,7 @@ def test_a_config_file_sets_flags_and_the_command_line_overrides_it(tmp_path):
 
 
 def test_the_model_card_names_base_data_settings_metrics_and_the_paper(apo_on_trl, exported, model):
-    from records import file_hash
+    from common.records import file_hash
 
     card = (Path(apo_on_trl) / "README.md").read_text()
     header = card.split("---")[1]

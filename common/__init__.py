@@ -1,0 +1,1 @@
+"""The code the stage scripts share: records, models, training machinery, answers, sources."""

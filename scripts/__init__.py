@@ -1,0 +1,1 @@
+"""Scripts beside the pipeline, run as `python -m scripts.<name>` from the repository root."""
