@@ -523,8 +523,9 @@ outputs in --out:
   accuracy.png       heat map of per-finding accuracy with the unparsed share (skipped with a note
                      without matplotlib)
 
-Presence tasks (14 findings) get accuracy, precision, recall and F1 per finding, change tasks
-(MS-CXR-T) accuracy per finding, both the macro average. A served model (DIR@URL, or --server)
+Only the labelled instances of --split are scored; unlabelled ones are counted. Presence tasks
+(14 findings) get accuracy, precision, recall and F1 per finding, change tasks (MS-CXR-T)
+accuracy per finding, both the macro average. A served model (DIR@URL, or --server)
 must serve DIR; a request that still fails is asked again by the next run (exit 3 until none
 fails). The same command after an interruption skips the (model, instance) pairs already answered.
 """
