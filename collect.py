@@ -1,17 +1,17 @@
-"""Stage 1 of APO — collect: several source models answer the same instances with chain-of-thought
+"""Stage 1 of APO, collect: several source models answer the same instances with chain-of-thought
 trajectories, whose disagreements and drift the later stages turn into constraints.
 
     python collect.py --sources sim:all --n-train 2000 --n-test 500 --out runs/trajectories.jsonl
-    python collect.py --data instances.jsonl --out runs/trajectories.jsonl \\
-        --sources qwen72b=hf:Qwen/Qwen2.5-VL-72B-Instruct gpt5=openai:gpt-5-nano \\
-                  glm=openai:glm-4.5v@https://open.bigmodel.cn/api/paas/v4 \\
-        --api-key-env OPENAI_API_KEY glm=ZHIPUAI_API_KEY
+    python collect.py --data instances.jsonl --sources qwen72b=hf:Qwen/Qwen2.5-VL-72B-Instruct \\
+        gpt5=openai:gpt-5-nano --out runs/trajectories.jsonl
     python collect.py --import-swift apo_dpo.jsonl --out runs/trajectories.jsonl
 
-Instances come from --data (a JSONL file of id, split, prompt, system, images, labels), from an
-importer, or without either from the drift simulator (simulator.make_instances). The output is
-trajectories.jsonl (DESIGN, "Files between stages"): train then test in input order, each
-instance with the trajectories it had plus one per source, in --sources order.
+Instances come from --data, from an importer, or from the drift simulator; the output is
+trajectories.jsonl (docs/DESIGN.md, "Files between stages"): train then test in input order, each
+instance with the trajectories it had plus one per source, in --sources order. Departures from
+the paper: none in the step; the drift simulator (sim:) stands in for the paper's seven source
+MLLMs where none are at hand, and the importers read answers collected elsewhere. Every answer is
+journalled as it arrives, so the same command resumes (docs/RELIABILITY.md).
 """
 
 import argparse
@@ -22,14 +22,273 @@ import os
 import sys
 from collections import Counter, defaultdict
 from datetime import datetime, timezone
-from pathlib import Path
 
-from common import answers
 from common import chat_client
+from common import journal
 from common import records
 from common import sources
+from common import reports
 from common.records import RecordError
 from common.sources import SourceError
+
+
+# ---------------------------------------------------------------------------------------------
+# The step: the instances, every source asked for the pairs it has not answered, the output rows
+
+
+def load_stream(args):
+    """The instances in stream order (train, then test, each in input order) and the file they
+    came from (image paths are relative to it; None for the simulator)."""
+    if args.data:
+        origin, instances = args.data, records.load_instances(args.data)
+    elif args.import_swift:
+        origin, instances = args.import_swift, sources.import_swift(args.import_swift, args.import_source)
+    elif args.import_jsonl:
+        mapping = sources.parse_mapping(args.map)
+        origin, instances = args.import_jsonl, sources.import_mapped(args.import_jsonl, mapping, args.import_source)
+    else:
+        from common import simulator
+
+        n_train = 1000 if args.n_train is None else args.n_train
+        n_test = 200 if args.n_test is None else args.n_test
+        if n_train < 0 or n_test < 0 or n_train + n_test == 0:
+            raise SourceError("--n-train/--n-test: need at least one instance (and no negative counts)")
+        origin, instances = None, simulator.make_instances(n_train, n_test, args.seed, task=args.sim_task)
+    return [r for r in instances if r["split"] == "train"] + [r for r in instances if r["split"] == "test"], origin
+
+
+def check_sources(srcs, instances, origin, key_envs, allow_outside_images=False):
+    """Everything a source needs, checked before the first one is asked; images sent to an API
+    source must lie inside the data file's folder unless allowed."""
+    unlabelled = next((r for r in instances if not r.get("labels")), None)
+    if unlabelled is not None and any(s.kind == "sim" for s in srcs):
+        raise RecordError(origin, unlabelled.get("_line"), "labels",
+                          "missing or empty: sim: sources simulate answers from the hidden truth, so every instance "
+                          "needs labels")
+    with_images = sum(bool(r.get("images")) for r in instances)
+    for s in srcs:
+        if s.kind == "hf":
+            try:
+                text_only = sources.is_text_model(s)
+            except OSError as e:
+                raise SourceError(f"{s}: cannot read the model's config ({' '.join(str(e).split())[:300]})") from None
+            if text_only and with_images:
+                raise SourceError(f"{s} is a text model but {with_images} instances have images; name a VLM "
+                                  "(its config has a vision_config) or instances without images")
+            from common import modeling
+
+            modeling.load_processor(s.target)  # its tokenizer checked now, not after the other sources' answers
+        if s.kind == "openai" and api_key(s, key_envs) is None and (
+                s.name in key_envs or (s.base_url is None and not os.environ.get("OPENAI_BASE_URL"))):
+            # a local server may need no key; OpenAI itself, or a key named for this source, does
+            raise SourceError(f"{s}: no API key: set ${key_envs.get(s.name, key_envs[None])} "
+                              "(or name another variable with --api-key-env)")
+    if with_images and any(s.kind == "openai" for s in srcs) and not allow_outside_images:
+        for r in instances:
+            records.check_images_inside(r, origin)
+
+
+def parse_key_envs(entries, srcs):
+    """--api-key-env: {None: default variable, source name: variable}."""
+    out, names = {None: "OPENAI_API_KEY"}, {s.name for s in srcs}
+    for entry in entries:
+        name, eq, var = entry.rpartition("=")
+        if eq and name not in names:
+            raise SourceError(f"--api-key-env {entry!r}: no source is named {name!r}")
+        out[name if eq else None] = var
+    return out
+
+
+def api_key(source, key_envs):
+    return os.environ.get(key_envs.get(source.name, key_envs[None])) or None
+
+
+def answers_of(source, instances, todo, origin, positions, args, key_envs):
+    """The backend's (id, text, error) stream for the pairs still to do."""
+    todo_records = [r for r in instances if r["id"] in todo]
+    if source.kind == "hf":
+        return sources.hf_answers(source, instances, todo, data_path=origin, batch_size=args.batch_size,
+                                  seed=args.seed, **hf_generation(args))
+    if source.kind == "openai":
+        return sources.openai_answers(source, todo_records, data_path=origin, api_key=api_key(source, key_envs),
+                                      concurrency=args.concurrency, max_retries=args.max_retries,
+                                      timeout=args.timeout, backoff=args.backoff, request=api_request(args),
+                                      max_response_mb=args.max_response_mb,
+                                      allow_outside_images=args.allow_outside_images)
+    return sources.sim_answers(source, todo_records, positions, seed=args.seed, delay=args.sim_delay)
+
+
+def collect(srcs, instances, have, parts, origin, positions, keys, args, key_envs, times):
+    """Ask every source for the pairs not in `have`, journalling each answer as it arrives (an API
+    source's with the time it came back, into `times` too).
+
+    Returns the number of answers received and {source name: Counter of failure reasons}.
+    """
+    from tqdm import tqdm
+
+    answered, failures = 0, defaultdict(Counter)
+    for s in srcs:
+        todo = {r["id"] for r in instances if (r["id"], s.name) not in have}
+        if not todo:
+            continue
+        with tqdm(total=len(todo), desc=s.name, unit="answer", dynamic_ncols=True) as bar:
+            for rec_id, text, error in answers_of(s, instances, todo, origin, positions, args, key_envs):
+                line = {"id": rec_id, "source": s.name, "h": keys[rec_id]}
+                if text:
+                    have[(rec_id, s.name)] = text
+                    if s.kind == "openai":  # an endpoint's model can change under its name: date its answers
+                        times[(rec_id, s.name)] = line["time"] = now_iso()
+                    parts.append({**line, "text": text})
+                    answered += 1
+                else:
+                    failures[s.name][error] += 1
+                    parts.append({**line, "error": error})
+                bar.update(1)
+    return answered, failures
+
+
+def now_iso():
+    # one format and zone for every stamp, so that the earliest of an instance is also the least string
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def assemble(instances, srcs, have, origin, out, times):
+    """The output records: input fields, images relative to OUT's folder, `time` (the input's, else
+    when an API source first answered the instance, ISO 8601 UTC; none for sim: and hf: sources,
+    whose answers do not depend on when they were asked), then the trajectories the instance came
+    with followed by one per source in --sources order."""
+    rows = []
+    for r in instances:
+        row = records.public(r)
+        row.pop("trajectories", None)
+        if origin is not None:
+            row["images"] = records.rebase_images(r.get("images") or [], origin, out)
+        stamps = [times[(r["id"], s.name)] for s in srcs if (r["id"], s.name) in times]
+        if stamps and "time" not in row:
+            row["time"] = min(stamps)
+        given = list(r.get("trajectories") or [])
+        asked = [{"source": s.name, "text": have[(r["id"], s.name)]}
+                 for s in srcs if (r["id"], s.name) in have and not any(t["source"] == s.name for t in given)]
+        row["trajectories"] = given + asked
+        rows.append(row)
+    return rows
+
+
+
+# ---------------------------------------------------------------------------------------------
+# The run: its output claimed and tied to each source's settings, the journal resumed, the file written
+
+
+def collect_all(args):
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        records.fail("collect.py runs as one process (python collect.py …): an hf: model is spread over all "
+                     "visible GPUs by itself, and one journal must have one writer")
+    try:
+        out = records.output_file(args.out)
+        parts = journal.Journal(out.with_name(out.name + ".parts.jsonl"))
+        srcs = sources.parse_sources(args.sources, args.sim_profiles)
+        key_envs = parse_key_envs(args.api_key_env, srcs)
+        records.check_output_paths(
+            files=[out, parts.path, records.manifest_path(out)],
+            inputs={"--data": args.data, "--import-swift": args.import_swift, "--import-jsonl": args.import_jsonl,
+                    "--sim-profiles": args.sim_profiles},
+            model_dirs={f"--sources {s.name}": s.target for s in srcs if s.kind == "hf"})
+        instances, origin = load_stream(args)
+        check_sources(srcs, instances, origin, key_envs, args.allow_outside_images)
+        if any(s.kind == "hf" for s in srcs):
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        output_images = {r["id"]: records.rebase_images(r.get("images") or [], origin, out) if origin else []
+                         for r in instances}
+        keys = {r["id"]: records.content_key(r, output_images[r["id"]]) for r in instances}
+        times = {}
+        have = claim_output(out, parts, srcs, keys, args, times)
+        reused = len(have)
+        for r in instances:
+            for t in r.get("trajectories") or []:
+                have.setdefault((r["id"], t["source"]), t["text"])
+    except (RecordError, SourceError) as e:
+        records.fail(str(e))
+    positions = {r["id"]: i / max(len(instances) - 1, 1) for i, r in enumerate(instances)}
+    try:
+        with journal.stops_at_once(parts.open(), "finished answers"):
+            answered, failures = collect(srcs, instances, have, parts, origin, positions, keys, args, key_envs, times)
+    except RuntimeError as e:
+        if "out of memory" not in str(e).lower():
+            raise
+        print(f"error: out of memory ({' '.join(str(e).split())[:200]}); lower --batch-size or --max-new-tokens "
+              f"and run the same command again (finished answers are kept in {parts.path})", file=sys.stderr)
+        raise SystemExit(1)
+    rows = assemble(instances, srcs, have, origin, out, times)
+    try:
+        records.write_jsonl_atomic(out, rows)
+    except records.DiskFull as e:
+        records.fail(f"{e} (every answer is in {parts.path}: nothing is asked again)")
+    failed = reports.print_collect(rows, srcs, failures)
+    n_train = sum(r["split"] == "train" for r in rows)
+    print(f"\ncollect: {len(rows)} instances ({n_train} train, {len(rows) - n_train} test), "
+          f"{sum(len(r['trajectories']) for r in rows)} trajectories from {len(srcs)} sources -> {out}; "
+          f"{answered} answered this run, {reused} resumed from the journal, {failed} failed"
+          + (" (run the same command again to retry them)" if failed else ""))
+    return 3 if failed else 0
+
+
+def claim_output(out, parts, srcs, keys, args, times):
+    """Lock OUT and tie it to each source's settings, before any source is asked; returns the
+    journal's answers that still match their instance (and fills `times`, see read_journal)."""
+    output = journal.Output(out, "collect.py")
+    have = read_journal(parts, keys, times)
+    output.tie({s.name: source_settings(s, args) for s in srcs},
+               f"its answers are in {parts.path}: rerun with those settings, give the source another NAME=, or "
+               f"delete {parts.path} and {output.manifest} to ask every source afresh",
+               used={source for _, source in have})
+    return have
+
+
+def read_journal(parts, keys, times):
+    """{(id, source): text} of the journal's answers that still match their instance; `times`
+    gets {(id, source): time} of those that carry when they were answered."""
+    done = {}
+    for line in parts.complete():
+        pair = (line.get("id"), line.get("source"))
+        if line.get("text") and keys.get(pair[0]) == line.get("h") and pair not in done:
+            done[pair] = line["text"]
+            if line.get("time"):
+                times[pair] = line["time"]
+    return done
+
+
+def source_settings(source, args):
+    """What decides a source's answers besides the instance it is asked, recorded per source name in
+    OUT.run.json: journal answers of a name asked under other values are refused, never reused."""
+    settings = {"spec": str(source)}
+    if source.kind == "sim":
+        profile = json.dumps(dataclasses.asdict(source.profile), sort_keys=True, default=str)
+        settings.update(seed=args.seed, profile_sha256=hashlib.sha256(profile.encode()).hexdigest()[:16])
+    elif source.kind == "hf":
+        from common.modeling import model_fingerprint
+
+        settings.update(seed=args.seed, model_fingerprint=model_fingerprint(source.target), **hf_generation(args))
+    else:  # API endpoints are not seeded; they get only the flags given
+        settings["request"] = api_request(args)
+    return settings
+
+
+def hf_generation(args):
+    return {"max_new_tokens": 1024 if args.max_new_tokens is None else args.max_new_tokens,
+            "temperature": args.temperature or 0.0, "top_p": 1.0 if args.top_p is None else args.top_p}
+
+
+def api_request(args):
+    return {k: v for k, v in (("max_completion_tokens", args.max_new_tokens), ("temperature", args.temperature),
+                              ("top_p", args.top_p)) if v is not None}
+
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
 
 EPILOG = """\
 sources (--sources, each [NAME=]KIND:TARGET; NAME is the trajectories' `source` field):
@@ -40,19 +299,13 @@ sources (--sources, each [NAME=]KIND:TARGET; NAME is the trajectories' `source` 
   sim:PROFILE | sim:all       the drift simulator's simulated sources (needs labels); profiles:
                               {profiles}
 
-resume:
-  every finished (instance, source) answer is appended at once to OUT.parts.jsonl; running the
-  same command again after a crash or Ctrl-C skips the pairs already there and asks only the
-  rest. Pairs that failed (API errors after all retries, empty answers) are asked again on the
-  next run. A finished command run again asks nothing and rewrites the same file. Each source
-  name is tied to its spec and the settings that decide its answers (seed, model, sampling flags;
-  OUT.run.json): a rerun that changes them for a name is refused before anything is asked. Delete
-  OUT.parts.jsonl and OUT.run.json to ask every source afresh. One collect.py at a time writes an
-  OUT (OUT.lock); an OUT that exists without its OUT.run.json, or that is an input, is refused.
+resume: every finished (instance, source) answer is journalled in OUT.parts.jsonl; the same
+  command skips the pairs already there (docs/RELIABILITY.md)
 
 exit status: 0 all pairs answered; 2 bad input or options (nothing asked); 3 some pairs failed
 (the file is written without them; run the same command again to retry them); 130 interrupted.
 """
+
 
 
 def build_parser():
@@ -144,353 +397,11 @@ def parse_args(argv=None):
     return args
 
 
-# ---------------------------------------------------------------------------------------------
-# Instances
-
-
-def load_stream(args):
-    """The instances in stream order (train, then test, each in input order) and the file they
-    came from (image paths are relative to it; None for the simulator)."""
-    if args.data:
-        origin, instances = args.data, records.load_instances(args.data)
-    elif args.import_swift:
-        origin, instances = args.import_swift, sources.import_swift(args.import_swift, args.import_source)
-    elif args.import_jsonl:
-        mapping = sources.parse_mapping(args.map)
-        origin, instances = args.import_jsonl, sources.import_mapped(args.import_jsonl, mapping, args.import_source)
-    else:
-        from common import simulator
-
-        n_train = 1000 if args.n_train is None else args.n_train
-        n_test = 200 if args.n_test is None else args.n_test
-        if n_train < 0 or n_test < 0 or n_train + n_test == 0:
-            raise SourceError("--n-train/--n-test: need at least one instance (and no negative counts)")
-        origin, instances = None, simulator.make_instances(n_train, n_test, args.seed, task=args.sim_task)
-    return [r for r in instances if r["split"] == "train"] + [r for r in instances if r["split"] == "test"], origin
-
-
-def check_sources(srcs, instances, origin, key_envs, allow_outside_images=False):
-    """Everything a source needs, checked before the first one is asked; images sent to an API
-    source must lie inside the data file's folder unless allowed."""
-    unlabelled = next((r for r in instances if not r.get("labels")), None)
-    if unlabelled is not None and any(s.kind == "sim" for s in srcs):
-        raise RecordError(origin, unlabelled.get("_line"), "labels",
-                          "missing or empty: sim: sources simulate answers from the hidden truth, so every instance "
-                          "needs labels")
-    with_images = sum(bool(r.get("images")) for r in instances)
-    for s in srcs:
-        if s.kind == "hf":
-            try:
-                text_only = sources.is_text_model(s)
-            except OSError as e:
-                raise SourceError(f"{s}: cannot read the model's config ({' '.join(str(e).split())[:300]})") from None
-            if text_only and with_images:
-                raise SourceError(f"{s} is a text model but {with_images} instances have images; name a VLM "
-                                  "(its config has a vision_config) or instances without images")
-            from common import modeling
-
-            modeling.load_processor(s.target)  # its tokenizer checked now, not after the other sources' answers
-        if s.kind == "openai" and api_key(s, key_envs) is None and (
-                s.name in key_envs or (s.base_url is None and not os.environ.get("OPENAI_BASE_URL"))):
-            # a local server may need no key; OpenAI itself, or a key named for this source, does
-            raise SourceError(f"{s}: no API key: set ${key_envs.get(s.name, key_envs[None])} "
-                              "(or name another variable with --api-key-env)")
-    if with_images and any(s.kind == "openai" for s in srcs) and not allow_outside_images:
-        for r in instances:
-            records.check_images_inside(r, origin)
-
-
-def parse_key_envs(entries, srcs):
-    """--api-key-env: {None: default variable, source name: variable}."""
-    out, names = {None: "OPENAI_API_KEY"}, {s.name for s in srcs}
-    for entry in entries:
-        name, eq, var = entry.rpartition("=")
-        if eq and name not in names:
-            raise SourceError(f"--api-key-env {entry!r}: no source is named {name!r}")
-        out[name if eq else None] = var
-    return out
-
-
-def api_key(source, key_envs):
-    return os.environ.get(key_envs.get(source.name, key_envs[None])) or None
-
-
-# ---------------------------------------------------------------------------------------------
-# The journal: one line per finished (instance, source), the resume state
-
-
-def source_settings(source, args):
-    """What decides a source's answers besides the instance it is asked, recorded per source name in
-    OUT.run.json: journal answers of a name asked under other values are refused, never reused."""
-    settings = {"spec": str(source)}
-    if source.kind == "sim":
-        profile = json.dumps(dataclasses.asdict(source.profile), sort_keys=True, default=str)
-        settings.update(seed=args.seed, profile_sha256=hashlib.sha256(profile.encode()).hexdigest()[:16])
-    elif source.kind == "hf":
-        from common.modeling import model_fingerprint
-
-        settings.update(seed=args.seed, model_fingerprint=model_fingerprint(source.target), **hf_generation(args))
-    else:  # API endpoints are not seeded; they get only the flags given
-        settings["request"] = api_request(args)
-    return settings
-
-
-def hf_generation(args):
-    return {"max_new_tokens": 1024 if args.max_new_tokens is None else args.max_new_tokens,
-            "temperature": args.temperature or 0.0, "top_p": 1.0 if args.top_p is None else args.top_p}
-
-
-def api_request(args):
-    return {k: v for k, v in (("max_completion_tokens", args.max_new_tokens), ("temperature", args.temperature),
-                              ("top_p", args.top_p)) if v is not None}
-
-
-def claim_output(out, journal_path, srcs, keys, args, times):
-    """Lock OUT and tie it to each source's settings, before any source is asked; returns the
-    journal's answers that still match their instance (and fills `times`, see read_journal)."""
-    records.OutputLock(out, "collect.py")
-    have = read_journal(journal_path, keys, times)
-    manifest = records.manifest_path(out)
-    saved = records.tie_to_run(
-        out, manifest, {s.name: source_settings(s, args) for s in srcs}, "collect.py",
-        f"its answers are in {journal_path}: rerun with those settings, give the source another NAME=, or delete "
-        f"{journal_path} and {manifest} to ask every source afresh", used={source for _, source in have})
-    records.write_json_atomic(manifest, saved)
-    return have
-
-
-def read_journal(path, keys, times):
-    """{(id, source): text} of the journal's answers that still match their instance; `times`
-    gets {(id, source): time} of those that carry when they were answered."""
-    done = {}
-    for line in records.repair_torn_tail(path):
-        pair = (line.get("id"), line.get("source"))
-        if line.get("text") and keys.get(pair[0]) == line.get("h") and pair not in done:
-            done[pair] = line["text"]
-            if line.get("time"):
-                times[pair] = line["time"]
-    return done
-
-
-# ---------------------------------------------------------------------------------------------
-# Asking
-
-
-def answers_of(source, instances, todo, origin, positions, args, key_envs):
-    """The backend's (id, text, error) stream for the pairs still to do."""
-    todo_records = [r for r in instances if r["id"] in todo]
-    if source.kind == "hf":
-        return sources.hf_answers(source, instances, todo, data_path=origin, batch_size=args.batch_size,
-                                  seed=args.seed, **hf_generation(args))
-    if source.kind == "openai":
-        return sources.openai_answers(source, todo_records, data_path=origin, api_key=api_key(source, key_envs),
-                                      concurrency=args.concurrency, max_retries=args.max_retries,
-                                      timeout=args.timeout, backoff=args.backoff, request=api_request(args),
-                                      max_response_mb=args.max_response_mb,
-                                      allow_outside_images=args.allow_outside_images)
-    return sources.sim_answers(source, todo_records, positions, seed=args.seed, delay=args.sim_delay)
-
-
-def collect(srcs, instances, have, journal, origin, positions, keys, args, key_envs, times):
-    """Ask every source for the pairs not in `have`, journalling each answer as it arrives (an API
-    source's with the time it came back, into `times` too).
-
-    Returns the number of answers received and {source name: Counter of failure reasons}.
-    """
-    from tqdm import tqdm
-
-    answered, failures = 0, defaultdict(Counter)
-    for s in srcs:
-        todo = {r["id"] for r in instances if (r["id"], s.name) not in have}
-        if not todo:
-            continue
-        with tqdm(total=len(todo), desc=s.name, unit="answer", dynamic_ncols=True) as bar:
-            for rec_id, text, error in answers_of(s, instances, todo, origin, positions, args, key_envs):
-                line = {"id": rec_id, "source": s.name, "h": keys[rec_id]}
-                if text:
-                    have[(rec_id, s.name)] = text
-                    if s.kind == "openai":  # an endpoint's model can change under its name: date its answers
-                        times[(rec_id, s.name)] = line["time"] = now_iso()
-                    journal.write({**line, "text": text})
-                    answered += 1
-                else:
-                    failures[s.name][error] += 1
-                    journal.write({**line, "error": error})
-                bar.update(1)
-    return answered, failures
-
-
-def now_iso():
-    # one format and zone for every stamp, so that the earliest of an instance is also the least string
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-# ---------------------------------------------------------------------------------------------
-# Outputs
-
-
-def assemble(instances, srcs, have, origin, out, times):
-    """The output records: input fields, images relative to OUT's folder, `time` (the input's, else
-    when an API source first answered the instance, ISO 8601 UTC; none for sim: and hf: sources,
-    whose answers do not depend on when they were asked), then the trajectories the instance came
-    with followed by one per source in --sources order."""
-    rows = []
-    for r in instances:
-        row = records.public(r)
-        row.pop("trajectories", None)
-        if origin is not None:
-            row["images"] = records.rebase_images(r.get("images") or [], origin, out)
-        stamps = [times[(r["id"], s.name)] for s in srcs if (r["id"], s.name) in times]
-        if stamps and "time" not in row:
-            row["time"] = min(stamps)
-        given = list(r.get("trajectories") or [])
-        asked = [{"source": s.name, "text": have[(r["id"], s.name)]}
-                 for s in srcs if (r["id"], s.name) in have and not any(t["source"] == s.name for t in given)]
-        row["trajectories"] = given + asked
-        rows.append(row)
-    return rows
-
-
-def accuracy_by_source(rows):
-    """{task: {source: (n, per-finding accuracy, macro, first-third macro, last-third macro)}} over
-    the labelled instances in stream order, each source scored on the instances it answered."""
-    out = {}
-    labelled = [r for r in rows if r.get("labels") is not None]
-    for task in sorted({answers.task_of(r["labels"]) for r in labelled}):
-        stream = [r for r in labelled if answers.task_of(r["labels"]) == task]
-        third = max(1, len(stream) // 3)
-        by_source = defaultdict(list)  # source -> [(position in stream, parsed answer, labels)]
-        for i, r in enumerate(stream):
-            for t in r["trajectories"]:
-                by_source[t["source"]].append((i, answers.parse_answer(t["text"]), r["labels"]))
-        table = {}
-        for name, items in by_source.items():
-            def macro(part):
-                return answers.score([p for _, p, _ in part], [l for _, _, l in part])["macro"]["accuracy"] if part else None
-
-            full = answers.score([p for _, p, _ in items], [l for _, _, l in items])
-            first = [x for x in items if x[0] < third]
-            last = [x for x in items if x[0] >= len(stream) - third]
-            per = {f: v["accuracy"] for f, v in full["per_finding"].items()}
-            table[name] = (len(items), per, full["macro"]["accuracy"], macro(first), macro(last))
-        out[task] = (len(stream), table)
-    return out
-
-
-def print_summary(rows, srcs, failures):
-    names = list(dict.fromkeys([t["source"] for r in rows for t in r["trajectories"]] + [s.name for s in srcs]))
-    count, chars = Counter(), Counter()
-    for r in rows:
-        for t in r["trajectories"]:
-            count[t["source"]] += 1
-            chars[t["source"]] += len(t["text"])
-    asked = {s.name for s in srcs}
-    missing = Counter()
-    for r in rows:
-        got = {t["source"] for t in r["trajectories"]}
-        missing.update(n for n in asked if n not in got)
-    scores = accuracy_by_source(rows)
-    width = max([len(n) for n in names] + [6])
-    fmt = lambda v: "   -  " if v is None else f"{v:6.3f}"  # noqa: E731
-    print(f"\n{'source':<{width}}  written  failed  mean chars" + ("  accuracy  first 1/3  last 1/3" if scores else ""))
-    main_task = max(scores, key=lambda t: scores[t][0]) if scores else None
-    for n in names:
-        line = f"{n:<{width}}  {count[n]:7d}  {missing[n]:6d}  {chars[n] / max(count[n], 1):10.0f}"
-        if main_task and n in scores[main_task][1]:
-            _, _, macro, first, last = scores[main_task][1][n]
-            line += f"    {fmt(macro)}     {fmt(first)}    {fmt(last)}"
-        print(line)
-    for n in names:
-        for reason, k in failures.get(n, Counter()).most_common(3):
-            print(f"  {n}: {k} failed: {reason}")
-    for task, (n_labelled, table) in scores.items():
-        cols = [n for n in names if n in table]
-        if not cols:
-            continue
-        findings = list(table[cols[0]][1])
-        print(f"\nper-finding accuracy ({task}, {n_labelled} labelled instances; accuracy columns above: macro "
-              "over findings, first / last third of the stream)")
-        colw = max([len(c) for c in cols] + [6])
-        fw = max(len(f) for f in findings)
-        print(f"{'finding':<{fw}}  " + "  ".join(f"{c:>{colw}}" for c in cols))
-        for f in findings:
-            print(f"{f:<{fw}}  " + "  ".join(f"{table[c][1].get(f, 0.0):>{colw}.3f}" for c in cols))
-    return sum(missing.values())
-
-
 def main(argv=None):
     try:
         return collect_all(parse_args(argv))
     finally:
         records.release_locks()
-
-
-def collect_all(args):
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        records.fail("collect.py runs as one process (python collect.py …): an hf: model is spread over all "
-                     "visible GPUs by itself, and one journal must have one writer")
-    try:
-        out = records.output_file(args.out)
-        journal_path = out.with_name(out.name + ".parts.jsonl")
-        srcs = sources.parse_sources(args.sources, args.sim_profiles)
-        key_envs = parse_key_envs(args.api_key_env, srcs)
-        records.check_output_paths(
-            files=[out, journal_path, records.manifest_path(out)],
-            inputs={"--data": args.data, "--import-swift": args.import_swift, "--import-jsonl": args.import_jsonl,
-                    "--sim-profiles": args.sim_profiles},
-            model_dirs={f"--sources {s.name}": s.target for s in srcs if s.kind == "hf"})
-        instances, origin = load_stream(args)
-        check_sources(srcs, instances, origin, key_envs, args.allow_outside_images)
-        if any(s.kind == "hf" for s in srcs):
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
-        output_images = {r["id"]: records.rebase_images(r.get("images") or [], origin, out) if origin else []
-                         for r in instances}
-        keys = {r["id"]: records.content_key(r, output_images[r["id"]]) for r in instances}
-        times = {}
-        have = claim_output(out, journal_path, srcs, keys, args, times)
-        reused = len(have)
-        for r in instances:
-            for t in r.get("trajectories") or []:
-                have.setdefault((r["id"], t["source"]), t["text"])
-    except (RecordError, SourceError) as e:
-        records.fail(str(e))
-    positions = {r["id"]: i / max(len(instances) - 1, 1) for i, r in enumerate(instances)}
-    journal = records.JsonlAppender(journal_path)
-    try:
-        answered, failures = collect(srcs, instances, have, journal, origin, positions, keys, args, key_envs, times)
-    except KeyboardInterrupt:
-        journal.close()
-        print(f"\ninterrupted: finished answers are kept in {journal_path}; run the same command again to "
-              "continue", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(130)  # at once: a normal exit would wait for the API requests still in flight
-    except records.DiskFull as e:
-        journal.close()
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(2)  # at once, as on Ctrl-C: API requests still in flight have nowhere to go
-    except RuntimeError as e:
-        if "out of memory" not in str(e).lower():
-            raise
-        print(f"error: out of memory ({' '.join(str(e).split())[:200]}); lower --batch-size or --max-new-tokens "
-              f"and run the same command again (finished answers are kept in {journal_path})", file=sys.stderr)
-        raise SystemExit(1)
-    finally:
-        journal.close()
-    rows = assemble(instances, srcs, have, origin, out, times)
-    try:
-        records.write_jsonl_atomic(out, rows)
-    except records.DiskFull as e:
-        records.fail(f"{e} (every answer is in {journal_path}: nothing is asked again)")
-    failed = print_summary(rows, srcs, failures)
-    n_train = sum(r["split"] == "train" for r in rows)
-    print(f"\ncollect: {len(rows)} instances ({n_train} train, {len(rows) - n_train} test), "
-          f"{sum(len(r['trajectories']) for r in rows)} trajectories from {len(srcs)} sources -> {out}; "
-          f"{answered} answered this run, {reused} resumed from the journal, {failed} failed"
-          + (" (run the same command again to retry them)" if failed else ""))
-    return 3 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,92 +1,18 @@
-"""Stage 3 of APO: consensus synthesis (the paper's Eq. (5)), and the source trajectories as negative constraints.
+"""Stage 3 of APO, consensus synthesis (the paper's Eq. (5)): the source trajectories as negative constraints.
 
 For every train instance the bootstrapped model reads the question (and its images) and all source
 trajectories in one context, labelled "Response A", "Response B" ... in a seeded shuffled order, and
-writes one consensus trajectory (DESIGN, step 3). The consensus becomes `chosen`, the source
-trajectories become `rejected`, the constraints apo.py pushes the model away from. The prompt is
-CONSENSUS_PROMPT in this file (copy it to start a --prompt-file); source names and labels never
-reach it.
+writes one consensus trajectory: the `chosen` of preferences.jsonl; the source trajectories become
+`rejected`, each with its `drift` from the chosen answer, the constraints apo.py pushes away from.
 
     accelerate launch consensus.py --model runs/bootstrap --data trajectories.jsonl --out preferences.jsonl
     python consensus.py --server http://127.0.0.1:8000/v1 --model runs/bootstrap ...   # `vllm serve runs/bootstrap`
     python consensus.py --consensus vote --data trajectories.jsonl --out preferences.jsonl   # no model
 
-What happens, top to bottom (`run`; the paper's step first in this file, this project's additions
-after it, then fitting long prompts, the generator, resume and outputs, the summary):
-1. trajectories.jsonl is validated whole before a model is loaded; only split train is used. The
-   output is locked and tied to this run's inputs and settings (<out>.run.json).
-2. Prompts (model modes): each instance's trajectories, in its seeded order, go into the consensus
-   prompt, shortened when it does not fit the model's window.
-3. Resume: what an earlier run wrote or skipped is settled and not generated again.
-4. Consensuses, in fixed rounds of --batch-size prompts per process (or from --server): each one is
-   settled as it comes into a line of preferences.jsonl (chosen, rejected, drift) or a skip.
-5. The outputs are rewritten in input order; the summary is printed.
-
-Where this departs from the paper (the first two also in the paper's mode; the rest are options):
-- a model consensus is the chosen only when it is clean (below), else the sources' vote picks it;
-- each rejected trajectory carries its `drift`: answers.answer_distance(its answer, the chosen
-  answer), the share of findings on which it departs (1.0 when it has no Answer line), which
-  apo.py --max-negatives ranks by;
-- --consensus vote and model+vote, --negatives drifting, --server (a server writes the consensuses).
-
---consensus
-    model       the paper: the model's consensus is the chosen trajectory.
-    vote        (an addition) no model: per-finding majority vote over the sources' parsed answers;
-                chosen is the source trajectory whose answer is closest to the vote (ties: first in
-                the instance's shuffled order, so no source is favoured); it is never also a negative.
-    model+vote  (an addition) the model's consensus is kept only where the sources back every one of
-                its calls: its support, the least share (over findings) of the parsed source answers
-                that make the same call on a finding as the consensus, must be >= --min-agreement.
-                With the default 0.5 the consensus may settle a tie but never overrule a strict
-                majority. Otherwise the vote's chosen is used (a fallback, counted).
-    In the model modes a consensus is used only when it is clean, else the vote's chosen is used
-    (counted in consensus_by by the reason): it ended on its own, not at --max-new-tokens
-    ("vote:cut"); it has a parseable Answer line ("vote:no-answer"), exactly one ("vote:answers"),
-    as its last line ("vote:answer-not-last"); it does not echo the prompt's response labels
-    ("vote:echo", e.g. "Response B says ..."); it says no sentence more than three times
-    ("vote:repeats": a loop; no simulated source can say one more than three times). APO teaches
-    the model to write its chosen texts: a cut, looping or label-quoting consensus would be
-    learnt as the target.
-
---negatives
-    all         the paper: every source trajectory except the chosen one itself.
-    drifting    (an addition) only the trajectories whose answer differs from the consensus' (drift > 0).
-    A trajectory identical to the chosen text is never a negative.
-
-Skipped train instances (counted in the summary, listed with the reason in <out>.skipped.jsonl):
-    no trajectories      the instance has none, or only blank ones
-    prompt too long      the prompt does not fit even with every trajectory cut to its Answer line
-    no answer to vote on the consensus needs the vote and no source answer parses
-    no negatives         nothing is left to reject (e.g. every source agrees, with --negatives drifting)
-
-Long prompts: when the prompt with all trajectories exceeds --max-prompt-tokens, every trajectory is
-cut by the same fraction from the middle of its reasoning, keeping its beginning, its end and its
-final Answer line.
-
-Summary (printed; --summary writes it as JSON): preferences written, skips by reason, shortened
-prompts, where the chosen came from, and per source: how often it was a negative, its mean drift
-(the distance of its answers from the chosen answer, over the written instances) and, where the
-records have labels, its accuracy beside the consensus' (answers.score, macro over findings).
-
---server: an OpenAI-compatible server (vLLM, SGLang, transformers serve) generates the consensuses
-instead of a model loaded here: the same conversation (system, the consensus prompt, images as
-data URLs), the sampling flags as request fields, --concurrency requests in flight, retries with
-backoff on 429/5xx/timeouts. The tokenizer (to fit prompts) comes from --model, which the server
-must serve (refused otherwise), or from the folder the server names. A request that still fails is
-counted and written nowhere: the same command asks it again (exit 3 until none fails).
-
-Output: preferences.jsonl (DESIGN) with one extra field, `consensus_by` ("model", "vote",
-"vote:<reason>" for an unclean consensus, or "vote:disagreed": where the chosen came from). Lines are
-appended as instances are done; the same command resumes an interrupted run and the final file
-equals an uninterrupted run's (generation runs in fixed rounds, and an unfinished round is generated
-again whole; keep --batch-size and the number of processes). Labels are passed through and printed
-beside the sources' accuracies, never used.
-
-The output is tied to what decides it, in <out>.run.json: the train instances' content, the model
-(path and fingerprint), the prompt and the flags in OUTPUT_ARGS / MODEL_ARGS. A rerun on an existing
-output with any of them changed is refused, naming what changed (a resume would mix two runs'
-lines). One consensus.py at a time writes an output (<out>.lock); --out may not be --data, nor lie
-in the model folder.
+Departures from the paper: a model consensus is the chosen only when it is clean, else the
+sources' vote picks it; each negative carries its drift; --consensus vote / model+vote,
+--negatives drifting and --server are options. The modes, skips, summary and output format are in
+docs/consensus.md; each instance is journalled as it is settled (docs/RELIABILITY.md).
 """
 
 import argparse
@@ -95,13 +21,15 @@ import json
 import os
 import random
 import re
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from common import answers
 from common import chat_client
+from common import journal
 from common import records
+from common import reports
 from common.records import RecordError
 
 # What the bootstrapped model reads to write the consensus (Eq. (5)): the question and every source
@@ -140,114 +68,9 @@ MODEL_ARGS = ("max_new_tokens", "max_prompt_tokens", "temperature", "top_p", "re
 SKIP_REASONS = ("no trajectories", "prompt too long", "no answer to vote on", "no negatives")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="trajectories.jsonl (collect.py); only split train is used")
-    p.add_argument("--out", required=True, help="preferences.jsonl to write (resumed when it exists)")
-    p.add_argument("--model", help="the bootstrapped model folder (bootstrap.py); not needed with --consensus vote")
-    p.add_argument("--consensus", choices=("model", "vote", "model+vote"), default="model",
-                   help="where the chosen trajectory comes from (see above; default: model, the paper; vote "
-                        "and model+vote are this project's additions)")
-    p.add_argument("--negatives", choices=("all", "drifting"), default="all",
-                   help="which source trajectories become negatives (default: all, the paper; drifting is this "
-                        "project's addition)")
-    p.add_argument("--min-agreement", type=float, default=0.5,
-                   help="model+vote: least share of the parsed source answers that must make the consensus' "
-                        "call on every finding (default 0.5)")
-    p.add_argument("--prompt-file", help="text file replacing CONSENSUS_PROMPT; must hold {question} and "
-                                         "{responses}, may hold {answer_format}")
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="length limit of a consensus (default 1024)")
-    p.add_argument("--max-prompt-tokens", type=int,
-                   help="prompt limit before trajectories are shortened (default: the model's max positions "
-                        "minus --max-new-tokens)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together per process (default 8)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="transformers' repetition penalty (> 1 discourages repeating any token already in the "
-                        "prompt or the answer; default 1.0: off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when --temperature > 0")
-    p.add_argument("--seed", type=int, default=0, help="seed of the response order and of sampling (default 0)")
-    p.add_argument("--save-prompts", help="model modes: also write the consensus prompts, as the model sees "
-                                          "them, to this JSONL file ({id, prompt, tokens, shortened})")
-    p.add_argument("--summary", help="also write the summary as JSON to this file")
-    server = chat_client.add_server_options(p, "runs/bootstrap")
-    server.add_argument("--served-model", metavar="NAME",
-                        help="the server's name for the model, where it differs from --model (vLLM's "
-                             "--served-model-name); default: the one model the server lists")
-    args = p.parse_args(argv)
-    if args.consensus != "vote" and not (args.model or args.server):
-        p.error(f"--model (or --server) is required with --consensus {args.consensus}")
-    if args.server and args.consensus == "vote":
-        p.error("--server generates consensuses; --consensus vote asks no model")
-    try:
-        chat_client.refuse_credentials(args.server, "--server")
-    except chat_client.ServerError as e:
-        p.error(str(e))
-    if args.concurrency < 1:
-        p.error("--concurrency must be at least 1")
-    if args.save_prompts and args.consensus == "vote":
-        p.error("--save-prompts needs a model mode (vote builds no prompt)")
-    if not 0.0 <= args.min_agreement <= 1.0:
-        p.error("--min-agreement must be in [0, 1]")
-    if args.batch_size < 1 or args.max_new_tokens < 1:
-        p.error("--batch-size and --max-new-tokens must be positive")
-    return args
-
-
 # ---------------------------------------------------------------------------------------------
-# The stage, and the paper's step it is made of: the consensus is chosen (--consensus model), every
-# source trajectory is rejected (--negatives all)
-
-
-def run(args):
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
-
-    accelerator = Accelerator()
-    is_main = accelerator.is_main_process
-
-    # Every line is validated, and the output claimed, before a model is loaded.
-    template = load_template(args.prompt_file)
-    train = load_train(args)
-    claim_output(args, train, template, accelerator)
-    skips = prepare_instances(train, args.seed)  # id -> reason
-
-    # Each process holds the whole model and generates its share (model modes).
-    generator, prompts, shortened = None, {}, 0
-    if args.consensus != "vote":
-        generator = load_generator(args, accelerator)
-        prompts, shortened = build_prompts(train, skips, template, generator, args, is_main)
-
-    # Resume: what an earlier run wrote or skipped is settled and not generated again.
-    outputs, settled = open_outputs(args, train, skips, accelerator)
-
-    todo = [r for r in train if r["id"] not in skips]
-    progress = tqdm(total=len(todo), initial=sum(r["id"] in settled for r in todo), desc="consensus",
-                    disable=not is_main)
-    failed = Counter()
-    # Each instance is written as soon as its consensus is settled, so an interrupted run loses none.
-    for record, consensus, error in consensuses(args, accelerator, todo, settled, prompts, generator):
-        if error:  # written nowhere: the same command asks it again
-            failed[error] += 1
-        else:
-            outputs.write(record, settle(record, consensus, args))
-        progress.update(1)
-    progress.close()
-    accelerator.wait_for_everyone()
-    if not is_main:
-        return
-
-    written, skipped = write_in_order(args, train, outputs)
-    report(args, train, written, skipped, shortened, failed, generator, accelerator.num_processes)
-
-
-def load_train(args):
-    """The train instances; only they get preferences."""
-    data = records.load_instances(args.data, require_trajectories=True)
-    train = [r for r in data if r["split"] == "train"]
-    if not train:
-        raise RecordError(args.data, None, "split", "no instance of split train")
-    return train
+# The paper's step: the consensus prompt over every trajectory, the consensus chosen (--consensus
+# model), every source trajectory rejected (--negatives all)
 
 
 def prepare_instances(train, seed):
@@ -330,46 +153,6 @@ def task_hint(parsed):
 def consensus_chat(record, prompt):
     """The record generate() formats: the consensus prompt, with the instance's system and images."""
     return {"prompt": prompt, "system": record.get("system"), "images": record["images"]}
-
-
-def consensuses(args, accelerator, todo, settled, prompts, generator):
-    """(record, consensus, error) on the main process for every instance of `todo` not yet settled;
-    consensus: the model's (text, ended), None in vote mode; error: why a server request failed."""
-    if generator is not None and generator.served is not None:
-        # the server batches the requests itself: every instance still to do is asked at once
-        return ask_server(args, generator.served, [r for r in todo if r["id"] not in settled], prompts)
-    return generate_rounds(args, accelerator, todo, settled, prompts, generator)
-
-
-def generate_rounds(args, accelerator, todo, settled, prompts, generator):
-    """consensuses() without a server (in vote mode nothing is generated). Fixed rounds of --batch-size
-    prompts per process, so a resumed run generates exactly the batches an uninterrupted one would;
-    each consensus is made by one process and gathered once."""
-    from accelerate.utils import gather_object, set_seed
-
-    round_size = args.batch_size * accelerator.num_processes
-    for start in range(0, len(todo), round_size):
-        batch = todo[start:start + round_size]
-        if all(r["id"] in settled for r in batch):
-            continue
-        generated = {}
-        if prompts:
-            from common import modeling
-
-            set_seed(args.seed + start, device_specific=True)
-            with accelerator.split_between_processes(batch) as share:
-                texts, ended = modeling.generate(
-                    generator.model, generator.processor, share, data_path=args.data, batch_size=args.batch_size,
-                    max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                    repetition_penalty=args.repetition_penalty, return_ended=True,
-                    prompt_fn=lambda r: consensus_chat(r, prompts[r["id"]]))
-            pairs = gather_object([(r["id"], (text, end)) for r, text, end in zip(share, texts, ended)])
-            generated = dict(pairs)
-            assert len(pairs) == len(generated) == len(batch), "each consensus must be gathered exactly once"
-        if accelerator.is_main_process:
-            for record in batch:
-                if record["id"] not in settled:
-                    yield record, generated.get(record["id"]), None
 
 
 def settle(record, consensus, args):
@@ -678,8 +461,105 @@ def ask_server(args, served, todo, prompts):
         client.close()
 
 
+def consensuses(args, accelerator, todo, settled, prompts, generator):
+    """(record, consensus, error) on the main process for every instance of `todo` not yet settled;
+    consensus: the model's (text, ended), None in vote mode; error: why a server request failed."""
+    if generator is not None and generator.served is not None:
+        # the server batches the requests itself: every instance still to do is asked at once
+        return ask_server(args, generator.served, [r for r in todo if r["id"] not in settled], prompts)
+    return generate_rounds(args, accelerator, todo, settled, prompts, generator)
+
+
+def generate_rounds(args, accelerator, todo, settled, prompts, generator):
+    """consensuses() without a server (in vote mode nothing is generated). Fixed rounds of --batch-size
+    prompts per process, so a resumed run generates exactly the batches an uninterrupted one would;
+    each consensus is made by one process and gathered once."""
+    from accelerate.utils import gather_object, set_seed
+
+    round_size = args.batch_size * accelerator.num_processes
+    for start in range(0, len(todo), round_size):
+        batch = todo[start:start + round_size]
+        if all(r["id"] in settled for r in batch):
+            continue
+        generated = {}
+        if prompts:
+            from common import modeling
+
+            set_seed(args.seed + start, device_specific=True)
+            with accelerator.split_between_processes(batch) as share:
+                texts, ended = modeling.generate(
+                    generator.model, generator.processor, share, data_path=args.data, batch_size=args.batch_size,
+                    max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    repetition_penalty=args.repetition_penalty, return_ended=True,
+                    prompt_fn=lambda r: consensus_chat(r, prompts[r["id"]]))
+            pairs = gather_object([(r["id"], (text, end)) for r, text, end in zip(share, texts, ended)])
+            generated = dict(pairs)
+            assert len(pairs) == len(generated) == len(batch), "each consensus must be gathered exactly once"
+        if accelerator.is_main_process:
+            for record in batch:
+                if record["id"] not in settled:
+                    yield record, generated.get(record["id"]), None
+
+
 # ---------------------------------------------------------------------------------------------
-# Resume and outputs
+# The run: the input validated and the output claimed before a model is loaded, then each
+# instance settled and journalled as its consensus comes
+
+
+def run(args):
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    accelerator = Accelerator()
+    is_main = accelerator.is_main_process
+
+    # Every line is validated, and the output claimed, before a model is loaded.
+    template = load_template(args.prompt_file)
+    train = load_train(args)
+    claim_output(args, train, template, accelerator)
+    skips = prepare_instances(train, args.seed)  # id -> reason
+
+    # Each process holds the whole model and generates its share (model modes).
+    generator, prompts, shortened = None, {}, 0
+    if args.consensus != "vote":
+        generator = load_generator(args, accelerator)
+        prompts, shortened = build_prompts(train, skips, template, generator, args, is_main)
+
+    # Resume: what an earlier run wrote or skipped is settled and not generated again.
+    outputs = journal.Settled(args.out, train, "train instance")
+    settled = outputs.resume(accelerator, skips)
+
+    todo = [r for r in train if r["id"] not in skips]
+    progress = tqdm(total=len(todo), initial=sum(r["id"] in settled for r in todo), desc="consensus",
+                    disable=not is_main)
+    failed = Counter()
+    # Each instance is written as soon as its consensus is settled, so an interrupted run loses none.
+    for record, consensus, error in consensuses(args, accelerator, todo, settled, prompts, generator):
+        if error:  # written nowhere: the same command asks it again
+            failed[error] += 1
+        else:
+            outputs.add(record["id"], settle(record, consensus, args))
+        progress.update(1)
+    progress.close()
+    accelerator.wait_for_everyone()
+    if not is_main:
+        return
+
+    written, skipped = outputs.finish()
+    report(args, train, written, skipped, shortened, failed, generator, accelerator.num_processes)
+
+
+def load_train(args):
+    """The train instances; only they get preferences."""
+    data = records.load_instances(args.data, require_trajectories=True)
+    train = [r for r in data if r["split"] == "train"]
+    if not train:
+        raise RecordError(args.data, None, "split", "no instance of split train")
+    return train
+
+
+# ---------------------------------------------------------------------------------------------
+# The output: tied to what decides it, resumed, rewritten in input order; the summary
 
 
 def run_settings(args, train, template):
@@ -704,162 +584,30 @@ def claim_output(args, train, template, accelerator):
 
         modeling.load_processor(args.model)  # a folder without its tokenizer is refused before the manifest
     records.check_output_paths(
-        files=[out, skipped_path(out), records.manifest_path(out), args.save_prompts, args.summary],
+        files=[out, journal.skipped_path(out), records.manifest_path(out), args.save_prompts, args.summary],
         inputs={"--data": args.data, "--prompt-file": args.prompt_file}, model_dirs={"--model": args.model})
     settings = run_settings(args, train, template)
 
     def claim():
-        records.OutputLock(out, "consensus.py")
-        manifest = records.manifest_path(out)
-        saved = records.tie_to_run(out, manifest, {"run": settings}, "consensus.py",
-                                   f"rerun with those settings to resume, or use another --out (or delete {out}, "
-                                   f"{skipped_path(out)} and {manifest} to start over)")
-        records.write_json_atomic(manifest, saved)
+        output = journal.Output(out, "consensus.py")
+        output.tie({"run": settings}, f"rerun with those settings to resume, or use another --out (or delete {out}, "
+                                      f"{journal.skipped_path(out)} and {output.manifest} to start over)")
 
     records.on_main_process(accelerator, claim)
-
-
-def skipped_path(out):
-    out = Path(out)
-    return out.with_name((out.stem if out.suffix == ".jsonl" else out.name) + ".skipped.jsonl")
-
-
-def read_done(path, known_ids):
-    """The complete lines of an earlier run's output, checked against the data."""
-    done = []
-    for lineno, obj in records.read_jsonl(path) if Path(path).exists() else []:
-        if obj.get("id") not in known_ids:
-            raise RecordError(path, lineno, "id", f"{obj.get('id')!r} is not a train instance of the data; "
-                                                  "this file is from another run: move it away")
-        done.append(obj)
-    return done
-
-
-class Outputs:
-    """preferences.jsonl and <out>.skipped.jsonl, appended line by line on the main process."""
-
-    def __init__(self, out):
-        self.preferences = records.JsonlAppender(out)
-        self.skipped = records.JsonlAppender(skipped_path(out))
-
-    def write(self, record, result):
-        """result: settle()'s preference record, or the reason the instance is skipped."""
-        if isinstance(result, str):
-            self.skipped.write({"id": record["id"], "reason": result})
-        else:
-            self.preferences.write(result)
-
-    def close(self):
-        self.preferences.close()
-        self.skipped.close()
-
-
-def open_outputs(args, train, skips, accelerator):
-    """(Outputs on the main process, else None; ids an earlier run already wrote or skipped). The main
-    process cuts torn tails and lists the new skips before any process reads the files."""
-    known = {r["id"] for r in train}
-    outputs = None
-    if accelerator.is_main_process:
-        outputs = Outputs(args.out)
-        listed = {r["id"] for r in read_done(skipped_path(args.out), known)}
-        for record in train:
-            if record["id"] in skips and record["id"] not in listed:
-                outputs.write(record, skips[record["id"]])
-    accelerator.wait_for_everyone()
-    settled = {r["id"] for r in read_done(args.out, known) + read_done(skipped_path(args.out), known)}
-    accelerator.wait_for_everyone()  # nobody appends while another process still reads
-    return outputs, settled
-
-
-def write_in_order(args, train, outputs):
-    """(written, skipped) in input order, an id's first line kept when it has two; the files are
-    rewritten so, since a resumed run may have appended out of order."""
-    outputs.close()
-    known = {r["id"] for r in train}
-    order = {r["id"]: i for i, r in enumerate(train)}
-    lines = read_done(args.out, known)
-    written = sorted({r["id"]: r for r in reversed(lines)}.values(), key=lambda r: order[r["id"]])
-    skipped = sorted({r["id"]: r for r in reversed(read_done(skipped_path(args.out), known))}.values(),
-                     key=lambda r: order[r["id"]])
-    if [r["id"] for r in lines] != [r["id"] for r in written]:
-        records.write_jsonl_atomic(args.out, written)
-    if skipped:
-        records.write_jsonl_atomic(skipped_path(args.out), skipped)
-    else:
-        skipped_path(args.out).unlink(missing_ok=True)
-    return written, skipped
-
-
-# ---------------------------------------------------------------------------------------------
-# Summary
-
-
-def summarize(train, written, skipped, shortened):
-    """Counts, and per source its drift from the consensus, how often it was a negative and, where
-    labels exist, its accuracy beside the consensus' (macro accuracy, answers.score)."""
-    by_id = {r["id"]: r for r in train}
-    per_source = defaultdict(lambda: {"instances": 0, "negative": 0, "drift": 0.0})
-    preds = defaultdict(lambda: defaultdict(lambda: ([], [])))  # task -> who -> (predictions, labels)
-    for pref in written:
-        record = by_id[pref["id"]]
-        consensus = answers.parse_answer(pref["chosen"])
-        labels = record.get("labels")
-        task = answers.task_of(labels) if labels else None
-        if task:
-            preds[task]["consensus"][0].append(consensus)
-            preds[task]["consensus"][1].append(labels)
-        for traj, answer in zip(record["trajectories"], record["_answers"]):
-            stats = per_source[traj["source"]]
-            stats["instances"] += 1
-            stats["drift"] += answers.answer_distance(answer, consensus)
-            if task:
-                preds[task][traj["source"]][0].append(answer)
-                preds[task][traj["source"]][1].append(labels)
-        for source in pref["rejected_sources"]:
-            per_source[source]["negative"] += 1
-    accuracy = {task: {who: answers.score(p, l)["macro"]["accuracy"] for who, (p, l) in table.items()}
-                for task, table in preds.items()}
-    sources = {}
-    for name in sorted(per_source):
-        s = per_source[name]
-        sources[name] = {"instances": s["instances"], "negative": s["negative"],
-                         "mean_drift": s["drift"] / s["instances"],
-                         "accuracy": {t: a[name] for t, a in accuracy.items() if name in a}}
-    return {
-        "written": len(written),
-        "skipped": {reason: skipped.get(reason, 0) for reason in SKIP_REASONS},
-        "shortened": shortened,
-        "consensus_by": dict(sorted(Counter(p["consensus_by"] for p in written).items())),
-        "sources": sources,
-        "consensus_accuracy": {t: a["consensus"] for t, a in accuracy.items()},
-    }
-
-
-def print_summary(summary):
-    tasks = sorted(summary["consensus_accuracy"])
-    width = max([len("consensus")] + [len(s) for s in summary["sources"]])
-    head = f"{'source':<{width}}  {'negative':>9}  {'mean drift':>10}" + "".join(f"  {'acc ' + t:>13}" for t in tasks)
-    print(head)
-    for name, s in summary["sources"].items():
-        acc = "".join(f"  {s['accuracy'][t]:>13.3f}" if t in s["accuracy"] else f"  {'-':>13}" for t in tasks)
-        print(f"{name:<{width}}  {s['negative']:>4}/{s['instances']:<4}  {s['mean_drift']:>10.3f}{acc}")
-    if tasks:
-        acc = "".join(f"  {summary['consensus_accuracy'][t]:>13.3f}" for t in tasks)
-        print(f"{'consensus':<{width}}  {'':>9}  {'':>10}{acc}")
-    print("(labels are only reported here, never used)" if tasks else "(no labels: accuracy not reported)")
 
 
 def report(args, train, written, skipped, shortened, failed, generator, processes):
     """The summary, printed and (--summary) written; the one-line result; exit 3 while a server
     request failed, 2 when nothing was written."""
     served = generator.served if generator is not None else None
-    summary = summarize(train, written, Counter(r["reason"] for r in skipped), shortened)
+    summary = reports.consensus_summary(train, written, Counter(r["reason"] for r in skipped), shortened,
+                                          SKIP_REASONS)
     summary["processes"] = processes
     # what wrote the consensuses: the model folder loaded here, or the server and the model it serves
     summary["generator"] = (served.record() if served is not None else
                             {"model": args.model} if args.consensus != "vote" else None)
     summary["failed"] = sum(failed.values())
-    print_summary(summary)
+    reports.print_consensus(summary)
     if args.summary:
         records.write_json_atomic(args.summary, summary)
     skipped_text = ", ".join(f"{n} {reason}" for reason, n in summary["skipped"].items() if n) or "none"
@@ -879,6 +627,85 @@ def report(args, train, written, skipped, shortened, failed, generator, processe
         raise SystemExit(3)
     if not written:
         records.fail(f"{args.data}: no preference written: every train instance was skipped ({skipped_text})")
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+
+EPILOG = """\
+--consensus (docs/consensus.md has the whole rule):
+  model       the paper: the model's consensus is the chosen trajectory, when it is clean (it ended
+              on its own, has one parseable Answer line, as its last line, echoes no response label
+              and repeats no sentence more than three times); else the vote's chosen, counted in
+              consensus_by as vote:<reason>
+  vote        (an addition) no model: the source trajectory closest to the per-finding majority vote
+  model+vote  (an addition) the model's consensus where the sources back each of its calls by at
+              least --min-agreement, else the vote's chosen (vote:disagreed)
+
+--negatives:
+  all         the paper: every source trajectory except the chosen one itself
+  drifting    (an addition) only those whose answer differs from the chosen one (drift > 0)
+
+Skipped train instances are listed with their reason in <out>.skipped.jsonl: no trajectories,
+prompt too long, no answer to vote on, no negatives. Exit status: 0 done; 2 bad input, or nothing
+written; 3 some server requests failed (the same command asks them again).
+"""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="trajectories.jsonl (collect.py); only split train is used")
+    p.add_argument("--out", required=True, help="preferences.jsonl to write (resumed when it exists)")
+    p.add_argument("--model", help="the bootstrapped model folder (bootstrap.py); not needed with --consensus vote")
+    p.add_argument("--consensus", choices=("model", "vote", "model+vote"), default="model",
+                   help="where the chosen trajectory comes from (see below; default: model, the paper; vote "
+                        "and model+vote are this project's additions)")
+    p.add_argument("--negatives", choices=("all", "drifting"), default="all",
+                   help="which source trajectories become negatives (default: all, the paper; drifting is this "
+                        "project's addition)")
+    p.add_argument("--min-agreement", type=float, default=0.5,
+                   help="model+vote: least share of the parsed source answers that must make the consensus' "
+                        "call on every finding (default 0.5)")
+    p.add_argument("--prompt-file", help="text file replacing CONSENSUS_PROMPT; must hold {question} and "
+                                         "{responses}, may hold {answer_format}")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="length limit of a consensus (default 1024)")
+    p.add_argument("--max-prompt-tokens", type=int,
+                   help="prompt limit before trajectories are shortened (default: the model's max positions "
+                        "minus --max-new-tokens)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together per process (default 8)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="transformers' repetition penalty (> 1 discourages repeating any token already in the "
+                        "prompt or the answer; default 1.0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when --temperature > 0")
+    p.add_argument("--seed", type=int, default=0, help="seed of the response order and of sampling (default 0)")
+    p.add_argument("--save-prompts", help="model modes: also write the consensus prompts, as the model sees "
+                                          "them, to this JSONL file ({id, prompt, tokens, shortened})")
+    p.add_argument("--summary", help="also write the summary as JSON to this file")
+    server = chat_client.add_server_options(p, "runs/bootstrap")
+    server.add_argument("--served-model", metavar="NAME",
+                        help="the server's name for the model, where it differs from --model (vLLM's "
+                             "--served-model-name); default: the one model the server lists")
+    args = p.parse_args(argv)
+    if args.consensus != "vote" and not (args.model or args.server):
+        p.error(f"--model (or --server) is required with --consensus {args.consensus}")
+    if args.server and args.consensus == "vote":
+        p.error("--server generates consensuses; --consensus vote asks no model")
+    try:
+        chat_client.refuse_credentials(args.server, "--server")
+    except chat_client.ServerError as e:
+        p.error(str(e))
+    if args.concurrency < 1:
+        p.error("--concurrency must be at least 1")
+    if args.save_prompts and args.consensus == "vote":
+        p.error("--save-prompts needs a model mode (vote builds no prompt)")
+    if not 0.0 <= args.min_agreement <= 1.0:
+        p.error("--min-agreement must be in [0, 1]")
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        p.error("--batch-size and --max-new-tokens must be positive")
+    return args
 
 
 def main(argv=None):

@@ -1,43 +1,16 @@
-"""Stage 5: the paper's table. Every source and every model, scored per finding on the same
+"""Stage 5 of APO: the paper's table. Every source and every model, scored per finding on the same
 held-out instances.
 
     accelerate launch evaluate.py --models runs/bootstrap apo=runs/apo --data trajectories.jsonl --out runs/eval
     python evaluate.py --sources-only --data trajectories.jsonl --out runs/eval_sources
     python evaluate.py --models boot=runs/bootstrap@http://127.0.0.1:8000/v1 apo=runs/apo@http://127.0.0.1:8001/v1 ...
 
-What happens, top to bottom (`evaluate`; after it in this file: the server connection, the
-predictions file with its resume checks, the table and the plot):
-1. The labelled instances of --split (default test) are read; unlabelled ones are only counted.
-2. Sources are scored from the trajectories already in the file; each model answers every instance
-   of the split (greedy, batched, the chat format of training), its answers appended to
-   predictions.jsonl as they come.
-3. Every answer is parsed and scored per finding against the labels, the same way for sources and
-   models. Presence tasks (14 findings) get accuracy, precision, recall and F1 per finding; change
-   tasks (MS-CXR-T) get accuracy per finding; both get the macro average. An answer the parser
-   cannot read counts in the "unparsed" column and is wrong on every finding.
-4. metrics.json, table.md (printed) and accuracy.png are written.
-The paper reports accuracy per finding; precision, recall, F1 and the unparsed count are added here.
-
-Outputs in --out:
-    predictions.jsonl  one line per (model, instance): id, model, text, answer (parsed or null)
-    models.json        what produced the predictions of each model (weights hash, settings)
-    metrics.json       per row (sources, then models) and task: per-finding metrics, macro, unparsed, n
-    table.md           the Markdown table, also printed
-    accuracy.png       heat map of per-finding accuracy with the unparsed share (skipped with a note
-                       without matplotlib)
-
-A model given as DIR@URL (or every model, with --server URL) answers through that OpenAI-compatible
-server (`vllm serve runs/apo`) instead of being loaded here: the same conversation, greedy, up to
---concurrency requests in flight, retries with backoff. The server must serve DIR (refused
-otherwise); models.json records the server and the model id it serves. A request that still fails
-is counted, written nowhere and asked again by the next run (exit 3 until none fails).
-
-Predictions are appended as they are generated; the same command after an interruption skips the
-(model, id) pairs already in predictions.jsonl and recomputes the metrics from the file. Each
-prediction carries a key of what its instance asked (prompt, system, image paths): an instance
-edited since, under the same id, is answered again. Predictions of other weights or decoding
-settings (models.json) are refused, never mixed in. --out may not be a model folder it reads, and
-one evaluate.py at a time writes it (a lock).
+Sources are scored from the trajectories in --data; each model answers every labelled instance of
+--split (greedy, batched, the chat format of training; DIR@URL: through that OpenAI-compatible
+server), its answers journalled in predictions.jsonl. Every answer is parsed and scored per finding
+against the labels, the same way for sources and models; an answer the parser cannot read counts
+as unparsed and is wrong on every finding. The paper reports accuracy per finding; precision,
+recall, F1 and the unparsed count are added here. Resume and refusals: docs/RELIABILITY.md.
 """
 
 import argparse
@@ -52,10 +25,12 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from common import chat_client
+from common import journal
+from common import reports
 from common.answers import CHANGE_FINDINGS, FINDINGS, normalize, parse_answer, score, task_of
-from common.records import (SPLITS, JsonlAppender, OutputLock, RecordError, check_output_paths, content_key,
-                     disk_full_reported, fail, lazy_import, load_instances, read_jsonl, release_locks, repair_torn_tail,
-                     write_json_atomic, write_jsonl_atomic, write_text_atomic)
+from common.records import (SPLITS, RecordError, check_output_paths, content_key, disk_full_reported, fail,
+                            lazy_import, load_instances, on_main_process, release_locks, write_json_atomic,
+                            write_text_atomic)
 
 # Loaded on first use, so that --help and a wrong flag answer at once (torch alone takes seconds).
 torch = lazy_import("torch")
@@ -69,83 +44,9 @@ DECODING_ARGS = {"max_new_tokens": None, "repetition_penalty": 1.0}
 OUTPUT_FILES = ("predictions.jsonl", "models.json", "metrics.json", "table.md", "accuracy.png")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=[], metavar="DIR|NAME=DIR[@URL]",
-                   help="model folders to evaluate (or hub ids); the table names a row after the folder, "
-                        "or NAME when given as NAME=DIR; DIR@URL: the OpenAI-compatible server at URL serves "
-                        "DIR and answers for it")
-    p.add_argument("--data", required=True, help="trajectories.jsonl with `labels` on the instances to score")
-    p.add_argument("--out", required=True, help="output folder (predictions.jsonl, metrics.json, table.md, accuracy.png)")
-    p.add_argument("--split", default="test", choices=SPLITS, help="split to score (default test)")
-    p.add_argument("--sources-only", action="store_true",
-                   help="score the sources in --data only; load no model (useful right after collect.py)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call on each process")
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="generation budget per answer (reasoning included)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="transformers' repetition penalty for every model (> 1 discourages repeating tokens already "
-                        "in the prompt or the answer; default 1.0: off). Part of the decoding protocol: compare "
-                        "models only under the same one")
-    p.add_argument("--seed", type=int, default=0, help="random seed (decoding is greedy; set for completeness)")
-    chat_client.add_server_options(p, "runs/apo")
-    args = p.parse_args(argv)
-    if not args.models and not args.sources_only:
-        p.error("give --models DIR [DIR ...], or --sources-only to score the sources alone")
-    if args.batch_size < 1 or args.max_new_tokens < 1 or args.concurrency < 1:
-        p.error("--batch-size, --max-new-tokens and --concurrency must be at least 1")
-    return args
-
-
 # ---------------------------------------------------------------------------------------------
 # The step: every source and every model answers the same held-out instances; each answer is
 # parsed and scored per finding against the labels
-
-
-def evaluate(args):
-    import transformers  # here, not at the top: --help and a wrong flag answer before torch is loaded
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    transformers.utils.logging.disable_progress_bar()
-    accelerator = Accelerator()
-    set_seed(args.seed)
-    out = Path(args.out)
-    try:
-        instances, unlabelled = load_eval_instances(args.data, args.split, check_images=not args.sources_only)
-        sources = source_names(instances)
-        if args.sources_only and not sources:
-            raise RecordError(args.data, None, "trajectories", f"none of the {len(instances)} {args.split} instances "
-                                                               "has trajectories: --sources-only has nothing to score "
-                                                               "(give --models, or the file collect.py wrote)")
-        models, served = ([], {}) if args.sources_only else check_models(args, instances, sources, accelerator)
-        check_output_paths(files=[out / name for name in OUTPUT_FILES], folders=[out], inputs={"--data": args.data},
-                           model_dirs={f"--models {name}": path for name, path in models})
-    except (RecordError, chat_client.ServerError) as e:
-        stop(accelerator, str(e))
-    keys = {r["id"]: content_key(r) for r in instances}
-
-    # What an earlier run answered is not asked again (the same weights and settings: models.json).
-    done = resume(out, models, keys, served, args, accelerator)
-    reused = sum((n, r["id"]) in done for n, _ in models for r in instances)
-    generated, failed = answer_missing(accelerator, models, served, instances, done, out, args)
-
-    # Scored from the files, so a resumed run scores exactly what an uninterrupted one would.
-    if accelerator.is_main_process:
-        rows = [{"name": s, "kind": "source", **score_row(instances, source_texts(instances, s))} for s in sources]
-        rows += model_rows(out / "predictions.jsonl", models, instances, keys)
-        try:
-            tasks = write_outputs(out, rows, instances, unlabelled, args)
-        except RecordError as e:  # a full disk: the predictions are kept, the same command writes the rest
-            fail(str(e))
-        print(summary(rows, tasks, unlabelled, len(sources), len(models), generated, reused, args))
-        if failed:
-            print(f"{sum(failed.values())} answers failed (run the same command again to ask them again; "
-                  "their rows count them as missing):")
-            for reason, n in failed.most_common():
-                print(f"  {n} failed: {reason}")
-    accelerator.end_training()
-    if failed:
-        raise SystemExit(3)
 
 
 def load_eval_instances(path, split, check_images):
@@ -214,7 +115,7 @@ def answer_missing(accelerator, models, served, instances, done, out, args):
     """(answers generated, Counter of failed requests): each model answers the instances it has not
     answered yet (done: {(model, id)}), appended to predictions.jsonl on the main process."""
     generated, failed = 0, Counter()
-    appender = JsonlAppender(out / "predictions.jsonl") if accelerator.is_main_process and models else None
+    appender = journal.Journal(out / "predictions.jsonl").open() if accelerator.is_main_process and models else None
     try:
         for name, path in models:
             if name in served:
@@ -254,7 +155,7 @@ def generate_missing(accelerator, name, path, instances, done, appender, args):
                               for r, t, e in zip(batch, texts, ended)])
         if accelerator.is_main_process:
             for row in rows:
-                appender.write(row)
+                appender.append(row)
         bar.update(len(rows))
     bar.close()
     del model
@@ -275,6 +176,58 @@ def check_context(model, processor, instances, args):
             raise RecordError(args.data, r.get("_line"), "prompt",
                               f"{length} tokens + --max-new-tokens {args.max_new_tokens} exceed the model's "
                               f"{limit} positions")
+
+
+def ask_missing(name, served, instances, done, appender, failed, args):
+    """generate_missing through a server (one process): each answer is appended as it comes, a
+    failure is counted in `failed` and left for the next run."""
+    todo = [r for r in instances if (name, r["id"]) not in done]
+    api_key = os.environ.get(args.api_key_env)
+    # repetition_penalty is sent only when set: `transformers serve` refuses the field
+    request = chat_client.request_fields(args.max_new_tokens, 0.0, repetition_penalty=(
+        args.repetition_penalty if args.repetition_penalty != 1.0 else None))
+    client = chat_client.make_client(served.url, api_key, args.timeout, args.max_response_mb)
+    bar = tqdm(total=len(todo), desc=name)
+    try:
+        for r, text, error in chat_client.answer_all(
+                client, served.name, todo, lambda r: chat_client.api_messages(r, args.data, args.allow_outside_images),
+                lambda r: request,
+                args.concurrency, args.max_retries, args.backoff, secrets=[api_key], generation=True):
+            if error:
+                failed[error] += 1
+            else:
+                answer, ended = text
+                appender.append(prediction_row(name, r["id"], answer, content_key(r), ended))
+            bar.update(1)
+    finally:
+        bar.close()
+        client.close()
+    return len(todo) - sum(failed.values())
+
+
+def markdown_tables(rows):
+    """One Markdown table per task: rows in order, columns the findings, average, unparsed."""
+    parts = []
+    for task in ("presence", "change"):
+        scored = [r for r in rows if task in r]
+        if not scored:
+            continue
+        columns = [f for f in TASK_FINDINGS[task] if any(f in r[task]["per_finding"] for r in scored)]
+        extra = ["average", "macro F1", "unparsed"] if task == "presence" else ["average", "unparsed"]
+        n = scored[0][task]["n"]
+        lines = [f"### {task}: accuracy per finding, {n} instances", "",
+                 "| | kind | " + " | ".join(columns + extra) + " |",
+                 "|---|---|" + "---:|" * (len(columns) + len(extra))]
+        for r in scored:
+            s = r[task]
+            cells = [f"{s['per_finding'][f]['accuracy']:.3f}" if f in s["per_finding"] else "–" for f in columns]
+            cells.append(f"{s['macro']['accuracy']:.3f}")
+            if task == "presence":
+                cells.append(f"{s['macro']['f1']:.3f}")
+            cells.append(f"{s['unparsed']}/{s['n']}")
+            lines.append(f"| {r['name']} | {r['kind']} | " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,67 +317,83 @@ def connect(models, urls, args):
     return served
 
 
-def ask_missing(name, served, instances, done, appender, failed, args):
-    """generate_missing through a server (one process): each answer is appended as it comes, a
-    failure is counted in `failed` and left for the next run."""
-    todo = [r for r in instances if (name, r["id"]) not in done]
-    api_key = os.environ.get(args.api_key_env)
-    # repetition_penalty is sent only when set: `transformers serve` refuses the field
-    request = chat_client.request_fields(args.max_new_tokens, 0.0, repetition_penalty=(
-        args.repetition_penalty if args.repetition_penalty != 1.0 else None))
-    client = chat_client.make_client(served.url, api_key, args.timeout, args.max_response_mb)
-    bar = tqdm(total=len(todo), desc=name)
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def evaluate(args):
+    import transformers  # here, not at the top: --help and a wrong flag answer before torch is loaded
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    transformers.utils.logging.disable_progress_bar()
+    accelerator = Accelerator()
+    set_seed(args.seed)
+    out = Path(args.out)
     try:
-        for r, text, error in chat_client.answer_all(
-                client, served.name, todo, lambda r: chat_client.api_messages(r, args.data, args.allow_outside_images),
-                lambda r: request,
-                args.concurrency, args.max_retries, args.backoff, secrets=[api_key], generation=True):
-            if error:
-                failed[error] += 1
-            else:
-                answer, ended = text
-                appender.write(prediction_row(name, r["id"], answer, content_key(r), ended))
-            bar.update(1)
-    finally:
-        bar.close()
-        client.close()
-    return len(todo) - sum(failed.values())
+        instances, unlabelled = load_eval_instances(args.data, args.split, check_images=not args.sources_only)
+        sources = source_names(instances)
+        if args.sources_only and not sources:
+            raise RecordError(args.data, None, "trajectories", f"none of the {len(instances)} {args.split} instances "
+                                                               "has trajectories: --sources-only has nothing to score "
+                                                               "(give --models, or the file collect.py wrote)")
+        models, served = ([], {}) if args.sources_only else check_models(args, instances, sources, accelerator)
+        check_output_paths(files=[out / name for name in OUTPUT_FILES], folders=[out], inputs={"--data": args.data},
+                           model_dirs={f"--models {name}": path for name, path in models})
+    except (RecordError, chat_client.ServerError) as e:
+        stop(accelerator, str(e))
+    keys = {r["id"]: content_key(r) for r in instances}
+
+    # What an earlier run answered is not asked again (the same weights and settings: models.json).
+    done = resume(out, models, keys, served, args, accelerator)
+    reused = sum((n, r["id"]) in done for n, _ in models for r in instances)
+    generated, failed = answer_missing(accelerator, models, served, instances, done, out, args)
+
+    # Scored from the files, so a resumed run scores exactly what an uninterrupted one would.
+    if accelerator.is_main_process:
+        rows = [{"name": s, "kind": "source", **score_row(instances, source_texts(instances, s))} for s in sources]
+        rows += model_rows(out / "predictions.jsonl", models, instances, keys)
+        try:
+            tasks = write_outputs(out, rows, instances, unlabelled, args)
+        except RecordError as e:  # a full disk: the predictions are kept, the same command writes the rest
+            fail(str(e))
+        print(summary(rows, tasks, unlabelled, len(sources), len(models), generated, reused, args))
+        if failed:
+            print(f"{sum(failed.values())} answers failed (run the same command again to ask them again; "
+                  "their rows count them as missing):")
+            for reason, n in failed.most_common():
+                print(f"  {n} failed: {reason}")
+    accelerator.end_training()
+    if failed:
+        raise SystemExit(3)
 
 
 # ---------------------------------------------------------------------------------------------
-# The predictions file: what is already answered, under which weights and settings, in which order
+# The predictions journal: what is already answered, under which weights and settings, in which order
 
 
 def resume(out, models, keys, served, args, accelerator):
     """{(model, id)} already in predictions.jsonl, after locking the output and checking models.json.
     The main process alone touches the output files; the others learn from it what is done."""
-    from accelerate.utils import broadcast_object_list
+    def claim():
+        journal.Output(out, "evaluate.py", folder=True)
+        if not models:
+            return set()
+        existing = read_predictions(out / "predictions.jsonl", keys)
+        check_manifest(out, models, existing, args, served)
+        return set(existing)  # the keys only: texts stay on disk
 
-    shared = [None, set()]
-    if accelerator.is_main_process:
-        try:
-            OutputLock(out, "evaluate.py", folder=True)
-            if models:
-                existing = read_predictions(out / "predictions.jsonl", keys)
-                check_manifest(out, models, existing, args, served)
-                shared = [None, set(existing)]  # the keys only: texts stay on disk
-        except RecordError as e:
-            shared = [str(e), set()]
-    broadcast_object_list(shared)
-    if shared[0]:
-        stop(accelerator, shared[0])
-    return shared[1]
+    return on_main_process(accelerator, claim, share=True)
 
 
 def read_predictions(path, keys):
     """{(model, id): row} from predictions.jsonl after cutting a torn last line; first row wins.
     A row answering an instance of `keys` ({id: content_key}) that has changed since is dropped,
     so it is generated again."""
-    repair_torn_tail(path)
-    if not path.exists():
-        return {}
+    predictions = journal.Journal(path)
+    predictions.complete()
     rows = {}
-    for lineno, row in read_jsonl(path):
+    for lineno, row in predictions.lines():
         for field in ("id", "model", "text"):
             if not isinstance(row.get(field), str):
                 raise RecordError(path, lineno, field, "missing or not a string")
@@ -492,12 +461,12 @@ def rewrite_in_order(path, rows, model_order, id_order):
         return (model_order.get(m, len(model_order)), m if m not in model_order else "",
                 id_order.get(i, len(id_order)), i)
 
-    write_jsonl_atomic(path, [prediction_row(r["model"], r["id"], r["text"], r.get("h"), r.get("ended"))
-                              for r in sorted(rows, key=key)])
+    journal.Journal(path).rewrite([prediction_row(r["model"], r["id"], r["text"], r.get("h"), r.get("ended"))
+                                   for r in sorted(rows, key=key)])
 
 
 # ---------------------------------------------------------------------------------------------
-# Outputs: metrics.json, the table, the plot, the summary line
+# Outputs: metrics.json, the table, the summary line
 
 
 def write_outputs(out, rows, instances, unlabelled, args):
@@ -511,101 +480,11 @@ def write_outputs(out, rows, instances, unlabelled, args):
     print("\n" + table)
     picture, tmp = out / "accuracy.png", out / "accuracy.png.tmp"
     with disk_full_reported(picture, leftovers=[tmp], resumes="the same command writes it from the predictions kept"):
-        if not plot_accuracy(rows, tmp):
+        if not reports.plot_accuracy(rows, tmp, TASK_FINDINGS):
             print("note: matplotlib is not installed; accuracy.png skipped (pip install matplotlib)")
             return tasks
         os.replace(tmp, picture)  # a picture cut short by a full disk never replaces a good one
     return tasks
-
-
-def markdown_tables(rows):
-    """One Markdown table per task: rows in order, columns the findings, average, unparsed."""
-    parts = []
-    for task in ("presence", "change"):
-        scored = [r for r in rows if task in r]
-        if not scored:
-            continue
-        columns = [f for f in TASK_FINDINGS[task] if any(f in r[task]["per_finding"] for r in scored)]
-        extra = ["average", "macro F1", "unparsed"] if task == "presence" else ["average", "unparsed"]
-        n = scored[0][task]["n"]
-        lines = [f"### {task}: accuracy per finding, {n} instances", "",
-                 "| | kind | " + " | ".join(columns + extra) + " |",
-                 "|---|---|" + "---:|" * (len(columns) + len(extra))]
-        for r in scored:
-            s = r[task]
-            cells = [f"{s['per_finding'][f]['accuracy']:.3f}" if f in s["per_finding"] else "–" for f in columns]
-            cells.append(f"{s['macro']['accuracy']:.3f}")
-            if task == "presence":
-                cells.append(f"{s['macro']['f1']:.3f}")
-            cells.append(f"{s['unparsed']}/{s['n']}")
-            lines.append(f"| {r['name']} | {r['kind']} | " + " | ".join(cells) + " |")
-        parts.append("\n".join(lines))
-    return "\n\n".join(parts) + "\n"
-
-
-def plot_accuracy(rows, path):
-    """A heat map per task: rows (sources, then models) x findings, each cell's accuracy written in,
-    then the average and the share of answers without a parseable Answer line (an unparsed answer
-    is wrong on every finding, so it reads as a low row, never as missing data; a finding not
-    scored is a blank cell with a dash). False when matplotlib is absent."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    import numpy as np
-
-    tasks = [t for t in ("presence", "change") if any(t in r for r in rows)]
-    heights = [0.42 * sum(task in r for r in rows) + 1.9 for task in tasks]
-    widths = [len([f for f in TASK_FINDINGS[t] if any(f in r[t]["per_finding"] for r in rows if t in r)]) for t in tasks]
-    fig, axes = plt.subplots(len(tasks), 1, squeeze=False, figsize=(2.6 + 0.62 * (max(widths) + 2), sum(heights)),
-                             gridspec_kw={"height_ratios": heights})
-    for ax, task in zip(axes[:, 0], tasks):
-        scored = [r for r in rows if task in r]
-        findings = [f for f in TASK_FINDINGS[task] if any(f in r[task]["per_finding"] for r in scored)]
-        accuracy = np.array([[r[task]["per_finding"][f]["accuracy"] if f in r[task]["per_finding"] else np.nan
-                              for f in findings] + [r[task]["macro"]["accuracy"]] for r in scored])
-        unparsed = np.array([[r[task]["unparsed"] / max(1, r[task]["n"])] for r in scored])
-        cols = len(findings) + 1
-        ax.imshow(np.ma.masked_invalid(accuracy), cmap="RdYlGn", vmin=0.5, vmax=1.0, aspect="auto",
-                  extent=(-0.5, cols - 0.5, len(scored) - 0.5, -0.5))
-        ax.imshow(unparsed, cmap="Greys", vmin=0, vmax=1.5, aspect="auto",
-                  extent=(cols - 0.5, cols + 0.5, len(scored) - 0.5, -0.5))
-        colours = plt.get_cmap("RdYlGn")
-        for i, r in enumerate(scored):
-            for j in range(cols):
-                value = accuracy[i, j]
-                red, green, blue, _ = colours(np.clip((value - 0.5) / 0.5, 0, 1)) if not np.isnan(value) else (1, 1, 1, 1)
-                dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5  # white text on dark cells
-                ax.text(j, i, "–" if np.isnan(value) else cell_text(value), ha="center", va="center", fontsize=8,
-                        color="white" if dark else "black", fontweight="bold" if j == cols - 1 else None)
-            ax.text(cols, i, f"{r[task]['unparsed']}/{r[task]['n']}", ha="center", va="center", fontsize=8,
-                    color="white" if unparsed[i, 0] > 0.5 else "black")
-        models = [i for i, r in enumerate(scored) if r["kind"] == "model"]
-        if models and models[0] > 0:  # sources above the line, trained models below
-            ax.axhline(models[0] - 0.5, color="black", linewidth=2)
-        ax.axvline(cols - 1.5, color="white", linewidth=3)
-        ax.axvline(cols - 0.5, color="white", linewidth=3)
-        ax.set_xlim(-0.5, cols + 0.5)
-        ax.set_ylim(len(scored) - 0.5, -0.5)
-        ax.set_xticks(range(cols + 1), findings + ["average", "unparsed"], rotation=35, ha="right")
-        ax.set_yticks(range(len(scored)), [f"{r['name']} ({r['kind']})" for r in scored])
-        ax.tick_params(length=0)
-        ax.set_title(f"{task}: accuracy per finding on {scored[0][task]['n']} instances "
-                     f"(colour from 0.5 red to 1 green; unparsed: answers without an Answer line)", fontsize=9)
-    fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=120, format="png")
-    finally:
-        plt.close(fig)
-    return True
-
-
-def cell_text(value):
-    """An accuracy as a heat-map cell writes it: 1, 0, or two decimals without the leading zero."""
-    return "1" if value == 1 else "0" if value == 0 else f"{value:.2f}".lstrip("0")
 
 
 def summary(rows, tasks, unlabelled, n_sources, n_models, generated, reused, args):
@@ -629,6 +508,55 @@ def stop(accelerator, message):
     if accelerator.is_main_process:
         fail(message)
     raise SystemExit(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+
+EPILOG = """\
+outputs in --out:
+  predictions.jsonl  one line per (model, instance): id, model, text, answer (parsed or null)
+  models.json        what produced the predictions of each model (weights hash, settings)
+  metrics.json       per row (sources, then models) and task: per-finding metrics, macro, unparsed, n
+  table.md           the Markdown table, also printed
+  accuracy.png       heat map of per-finding accuracy with the unparsed share (skipped with a note
+                     without matplotlib)
+
+Only the labelled instances of --split are scored; unlabelled ones are counted. Presence tasks
+(14 findings) get accuracy, precision, recall and F1 per finding, change tasks (MS-CXR-T)
+accuracy per finding, both the macro average. A served model (DIR@URL, or --server)
+must serve DIR; a request that still fails is asked again by the next run (exit 3 until none
+fails). The same command after an interruption skips the (model, instance) pairs already answered.
+"""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=[], metavar="DIR|NAME=DIR[@URL]",
+                   help="model folders to evaluate (or hub ids); the table names a row after the folder, "
+                        "or NAME when given as NAME=DIR; DIR@URL: the OpenAI-compatible server at URL serves "
+                        "DIR and answers for it")
+    p.add_argument("--data", required=True, help="trajectories.jsonl with `labels` on the instances to score")
+    p.add_argument("--out", required=True, help="output folder (predictions.jsonl, metrics.json, table.md, accuracy.png)")
+    p.add_argument("--split", default="test", choices=SPLITS, help="split to score (default test)")
+    p.add_argument("--sources-only", action="store_true",
+                   help="score the sources in --data only; load no model (useful right after collect.py)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call on each process")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="generation budget per answer (reasoning included)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="transformers' repetition penalty for every model (> 1 discourages repeating tokens already "
+                        "in the prompt or the answer; default 1.0: off). Part of the decoding protocol: compare "
+                        "models only under the same one")
+    p.add_argument("--seed", type=int, default=0, help="random seed (decoding is greedy; set for completeness)")
+    chat_client.add_server_options(p, "runs/apo")
+    args = p.parse_args(argv)
+    if not args.models and not args.sources_only:
+        p.error("give --models DIR [DIR ...], or --sources-only to score the sources alone")
+    if args.batch_size < 1 or args.max_new_tokens < 1 or args.concurrency < 1:
+        p.error("--batch-size, --max-new-tokens and --concurrency must be at least 1")
+    return args
 
 
 def main(argv=None):

@@ -47,10 +47,11 @@ class lazy_import:  # noqa: N801 - used as a module name, as `import` would bind
         return getattr(importlib.import_module(self._name), attr)
 
 
-def on_main_process(accelerator, fn):
+def on_main_process(accelerator, fn, share=False):
     """fn() on the main process only (the one that owns the output files); when it raises
     RecordError, every process ends with exit 2, the main one with the message, so no process is
-    left waiting in a collective for one that has gone. Returns fn's result on the main process."""
+    left waiting in a collective for one that has gone. Returns fn's result on the main process,
+    and with share=True on every process."""
     error, result = None, None
     if accelerator.is_main_process:
         try:
@@ -60,9 +61,9 @@ def on_main_process(accelerator, fn):
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
-        box = [error]
+        box = [error, result] if share else [error]
         broadcast_object_list(box)
-        error = box[0]
+        error, result = box if share else (box[0], result)
     if error is not None:
         if accelerator.is_main_process:
             fail(error)
