@@ -1,31 +1,18 @@
 """Stage 2 of APO: supervised bootstrapping on the union of all source trajectories.
 
 Every (instance, trajectory) pair of split train is one example; the loss is next-token
-cross-entropy on the response tokens only (system, prompt, image tokens and padding are masked),
+cross-entropy on the response tokens only (system, prompt, image tokens and padding masked),
 averaged over the response tokens of the global batch: the paper's Eq. (4), which projects the
 target into the union of the sources. Labels are never read: APO is label-free.
 
     accelerate launch bootstrap.py --model Qwen/Qwen2.5-VL-7B-Instruct --data trajectories.jsonl --out runs/bootstrap
-    python bootstrap.py --model M --data trajectories.jsonl --out DIR          # one process
 
-DIR receives the fine-tuned model as a Hugging Face folder (the reference and starting point of
-consensus.py and apo.py) and nothing else; the run folder DIR.run beside it holds checkpoints/
-(exact resume), metrics.jsonl and training_summary.json.
-After an interruption, run the same command again: it continues from the last checkpoint in DIR
-(weights, optimizer, schedule, RNG and data position) and ends with the weights an uninterrupted
-run would have had. A finished run, rerun, does nothing. SIGTERM or Ctrl-C stops it after the
-optimizer step in flight, with a checkpoint, exit status 75 (training.STOPPED_EXIT): rerun to resume.
-
-Defaults follow the paper's official recipe (1 epoch, 2 examples per device, global batch 32, max
-length 2304, warmup 0.05, bf16 on GPU). By default every weight is trained, at lr 1e-5 (the usual
-rate for full fine-tuning); --lora-rank 8 trains the recipe's LoRA adapters (alpha 32, all linear
-layers of the language model) at its lr 1e-4, and DIR holds the merged model, DIR.run/adapter the adapters.
-Batches are length-grouped (examples of similar length together, random order across groups) to
-pad little; sequences are not packed. --max-length cuts long responses at the end, never the
-prompt or its image tokens; an instance whose prompt leaves no room is skipped. Both are counted.
-
-Read in this order: `sft_step_loss`, the objective of one micro-batch; the data; then `train`, the
-stage (the same shape as apo.py's, with the shared steps in training.py).
+OUT receives the fine-tuned model as a Hugging Face folder (consensus.py's and apo.py's starting
+point); the run folder OUT.run beside it holds checkpoints/, metrics.jsonl and the summary.
+Departures from the paper's recipe: every weight is trained by default, at lr 1e-5, where the
+official recipe trains LoRA adapters (--lora-rank 8, lr 1e-4); batches are length-grouped, not
+packed; --max-length cuts long responses at the end, never the prompt (a prompt that leaves no
+room is skipped and counted).
 """
 
 import argparse
@@ -40,30 +27,12 @@ from tqdm.auto import tqdm
 from common import training
 from common.answers import parse_answer
 from common.records import RecordError, file_hash, lazy_import
+from common.run import Run
 from common.trl_format import read_instances
 
 # Loaded on first use, so that --help and a wrong flag answer at once (torch alone takes seconds).
 torch = lazy_import("torch")
 modeling = lazy_import("common.modeling")
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="target model: a Hugging Face folder or hub id (text LM or VLM)")
-    parser.add_argument("--data", required=True, help="trajectories.jsonl from collect.py (only split train is used), or "
-                        "TRL's SFT conversations (`messages`: optional system, one user and one assistant turn)")
-    parser.add_argument("--out", required=True, help="model folder of the result; checkpoints/, metrics.jsonl and the "
-                        "summary go to the run folder OUT.run beside it")
-    parser.add_argument("--drop-unanswered", action="store_true",
-                        help="drop trajectories without a parseable 'Answer:' line (refusals); by default they are "
-                             "kept, as the paper trains on the union of all trajectories. Counted either way")
-    training.add_training_args(parser, lr=None, max_length=2304, batch_size=2, warmup=0.05, global_batch=32)
-    training.add_lora_args(parser, dropout=0.05)
-    next(a for a in parser._actions if a.dest == "lr").help = "peak learning rate (default: 1e-5, 1e-4 with --lora-rank)"
-    args = training.parse_with_config(parser, argv)
-    if args.lr is None:  # the recipe's rate for adapters; full fine-tuning of every weight wants ~10x less
-        args.lr = 1e-4 if args.lora_rank else 1e-5
-    return args
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,9 +156,74 @@ def make_batch(encoded_items, pad_id):
 
 
 def train(args):
-    out = Path(args.out)
+    with Run("bootstrap", args, project="apo-bootstrap") as run:
+        # Data first: a bad line ends the run before any model is loaded.
+        examples, counts, held_out, vision = read_data(args)
+        accelerator = run.start(vision, text_only_rows=any(not ex.record.get("images") for ex in examples))
+        if run.finished(run_config(args, accelerator)):  # another run's folder is refused now, not after loading
+            return
+        processor = load_processor(args.model)
+        micro_global = args.batch_size * accelerator.num_processes
+        examples, skipped, truncated, too_long = usable_examples(processor, examples, args, accelerator, micro_global)
+        total = training.total_steps(len(examples), micro_global, args, accelerator.print)
+        model, lora = training.load_trainable_model(args, accelerator)
+        module, optimizer, scheduler = training.prepare_training(accelerator, modeling.ResponseLogps(model), args, total)
+        held_out = usable_held_out(processor, held_out, args, accelerator)
+        start = run.resume(module, total)
+        accelerator.print(f"bootstrap: {len(examples)} examples from {counts['train_instances']} train instances, "
+                          + training.describe_steps(accelerator, args, total, start, unit=" examples"), flush=True)
+        lengths = [ex.length for ex in examples]
+        micro_batch = training.MicroBatches(lengths, micro_global, args.seed)
+        pad_id = modeling.tokenizer_of(processor).pad_token_id
 
-    # Data first: a bad line ends the run before any model is loaded.
+        progress = tqdm(total=total, initial=start, desc="bootstrap", disable=not accelerator.is_local_main_process)
+        for step in range(start, total):
+            began = time.perf_counter()
+            micro = [micro_batch(step * args.grad_accum + k) for k in range(args.grad_accum)]
+            mine = [training.shard(b, accelerator) for b in micro]
+            # Every process divides by the same global token count, so the gradient is the mean over
+            # the whole global batch however the tokens fall across processes and micro-batches.
+            step_tokens = training.global_count(accelerator, sum(examples[i].response_tokens for b in mine for i in b))
+            scale = accelerator.num_processes * args.grad_accum / step_tokens  # undo DDP's and accelerate's averaging
+            nll_sum = torch.zeros((), device=accelerator.device)
+            for rows in mine:
+                batch = make_batch(encode_examples(processor, [examples[i] for i in rows], args, args.data), pad_id)
+                with accelerator.accumulate(module):
+                    nll = sft_step_loss(module, batch, accelerator.device)
+                    accelerator.backward(nll * scale)
+                    nll_sum += nll.detach()
+                    if accelerator.sync_gradients:
+                        loss = accelerator.reduce(nll_sum, reduction="sum") / step_tokens
+                        run.check_finite(loss, step + 1, {examples[i].record["id"] for b in micro for i in b})
+                        lr, grad_norm = training.optimizer_step(accelerator, module, optimizer, scheduler, args, step + 1)
+            done = step + 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.4f}")
+            if done % args.log_every == 0 or done == total:
+                seen = done * args.grad_accum * micro_global
+                run.log(done, {
+                    "loss": loss.item(), "learning_rate": lr,
+                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "tokens_per_s": sum(lengths[i] for b in micro for i in b) / (time.perf_counter() - began),
+                    "examples_seen": seen, "epoch": seen / (micro_batch.per_epoch * micro_global),
+                })
+            if training.eval_due(args, done, total):
+                run.log_eval(done, {"loss": held_out_loss(accelerator, module, processor, held_out, args, pad_id)})
+            run.end_of_step(done)
+        progress.close()
+
+        run.save(module, processor, lora)
+        summary = run.summary(examples=len(examples), **counts, truncated=truncated, prompt_too_long=too_long)
+        unanswered = f"{counts['unanswered']} unanswered {'dropped' if args.drop_unanswered else 'kept'}"
+        accelerator.print(
+            f"bootstrap: {total} steps on {len(examples)} examples, loss {summary['first_loss']} -> "
+            f"{summary['final_loss']}; {unanswered}, {truncated} truncated, {too_long} skipped (prompt too long), "
+            f"{counts['empty_trajectories']} empty; model in {args.out}")
+
+
+def read_data(args):
+    """The training examples and what was left out (counted), the held-out examples (--eval-data),
+    and whether the model reads images."""
     records = read_instances(args.data)  # trajectories.jsonl or TRL's SFT conversations
     examples, counts = collect_examples(records, args.drop_unanswered)
     held_out = held_out_examples(args.eval_data, args.drop_unanswered) if args.eval_data else None
@@ -199,95 +233,39 @@ def train(args):
         vision = modeling.is_vision_model(args.model)
     except OSError as e:
         raise RecordError(args.model, None, None, f"cannot read the model's config: {e}") from None
+    return examples, counts, held_out, vision
 
-    accelerator = training.start_run(args, "bootstrap.py", vision,
-                                     text_only_rows=any(not ex.record.get("images") for ex in examples))
-    config = run_config(args, accelerator)
-    done = training.finished_run(out, config)  # another run's folder is refused now, not after loading
-    if done is not None:
-        accelerator.print(f"bootstrap: nothing to do, {out} already holds the finished model "
-                          f"({done['steps']} steps, final loss {done['final_loss']})")
-        return
 
+def load_processor(model):
     try:
-        processor = modeling.load_processor(args.model)
+        return modeling.load_processor(model)
     except OSError as e:  # a broken or missing tokenizer is a RecordError from load_processor itself
-        raise RecordError(args.model, None, None, f"cannot load the model's tokenizer/processor: {e}") from None
+        raise RecordError(model, None, None, f"cannot load the model's tokenizer/processor: {e}") from None
+
+
+def usable_examples(processor, examples, args, accelerator, micro_global):
+    """measure_examples on the training data: the skipped prompts reported, one micro-batch required;
+    also how many examples were skipped (the summary's unit, not instances)."""
     measured = len(examples)
     examples, skipped, truncated = measure_examples(processor, examples, args, args.data, accelerator)
-    too_long = measured - len(examples)  # counted in examples (the summary's unit), not instances
+    too_long = measured - len(examples)
     if accelerator.is_main_process:
         for message, _ in skipped:
             print(f"skipped {message}", file=sys.stderr)
-    micro_global = args.batch_size * accelerator.num_processes
     if len(examples) < micro_global:
         raise RecordError(args.data, None, None, too_few_examples(len(examples), micro_global, too_long, skipped, args))
-    total = training.total_steps(len(examples), micro_global, args, accelerator.print)
+    return examples, skipped, truncated, too_long
 
-    model, lora = training.load_trainable_model(args, accelerator)
-    module, optimizer, scheduler = training.prepare_training(accelerator, modeling.ResponseLogps(model), args, total)
 
-    if held_out is not None:
-        held_out = measure_examples(processor, held_out, args, args.eval_data, accelerator)[0]
-        if not held_out:
-            raise RecordError(args.eval_data, None, None, "no usable held-out example (no trajectory of split train "
-                                                          "whose prompt fits --max-length)")
-    start, metrics = training.resume_run(accelerator, out, config, args, "apo-bootstrap", total)
-    training.init_weights(accelerator, module, config, start)
-    accelerator.print(f"bootstrap: {len(examples)} examples from {counts['train_instances']} train instances, "
-                      + training.describe_steps(accelerator, args, total, start, unit=" examples"),
-                      flush=True)
-    lengths = [ex.length for ex in examples]
-    micro_batch = training.MicroBatches(lengths, micro_global, args.seed)
-    pad_id = modeling.tokenizer_of(processor).pad_token_id
-
-    stop = training.stop_on_signal()
-    progress = tqdm(total=total, initial=start, desc="bootstrap", disable=not accelerator.is_local_main_process)
-    for step in range(start, total):
-        began = time.perf_counter()
-        micro = [micro_batch(step * args.grad_accum + k) for k in range(args.grad_accum)]
-        mine = [training.shard(b, accelerator) for b in micro]
-        # Every process divides by the same global token count, so the gradient is the mean over
-        # the whole global batch however the tokens fall across processes and micro-batches.
-        step_tokens = training.global_count(accelerator, sum(examples[i].response_tokens for b in mine for i in b))
-        scale = accelerator.num_processes * args.grad_accum / step_tokens  # undo DDP's and accelerate's averaging
-        nll_sum = torch.zeros((), device=accelerator.device)
-        for rows in mine:
-            batch = make_batch(encode_examples(processor, [examples[i] for i in rows], args, args.data), pad_id)
-            with accelerator.accumulate(module):
-                nll = sft_step_loss(module, batch, accelerator.device)
-                accelerator.backward(nll * scale)
-                nll_sum += nll.detach()
-                if accelerator.sync_gradients:
-                    loss = accelerator.reduce(nll_sum, reduction="sum") / step_tokens
-                    check_finite(loss, step + 1, out, {examples[i].record["id"] for b in micro for i in b})
-                    lr, grad_norm = training.optimizer_step(accelerator, module, optimizer, scheduler, args, step + 1)
-        done_steps = step + 1
-        progress.update(1)
-        progress.set_postfix(loss=f"{loss.item():.4f}")
-        if done_steps % args.log_every == 0 or done_steps == total:
-            seen = done_steps * args.grad_accum * micro_global
-            metrics.log(done_steps, {
-                "loss": loss.item(), "learning_rate": lr,
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "tokens_per_s": sum(lengths[i] for b in micro for i in b) / (time.perf_counter() - began),
-                "examples_seen": seen, "epoch": seen / (micro_batch.per_epoch * micro_global),
-            })
-        if training.eval_due(args, done_steps, total):
-            metrics.log_eval(done_steps, {"loss": held_out_loss(accelerator, module, processor, held_out, args, pad_id)})
-        training.end_of_step(accelerator, out, done_steps, total, {"config": config}, args, stop)
-    progress.close()
-
-    training.save_final(accelerator, module, processor, out, total, start, config, args, lora)
-    summary = training.write_summary(accelerator, out, {
-        "config": config, "steps": total, "examples": len(examples), **counts, "truncated": truncated,
-        "prompt_too_long": too_long}, stage="bootstrap")
-    accelerator.end_training()
-    unanswered = f"{counts['unanswered']} unanswered {'dropped' if args.drop_unanswered else 'kept'}"
-    accelerator.print(
-        f"bootstrap: {total} steps on {len(examples)} examples, loss {summary['first_loss']} -> "
-        f"{summary['final_loss']}; {unanswered}, {truncated} truncated, {too_long} skipped (prompt too long), "
-        f"{counts['empty_trajectories']} empty; model in {out}")
+def usable_held_out(processor, examples, args, accelerator):
+    """--eval-data's examples that fit (None without --eval-data)."""
+    if examples is None:
+        return None
+    examples = measure_examples(processor, examples, args, args.eval_data, accelerator)[0]
+    if not examples:
+        raise RecordError(args.eval_data, None, None, "no usable held-out example (no trajectory of split train "
+                                                      "whose prompt fits --max-length)")
+    return examples
 
 
 def held_out_examples(path, drop_unanswered):
@@ -324,18 +302,27 @@ def run_config(args, accelerator):
     }
 
 
-def check_finite(loss, step, out, instance_ids):
-    """training.check_finite, naming the step's instances so the data can be looked at."""
-    try:
-        training.check_finite(loss, step, out)
-    except training.NonFiniteLoss as e:
-        ids = sorted(instance_ids)
-        raise training.NonFiniteLoss(f"{e} Instances in this step: {', '.join(ids[:10])}"
-                                     + (" …" if len(ids) > 10 else "")) from None
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="target model: a Hugging Face folder or hub id (text LM or VLM)")
+    parser.add_argument("--data", required=True, help="trajectories.jsonl from collect.py (only split train is used), or "
+                        "TRL's SFT conversations (`messages`: optional system, one user and one assistant turn)")
+    parser.add_argument("--out", required=True, help="model folder of the result; checkpoints/, metrics.jsonl and the "
+                        "summary go to the run folder OUT.run beside it")
+    parser.add_argument("--drop-unanswered", action="store_true",
+                        help="drop trajectories without a parseable 'Answer:' line (refusals); by default they are "
+                             "kept, as the paper trains on the union of all trajectories. Counted either way")
+    training.add_training_args(parser, lr=None, max_length=2304, batch_size=2, warmup=0.05, global_batch=32)
+    training.add_lora_args(parser, dropout=0.05)
+    next(a for a in parser._actions if a.dest == "lr").help = "peak learning rate (default: 1e-5, 1e-4 with --lora-rank)"
+    args = training.parse_with_config(parser, argv)
+    if args.lr is None:  # the recipe's rate for adapters; full fine-tuning of every weight wants ~10x less
+        args.lr = 1e-4 if args.lora_rank else 1e-5
+    return args
 
 
 def main(argv=None):
-    training.run_stage(train, parse_args(argv))
+    train(parse_args(argv))
 
 
 if __name__ == "__main__":

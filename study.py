@@ -241,8 +241,8 @@ def share_reference(out, data, run_dir):
     recomputes it on any mismatch."""
     from safetensors import safe_open
 
-    from apo import REFERENCE_FILE
-    from common.training import run_folder
+    from common.reference import REFERENCE_FILE
+    from common.run import run_folder
 
     target = run_folder(run_dir) / REFERENCE_FILE
     if target.exists():
@@ -508,7 +508,7 @@ def score_arms(instances, answers_by, predictions, train_seeds, resamples, seed,
 
 def training_tail(out, last=5):
     """Mean of the last metrics lines of a preference-stage run (reward accuracy, margin ...)."""
-    from common.training import METRICS, run_folder
+    from common.run import METRICS, run_folder
 
     lines = [json.loads(line) for line in (run_folder(out) / METRICS).read_text().splitlines() if line.strip()]
     lines = [line for line in lines if "loss" in line]  # training steps, not evaluation lines

@@ -216,7 +216,7 @@ def apo_module(model, share_prompt, chunk_size):
 
 @torch.no_grad()
 def apo_reference(module, items, share_prompt, device):
-    """The cached reference of each instance, computed as apo.compute_reference does: (chosen [1], rejected [1, K])."""
+    """The cached reference of each instance, computed as common/reference.py's compute_reference does: (chosen [1], rejected [1, K])."""
     cache = []
     for item in items:
         chosen, rejected, mask, _ = apo.concatenated_forward(module, apo.make_batch([item], PAD_ID, share_prompt), device)

@@ -36,7 +36,7 @@ def parse_args(argv=None):
 def checkpoint_settings(checkpoint):
     """The run's settings recorded in the checkpoint, and its weights file."""
     checkpoint = Path(checkpoint)
-    from common.training import CHECKPOINT_STATE, checkpoint_state_file
+    from common.run import CHECKPOINT_STATE, checkpoint_state_file
 
     state_file = checkpoint_state_file(checkpoint)
     if state_file is None:

@@ -48,7 +48,7 @@ def parse_args(argv=None):
 
 def pairs(record, max_negatives, data_path):
     """(negative text, its source name) in apo.py's training order."""
-    from apo import select_negatives
+    from common.preferences import select_negatives
 
     names = record.get("rejected_sources") or [None] * len(record["rejected"])
     return [(record["rejected"][i], names[i]) for i in select_negatives(record, max_negatives, data_path)]

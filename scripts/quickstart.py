@@ -35,7 +35,7 @@ SIZES = {
     "default": dict(n_train=16, n_test=20, boot=["--epochs", "3"], apo_steps=6, new_tokens=256, save_every=20),
     "full": dict(n_train=2000, n_test=500, boot=["--epochs", "1"], apo_steps=None, new_tokens=512, save_every=25),
 }
-STOPPED_EXIT = 75  # training.STOPPED_EXIT: a stage stopped by a signal after writing its checkpoint
+STOPPED_EXIT = 75  # common.run.STOPPED_EXIT: a stage stopped by a signal after writing its checkpoint
 
 
 def run(cmd):

@@ -24,8 +24,10 @@ from common import shared_prompt
 from common import modeling
 import tiny_models
 from apo_loss import LOSSES, apo_loss
+from common.preferences import select_negatives
 from common.records import file_hash, load_preferences
-from common.training import run_folder
+from common.reference import REFERENCE_FILE, REFERENCE_VERSION
+from common.run import run_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -159,7 +161,7 @@ def test_training_raises_margin_and_writes_a_loadable_model(tiny_text_model, dat
     with torch.no_grad():
         pc, pr, mask, _ = apo.concatenated_forward(modeling.ResponseLogps(final), batch, "cpu")
         rc, rr, _, _ = apo.concatenated_forward(modeling.ResponseLogps(initial), batch, "cpu")
-    cache = load_file(str(run_folder(out) / apo.REFERENCE_FILE))
+    cache = load_file(str(run_folder(out) / REFERENCE_FILE))
     torch.testing.assert_close(cache["chosen"], rc, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(cache["rejected"][mask], rr[mask], atol=1e-4, rtol=1e-5)
     assert cache["num_negatives"].tolist() == [1, 2, 3, 2] and cache["line"].tolist() == [1, 2, 3, 4]
@@ -172,7 +174,7 @@ def test_training_raises_margin_and_writes_a_loadable_model(tiny_text_model, dat
 def test_reference_cache_reused_and_recomputed(tiny_text_model, tmp_path):
     data = write_jsonl(tmp_path / "preferences.jsonl", PREFERENCES)
     out = tmp_path / "out"
-    cache = run_folder(out) / apo.REFERENCE_FILE
+    cache = run_folder(out) / REFERENCE_FILE
     common = ("--model", tiny_text_model, "--data", data, "--out", out, "--reference-only")
 
     assert "reference log-probs computed for 4 preferences" in run_apo(*common).stdout
@@ -180,7 +182,7 @@ def test_reference_cache_reused_and_recomputed(tiny_text_model, tmp_path):
     with safe_open(str(cache), framework="pt") as f:
         meta = f.metadata()
     assert meta["data_sha256"] == file_hash(data) and meta["max_length"] == "4096"
-    assert meta["model"] == str(Path(tiny_text_model).resolve()) and meta["version"] == apo.REFERENCE_VERSION
+    assert meta["model"] == str(Path(tiny_text_model).resolve()) and meta["version"] == REFERENCE_VERSION
 
     assert "reference log-probs reused" in run_apo(*common).stdout
     assert cache.stat().st_mtime_ns == first  # not rewritten
@@ -200,11 +202,11 @@ def test_sigkill_then_rerun_resumes_to_the_same_weights(tiny_text_model, data, s
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert [p.name for p in (run_folder(out) / "checkpoints").iterdir()] == ["step-3"]
     assert not (out / "model.safetensors").exists()
-    cached = (run_folder(out) / apo.REFERENCE_FILE).stat().st_mtime_ns
+    cached = (run_folder(out) / REFERENCE_FILE).stat().st_mtime_ns
 
     resumed = run_apo(*common)
     assert "reference log-probs: reused" in resumed.stdout and "resuming from step 3" in resumed.stdout
-    assert (run_folder(out) / apo.REFERENCE_FILE).stat().st_mtime_ns == cached
+    assert (run_folder(out) / REFERENCE_FILE).stat().st_mtime_ns == cached
     assert_same_weights(straight[0], out, atol=1e-6)
     straight_rows, resumed_rows = metrics(straight[0]), metrics(out)
     assert [r["step"] for r in resumed_rows] == [1, 2, 3, 4, 5, 6]
@@ -223,7 +225,7 @@ def test_sigkill_then_rerun_resumes_to_the_same_weights(tiny_text_model, data, s
     refused = run_apo("--model", tiny_text_model, "--data", other, "--out", out, "--batch-size", 2, *TRAIN,
                       check=False)
     assert refused.returncode == 2 and "saved by a run with other settings (data_sha256:" in refused.stderr
-    assert (run_folder(out) / apo.REFERENCE_FILE).stat().st_mtime_ns == cached
+    assert (run_folder(out) / REFERENCE_FILE).stat().st_mtime_ns == cached
 
 
 def test_two_processes_match_one(tiny_text_model, data, straight, tmp_path):
@@ -242,7 +244,7 @@ def test_two_processes_match_one(tiny_text_model, data, straight, tmp_path):
     assert two[-1]["loss"] < two[0]["loss"]
     # The reference pass is sharded over the processes and summed: same cache as one process, to
     # fp32 rounding of sums of up to 256 token log-probs.
-    ref1, ref2 = load_file(str(run_folder(straight[0]) / apo.REFERENCE_FILE)), load_file(str(run_folder(out) / apo.REFERENCE_FILE))
+    ref1, ref2 = load_file(str(run_folder(straight[0]) / REFERENCE_FILE)), load_file(str(run_folder(out) / REFERENCE_FILE))
     for name in ref1:
         torch.testing.assert_close(ref2[name], ref1[name], atol=1e-4, rtol=1e-5)
     # TRAIN: 6 steps at a constant lr of 1e-3, no weight decay.
@@ -266,7 +268,7 @@ def test_dpo_pairs_loss_starts_at_log2_and_learns(tiny_text_model, data, straigh
     """--loss dpo-pairs: at the reference every pair is -log sigmoid(0) = log 2, whatever K is;
     the reference cache of the APO run is reused (it does not depend on the loss)."""
     out = tmp_path / "pairs"
-    shutil.copy(run_folder(straight[0]) / apo.REFERENCE_FILE, run_folder(out).mkdir() or run_folder(out) / apo.REFERENCE_FILE)
+    shutil.copy(run_folder(straight[0]) / REFERENCE_FILE, run_folder(out).mkdir() or run_folder(out) / REFERENCE_FILE)
     proc = run_apo("--model", tiny_text_model, "--data", data, "--out", out, "--batch-size", 2, "--loss", "dpo-pairs",
                    *TRAIN)
     assert "reference log-probs: reused" in proc.stdout, proc.stdout
@@ -293,7 +295,7 @@ def test_vlm_path_with_an_image(tiny_vl_model, tmp_path):
     # K = 1, 2, 3 cut to 1, 2, 2; at the start the loss is sum log(1 + K) / 3 plus 0.5 x the chosen NLL.
     first = metrics(out)[0]
     assert first["loss"] == pytest.approx((math.log(2) + 2 * math.log(3)) / 3 + 0.5 * first["nll_loss"], abs=1e-5)
-    assert load_file(str(run_folder(out) / apo.REFERENCE_FILE))["num_negatives"].tolist() == [1, 2, 2]
+    assert load_file(str(run_folder(out) / REFERENCE_FILE))["num_negatives"].tolist() == [1, 2, 2]
     model = AutoModelForImageTextToText.from_pretrained(out)
     assert "vision_config" in model.config.to_dict()
 
@@ -336,11 +338,11 @@ def test_nan_loss_stops_with_the_last_checkpoint_intact(tiny_text_model, data, t
 
 def test_max_negatives_keeps_the_most_drifted_first():
     record = {"rejected": ["a", "b", "c", "d"], "drift": [0.2, 0.9, 0.2, 0.5], "_line": 7}
-    assert apo.select_negatives(record, 2, "p.jsonl") == [1, 3]
-    assert apo.select_negatives(record, None, "p.jsonl") == [1, 3, 0, 2]  # ties keep file order
-    assert apo.select_negatives({"rejected": ["a", "b", "c"], "_line": 1}, 2, "p.jsonl") == [0, 1]
+    assert select_negatives(record, 2, "p.jsonl") == [1, 3]
+    assert select_negatives(record, None, "p.jsonl") == [1, 3, 0, 2]  # ties keep file order
+    assert select_negatives({"rejected": ["a", "b", "c"], "_line": 1}, 2, "p.jsonl") == [0, 1]
     with pytest.raises(apo.RecordError, match=r"p.jsonl:7: field 'drift'"):
-        apo.select_negatives(dict(record, drift=["x", 1, 1, 1]), 2, "p.jsonl")
+        select_negatives(dict(record, drift=["x", 1, 1, 1]), 2, "p.jsonl")
 
 
 def test_split_rows_masks_missing_negatives():
@@ -397,9 +399,7 @@ def test_length_normalize_divides_every_reward_by_its_response_tokens(tiny_text_
     with torch.no_grad():
         reference = apo.concatenated_forward(modeling.ResponseLogps(AutoModelForCausalLM.from_pretrained(tiny_text_model)),
                                              batch, "cpu")[:2]
-        pc, pr, mask, _ = apo.concatenated_forward(policy, batch, "cpu")
-        _, counts = apo.row_logps(policy, batch, "cpu")
-        tc, tr, _ = apo.split_rows(counts, batch["num_negatives"])
+        pc, pr, mask, (tc, tr) = apo.concatenated_forward(policy, batch, "cpu")
         summed, s_sums = apo.apo_step_loss(policy, batch, reference, "cpu", 0.1, 0.0)
         averaged, a_sums = apo.apo_step_loss(policy, batch, reference, "cpu", 0.1, 0.0, length_normalize=True)
     chosen_r = 0.1 * (pc - reference[0]) / tc
@@ -448,7 +448,7 @@ def test_share_prompt_run_starts_at_the_reference(tiny_text_model, data, straigh
     # Same data, same steps: the same training curve as the separate forwards, up to float rounding.
     for a, b in zip(metrics(straight[0]), rows, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
-    with safe_open(str(run_folder(out) / apo.REFERENCE_FILE), framework="pt") as f:
+    with safe_open(str(run_folder(out) / REFERENCE_FILE), framework="pt") as f:
         assert f.metadata()["share_prompt"] == "True"
 
 
@@ -487,7 +487,7 @@ def test_a_damaged_reference_cache_is_recomputed_and_said_so(tiny_text_model, tm
 
     data = write_jsonl(tmp_path / "preferences.jsonl", PREFERENCES)
     out = tmp_path / "out"
-    cache = run_folder(out) / apo.REFERENCE_FILE
+    cache = run_folder(out) / REFERENCE_FILE
     common = [str(a) for a in ("--model", tiny_text_model, "--data", data, "--out", out, "--reference-only")]
 
     def reference_pass():  # in this process: the interpreter and torch start once

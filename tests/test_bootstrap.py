@@ -25,7 +25,7 @@ import tiny_models
 from launch_for_tests import sigkill_at_line
 from common.modeling import IGNORE_INDEX, ResponseLogps, load_model, load_processor, tokenizer_of
 from common.records import load_instances
-from common.training import run_folder
+from common.run import STOPPED_EXIT, checkpoint_dirs, run_folder
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -409,11 +409,11 @@ def test_sigterm_finishes_the_step_checkpoints_and_the_rerun_resumes(tmp_path, s
         finally:
             proc.kill()
     stderr = (tmp_path / "stderr").read_text()
-    assert proc.returncode == training.STOPPED_EXIT, stderr[-2000:]
+    assert proc.returncode == STOPPED_EXIT, stderr[-2000:]
     stopped_at = steps_logged(out)
     assert 1 <= stopped_at < 60 and "Traceback" not in stderr
     assert f"stopped by a signal after step {stopped_at} of 60" in stderr and "Run the same command again" in stderr
-    assert [p.name for p in training.checkpoint_dirs(out)] == [f"step-{stopped_at}"]
+    assert [p.name for p in checkpoint_dirs(out)] == [f"step-{stopped_at}"]
     assert not (out / "model.safetensors").exists()
 
     resumed = run(args)
@@ -483,7 +483,7 @@ def test_a_second_signal_stops_at_once(tmp_path, straight, tiny_text_model):
     assert ("SIGINT: finishing this optimizer step" in stderr and "SIGTERM: stopping at once" in stderr
             or "SIGINT, then SIGTERM: stopping at once" in stderr or "SIGTERM, then SIGINT: stopping at once" in stderr)
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
-    assert training.checkpoint_dirs(out) == [] and not (out / "model.safetensors").exists()
+    assert checkpoint_dirs(out) == [] and not (out / "model.safetensors").exists()
 
 
 def test_two_sigterms_a_twentieth_of_a_second_apart_stop_at_once(tmp_path, straight, tiny_text_model):
@@ -515,7 +515,7 @@ def test_two_sigterms_a_twentieth_of_a_second_apart_stop_at_once(tmp_path, strai
     stderr = "".join(lines)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert "SIGTERM, then SIGTERM: stopping at once" in stderr and "Traceback" not in stderr
-    assert training.checkpoint_dirs(out) == [] and not (out / "model.safetensors").exists()
+    assert checkpoint_dirs(out) == [] and not (out / "model.safetensors").exists()
 
 
 def test_a_model_folder_without_its_tokenizer_is_refused_by_every_stage(tmp_path, capsys, tiny_text_model):
@@ -606,7 +606,7 @@ def test_a_sigkill_before_the_summary_rename_is_finished_without_saving_the_mode
                             env={**env(), "APO_TEST_SIGKILL_BEFORE_RENAME": "training_summary.json"},
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    run_dir = training.run_folder(out)
+    run_dir = run_folder(out)
     assert (run_dir / "training_summary.json.tmp").is_file() and not (run_dir / "training_summary.json").exists()
     fingerprint = model_fingerprint(out)  # what evaluate.py ties predictions of this folder to
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file() and not p.name.startswith("training_")}

@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 
 import apo
 import tiny_models
-from common.training import run_folder
+from common.reference import REFERENCE_FILE
+from common.run import run_folder
 from test_apo_stage import PREFERENCES, adam_divergence_bound, assert_same_first_step, write_jsonl
 from test_bootstrap import write_data
 
@@ -148,7 +149,7 @@ def test_fsdp2_apo_vlm_frozen_tower_and_checkpointing_equals_one_process(tiny_vl
 
     out = tmp_path / "fsdp"
     two_processes("apo.py", "--model", tiny_vl_model, "--data", vl_data, "--out", out, "--batch-size", 1, *APO)
-    ref1, ref2 = load_file(str(run_folder(vl_one) / apo.REFERENCE_FILE)), load_file(str(run_folder(out) / apo.REFERENCE_FILE))
+    ref1, ref2 = load_file(str(run_folder(vl_one) / REFERENCE_FILE)), load_file(str(run_folder(out) / REFERENCE_FILE))
     torch.testing.assert_close(ref2["chosen"], ref1["chosen"], rtol=1e-5, atol=1e-4)
     assert_two_processes_equal_one(vl_one, out, lr=1e-3, steps=2, keys=("loss", "rewards/margins", "grad_norm"))
     initial = AutoModelForImageTextToText.from_pretrained(tiny_vl_model)
@@ -161,7 +162,7 @@ def test_fsdp2_bf16_log_probs_and_rewards_stay_fp32(tiny_vl_model, vl_data, vl_o
     out = tmp_path / "bf16"
     two_processes("apo.py", "--model", tiny_vl_model, "--data", vl_data, "--out", out, "--batch-size", 1,
                   *APO[:-2], "--max-steps", "1", "--grad-accum", "2", mixed_precision="bf16")
-    reference, exact = load_file(str(run_folder(out) / apo.REFERENCE_FILE)), load_file(str(run_folder(vl_one) / apo.REFERENCE_FILE))
+    reference, exact = load_file(str(run_folder(out) / REFERENCE_FILE)), load_file(str(run_folder(vl_one) / REFERENCE_FILE))
     chosen = reference["chosen"]
     assert chosen.dtype == torch.float32
     # Summed log-probs cast to bf16 by the root module would sit on bf16's grid (-150.0 for -149.71).

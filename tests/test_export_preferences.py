@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import apo
+from common.preferences import select_negatives
 from scripts import export_preferences
 from common import modeling
 from common import sources
@@ -52,7 +52,7 @@ def test_swift_export_reimports_to_the_same_instances(data, tmp_path):
     for p in load_preferences(data):
         # The negatives in apo.py's order (highest drift first), after the consensus; unnamed ones
         # get the importer's numbered default name.
-        order = apo.select_negatives(p, None, data)
+        order = select_negatives(p, None, data)
         names = ([p["rejected_sources"][i] for i in order] if p.get("rejected_sources") else
                  ["swift-rejected"] + [f"swift-rejected-{k}" for k in range(2, len(order) + 1)])
         expected = {"id": p["id"], "split": "train", "prompt": p["prompt"],
@@ -78,7 +78,7 @@ def test_trl_export_holds_what_apo_trains_on(data, tmp_path, tiny_text_model):
     tokenizer = modeling.tokenizer_of(processor)
     at = 0
     for p in prefs:
-        for i in apo.select_negatives(p, 2, data):
+        for i in select_negatives(p, 2, data):
             row = rows[at]
             at += 1
             assert row["chosen"] == [{"role": "assistant", "content": p["chosen"]}]

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from common import trl_format
 from common.records import RecordError
 from test_apo_stage import PREFERENCES, ROOT, run_apo, write_jsonl
-from common.training import run_folder
+from common.run import run_folder
 
 # One negative each (K = 1): TRL's pairwise rows and apo.py's instances are then the same thing.
 PAIRS = [{"id": p["id"], "prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"][:1],

@@ -19,7 +19,7 @@ from common.modeling import is_vision_model
 from test_apo_stage import PREFERENCES, adam_divergence_bound, assert_same_first_step, metrics, run_apo, write_jsonl
 from test_bootstrap import REPO, env, free_port, train_args, write_data
 from test_bootstrap import run as run_bootstrap
-from common.training import run_folder
+from common.run import run_folder
 
 RANK, ALPHA = 4, 8
 LORA = ["--lora-rank", str(RANK), "--lora-alpha", str(ALPHA)]
