@@ -90,7 +90,7 @@ TOP_SCRIPTS = {"study.py", "quickstart.py", "export_preferences.py", "export_che
 PLUMBING_WORDS = ("lock", "locks", "locked", "manifest", "resume", "resumed", "resuming", "finished", "stopped",
                   "stopping", "signal", "signals", "summary", "summaries", "summarize", "atomic", "checkpoint",
                   "checkpoints", "checkpointing", "appender", "torn", "metrics", "claim", "journal", "provenance",
-                  "tracking", "trackers", "interrupt")
+                  "interrupt")
 PLUMBING_PHRASES = ("disk_full", "tie_to_run", "check_output_paths", "end_of_step", "save_state", "load_state")
 
 
