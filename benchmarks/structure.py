@@ -43,7 +43,8 @@ Kinds of .py file (paths relative to ROOT):
    --plumbing-of FILE measures any one file by the same rule (e.g. accelerate's
    examples/complete_nlp_example.py).
 5. Structure: product .py files; import arrows (distinct pairs of product modules A != B with A
-   importing B: import statements anywhere in A, and lazy_import("B") / import_module("B"));
+   importing B: import statements anywhere in A, and lazy_import("B") / import_module("B");
+   `from P import m` with m a module is an arrow to P.m, not also to the package P);
    and, per stage, the call graph from the stage's `main` (rules R1-R6): the files entered
    (files holding a reached definition, the stage's own included) and the passes of `args`
    back up into the stage: call sites in a reached function where
@@ -178,28 +179,32 @@ class Repo:
 
     def read_imports(self, module):
         def add_module(local, name):
-            module.imported.append(name)
             if name in self.modules:
                 module.aliases[local] = ("module", name)
 
+        # The arrow goes to the module named: `import a.b` and `from a import b` (b a module) to a.b,
+        # `from a import f` to a; never also to the package a.
         for node in ast.walk(module.tree):
             if isinstance(node, ast.Import):
                 for a in node.names:
                     add_module(a.asname or a.name.split(".")[0], a.name if a.asname else a.name.split(".")[0])
                     module.imported.append(a.name)
             elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                module.imported.append(node.module)
                 for a in node.names:
                     full = f"{node.module}.{a.name}"
                     if full in self.modules:
                         add_module(a.asname or a.name, full)
-                    elif node.module in self.modules:
-                        module.aliases[a.asname or a.name] = ("symbol", node.module, a.name)
+                        module.imported.append(full)
+                    else:
+                        module.imported.append(node.module)
+                        if node.module in self.modules:
+                            module.aliases[a.asname or a.name] = ("symbol", node.module, a.name)
             elif (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
                   and isinstance(node.value, ast.Call) and dotted(node.value.func).split(".")[-1] in
                   ("lazy_import", "import_module") and node.value.args
                   and isinstance(node.value.args[0], ast.Constant) and isinstance(node.value.args[0].value, str)):
                 add_module(node.targets[0].id, node.value.args[0].value)
+                module.imported.append(node.value.args[0].value)
 
     # Names ------------------------------------------------------------------------------------
 
