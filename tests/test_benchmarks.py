@@ -201,3 +201,122 @@ def test_bad_input_exits_2_with_a_message(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         bench_generation.main(["--tiny", "--model", str(tmp_path)])
     assert e.value.code == 2 and capsys.readouterr().err == f"error: {tmp_path}: not a model folder (no config.json)\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks/structure.py: the layout figures, on a repository whose figures follow by hand
+
+TINY_REPO = {
+    "README.md": "# Tiny\n\nOne line.\n",
+    ".hidden": "not an entry\n",
+    "apo.py": '''"""A stage."""
+import shared
+
+
+def step_loss(x):
+    return shared.double(x)
+
+
+def train(args):
+    lock = shared.claim(args)
+    for step in range(args.steps):
+        loss = step_loss(step)
+        shared.log_metrics(loss)
+    return lock
+
+
+def main(argv=None):
+    args = shared.parse_args(argv)
+    shared.run_stage(train, args)
+''',
+    "collect.py": '''"""Another stage.
+
+Its docstring is not code."""
+import shared
+
+
+def work(args):
+    # a comment is not code
+    print(args)
+
+
+def main(argv=None):
+    args = shared.parse_args(argv)
+    with shared.OutputLock(args):
+        shared.run_stage(lambda a: work(a), args)
+    shared.report(args)
+''',
+    "shared.py": '''def double(x):
+    return 2 * x
+
+
+def claim(args):
+    return args
+
+
+def log_metrics(loss):
+    print(loss)
+
+
+def parse_args(argv):
+    return argv
+
+
+def run_stage(stage, args):
+    stage(args)
+
+
+def report(args):
+    import collect
+
+    collect.work(args)
+
+
+class OutputLock:
+    def __init__(self, args):
+        self.args = args
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+''',
+    "tests/test_x.py": "import apo\nimport shared\n",
+    "benchmarks/b.py": "import apo\n",
+}
+
+
+def test_structure_figures_of_a_tiny_repository(tmp_path):
+    for name, text in TINY_REPO.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    out = tmp_path / "figures.json"
+    proc = subprocess.run([sys.executable, "benchmarks/structure.py", str(tmp_path), "--json", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(out.read_text())
+    # README.md, apo.py, collect.py, shared.py, tests/, benchmarks/ (.hidden is not seen).
+    assert (r["top_level"]["entries"], r["top_level"]["py_files"], r["top_level"]["folders"]) == (6, 3, 2)
+    assert r["readme"] == {"bytes": 18, "lines": 3}
+    # The loop (3 lines) + step_loss, shared.double, shared.log_metrics (2 lines each).
+    step = r["apo_step"]
+    assert (step["lines"], step["definitions"], step["files"]) == (9, 4, 2)
+    assert step["file_names"] == ["apo.py", "shared.py"]
+    # apo.py: 12 code lines (not the docstring); `lock = shared.claim(...)`, `shared.log_metrics(...)` and
+    # `return lock` (bound by a plumbing statement) are plumbing. collect.py: 8 code lines, the
+    # `with shared.OutputLock(...)` header plumbing, its body not.
+    assert r["plumbing"] == {"apo": {"code_lines": 12, "plumbing_lines": 3, "share": 0.25},
+                             "collect": {"code_lines": 8, "plumbing_lines": 1, "share": 0.125}}
+    s = r["structure"]
+    # Product files apo, collect, shared; arrows apo -> shared, collect -> shared, shared -> collect.
+    assert (s["product_files"], s["import_arrows"]) == (3, 3)
+    apo, collect = s["stages"]["apo"], s["stages"]["collect"]
+    # apo: run_stage(train, args) calls train back; args crosses into shared at run_stage and claim.
+    assert (apo["files_entered"], apo["args_passes_back_up"], apo["passes_back_up"], apo["args_cross_file_calls"]) \
+        == (2, 1, 1, 2)
+    # collect: the lambda handed to run_stage and report's collect.work(args); args crosses at
+    # OutputLock, run_stage, report and collect.work.
+    assert (collect["files_entered"], collect["args_passes_back_up"], collect["passes_back_up"],
+            collect["args_cross_file_calls"]) == (2, 2, 2, 4)
+    assert "6 entries, 3 .py" in proc.stdout
