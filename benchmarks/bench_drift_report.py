@@ -84,7 +84,7 @@ def main():
             write_stream(path, args.n, seed)
             report, phases = timed_report(path, Path(tmp) / f"d{seed}")
             t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, "drift_report.py", "--trajectories", str(path), "--out",
+            proc = subprocess.run([sys.executable, "-m", "scripts.drift_report", "--trajectories", str(path), "--out",
                                    str(Path(tmp) / f"cli{seed}")], cwd=ROOT, capture_output=True, text=True,
                                   env=dict(os.environ, OMP_NUM_THREADS="1"))
             wall = time.perf_counter() - t0
