@@ -113,7 +113,7 @@ class ChatServer:
                     for byte in (head + "\r\n").encode() + data:
                         self.wfile.write(bytes([byte]))
                         time.sleep(server.trickle)
-                except (BrokenPipeError, ConnectionResetError):
+                except OSError:  # the client hung up mid-trickle (a plain socket's or a TLS one's error)
                     pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

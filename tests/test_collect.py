@@ -410,7 +410,9 @@ def test_each_api_source_gets_its_own_key(tmp_path, chat_server, capsys, monkeyp
 
 def test_ctrl_c_stops_at_once_and_the_same_command_continues(tmp_path):
     args = ["--sources", "sim:concise", "--n-train", 30, "--n-test", 0, "--out", tmp_path / "t.jsonl"]
-    proc = start_collect(*args, "--sim-delay", 0.2)
+    # 2 s an answer: the run lasts a minute, so the signal lands mid-run however slowly the test's own
+    # process gets to send it on a loaded machine (the resumed run below has no delay)
+    proc = start_collect(*args, "--sim-delay", 2.0)
     try:
         wait_for(lambda: len(answered_lines(tmp_path / "t.jsonl")) >= 2, "2 journalled answers")
         proc.send_signal(signal.SIGINT)
