@@ -47,7 +47,14 @@ def collect_in_process(capsys, *args):
 
 def start_collect(*args, env=None):
     return subprocess.Popen([sys.executable, "collect.py", *map(str, args)], cwd=REPO, env=env or server_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=as_foreground_job)
+
+
+def as_foreground_job():
+    """Ctrl-C reaches a stage run from a terminal. A shell starts a background job (`pytest &`,
+    nohup, a CI runner) with SIGINT ignored, and its children inherit that, so the child is given the
+    default disposition back: otherwise it would ignore the test's SIGINT, as it should in the background."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def write_jsonl(path, rows):
