@@ -24,11 +24,11 @@ from collections import Counter, defaultdict
 from datetime import datetime, timezone
 
 from common import chat_client
-from common import journal
 from common import records
 from common import sources
 from common import reports
 from common.records import RecordError
+from common.run import Run
 from common.sources import SourceError
 
 
@@ -183,9 +183,9 @@ def collect_all(args):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         records.fail("collect.py runs as one process (python collect.py …): an hf: model is spread over all "
                      "visible GPUs by itself, and one journal must have one writer")
-    try:
+    with Run("collect", args, journaled=True, bad_input=(SourceError,)) as run:
         out = records.output_file(args.out)
-        parts = journal.Journal(out.with_name(out.name + ".parts.jsonl"))
+        parts = run.journal(out.with_name(out.name + ".parts.jsonl"), kept="finished answers")
         srcs = sources.parse_sources(args.sources, args.sim_profiles)
         key_envs = parse_key_envs(args.api_key_env, srcs)
         records.check_output_paths(
@@ -203,41 +203,39 @@ def collect_all(args):
                          for r in instances}
         keys = {r["id"]: records.content_key(r, output_images[r["id"]]) for r in instances}
         times = {}
-        have = claim_output(out, parts, srcs, keys, args, times)
+        have = claim_output(run, out, parts, srcs, keys, args, times)
         reused = len(have)
         for r in instances:
             for t in r.get("trajectories") or []:
                 have.setdefault((r["id"], t["source"]), t["text"])
-    except (RecordError, SourceError) as e:
-        records.fail(str(e))
-    positions = {r["id"]: i / max(len(instances) - 1, 1) for i, r in enumerate(instances)}
-    try:
-        with journal.stops_at_once(parts.open(), "finished answers"):
-            answered, failures = collect(srcs, instances, have, parts, origin, positions, keys, args, key_envs, times)
-    except RuntimeError as e:
-        if "out of memory" not in str(e).lower():
-            raise
-        print(f"error: out of memory ({' '.join(str(e).split())[:200]}); lower --batch-size or --max-new-tokens "
-              f"and run the same command again (finished answers are kept in {parts.path})", file=sys.stderr)
-        raise SystemExit(1)
-    rows = assemble(instances, srcs, have, origin, out, times)
-    try:
-        records.write_jsonl_atomic(out, rows)
-    except records.DiskFull as e:
-        records.fail(f"{e} (every answer is in {parts.path}: nothing is asked again)")
-    failed = reports.print_collect(rows, srcs, failures)
-    n_train = sum(r["split"] == "train" for r in rows)
-    print(f"\ncollect: {len(rows)} instances ({n_train} train, {len(rows) - n_train} test), "
-          f"{sum(len(r['trajectories']) for r in rows)} trajectories from {len(srcs)} sources -> {out}; "
-          f"{answered} answered this run, {reused} resumed from the journal, {failed} failed"
-          + (" (run the same command again to retry them)" if failed else ""))
-    return 3 if failed else 0
+        positions = {r["id"]: i / max(len(instances) - 1, 1) for i, r in enumerate(instances)}
+        try:
+            answered, failures = collect(srcs, instances, have, parts.open(), origin, positions, keys, args,
+                                         key_envs, times)
+        except RuntimeError as e:
+            if "out of memory" not in str(e).lower():
+                raise
+            print(f"error: out of memory ({' '.join(str(e).split())[:200]}); lower --batch-size or --max-new-tokens "
+                  f"and run the same command again (finished answers are kept in {parts.path})", file=sys.stderr)
+            raise SystemExit(1)
+        rows = assemble(instances, srcs, have, origin, out, times)
+        try:
+            records.write_jsonl_atomic(out, rows)
+        except records.DiskFull as e:
+            records.fail(f"{e} (every answer is in {parts.path}: nothing is asked again)")
+        failed = reports.print_collect(rows, srcs, failures)
+        n_train = sum(r["split"] == "train" for r in rows)
+        print(f"\ncollect: {len(rows)} instances ({n_train} train, {len(rows) - n_train} test), "
+              f"{sum(len(r['trajectories']) for r in rows)} trajectories from {len(srcs)} sources -> {out}; "
+              f"{answered} answered this run, {reused} resumed from the journal, {failed} failed"
+              + (" (run the same command again to retry them)" if failed else ""))
+        return 3 if failed else 0
 
 
-def claim_output(out, parts, srcs, keys, args, times):
+def claim_output(run, out, parts, srcs, keys, args, times):
     """Lock OUT and tie it to each source's settings, before any source is asked; returns the
     journal's answers that still match their instance (and fills `times`, see read_journal)."""
-    output = journal.Output(out, "collect.py")
+    output = run.output(out)
     have = read_journal(parts, keys, times)
     output.tie({s.name: source_settings(s, args) for s in srcs},
                f"its answers are in {parts.path}: rerun with those settings, give the source another NAME=, or "
@@ -398,10 +396,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    try:
-        return collect_all(parse_args(argv))
-    finally:
-        records.release_locks()
+    return collect_all(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from common import journal
 from common import records
 from common import reports
 from common.records import RecordError
+from common.run import Run
 
 # What the bootstrapped model reads to write the consensus (Eq. (5)): the question and every source
 # trajectory of the instance, in one context.
@@ -506,47 +507,48 @@ def generate_rounds(args, accelerator, todo, settled, prompts, generator):
 # instance settled and journalled as its consensus comes
 
 
-def run(args):
+def synthesize(args):
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    accelerator = Accelerator()
-    is_main = accelerator.is_main_process
+    with Run("consensus", args, journaled=True, bad_input=(chat_client.ServerError,)) as run:
+        accelerator = Accelerator()
+        is_main = accelerator.is_main_process
 
-    # Every line is validated, and the output claimed, before a model is loaded.
-    template = load_template(args.prompt_file)
-    train = load_train(args)
-    claim_output(args, train, template, accelerator)
-    skips = prepare_instances(train, args.seed)  # id -> reason
+        # Every line is validated, and the output claimed, before a model is loaded.
+        template = load_template(args.prompt_file)
+        train = load_train(args)
+        claim_output(run, args, train, template, accelerator)
+        skips = prepare_instances(train, args.seed)  # id -> reason
 
-    # Each process holds the whole model and generates its share (model modes).
-    generator, prompts, shortened = None, {}, 0
-    if args.consensus != "vote":
-        generator = load_generator(args, accelerator)
-        prompts, shortened = build_prompts(train, skips, template, generator, args, is_main)
+        # Each process holds the whole model and generates its share (model modes).
+        generator, prompts, shortened = None, {}, 0
+        if args.consensus != "vote":
+            generator = load_generator(args, accelerator)
+            prompts, shortened = build_prompts(train, skips, template, generator, args, is_main)
 
-    # Resume: what an earlier run wrote or skipped is settled and not generated again.
-    outputs = journal.Settled(args.out, train, "train instance")
-    settled = outputs.resume(accelerator, skips)
+        # Resume: what an earlier run wrote or skipped is settled and not generated again.
+        outputs = run.settled(args.out, train, "train instance")
+        settled = outputs.resume(accelerator, skips)
 
-    todo = [r for r in train if r["id"] not in skips]
-    progress = tqdm(total=len(todo), initial=sum(r["id"] in settled for r in todo), desc="consensus",
-                    disable=not is_main)
-    failed = Counter()
-    # Each instance is written as soon as its consensus is settled, so an interrupted run loses none.
-    for record, consensus, error in consensuses(args, accelerator, todo, settled, prompts, generator):
-        if error:  # written nowhere: the same command asks it again
-            failed[error] += 1
-        else:
-            outputs.add(record["id"], settle(record, consensus, args))
-        progress.update(1)
-    progress.close()
-    accelerator.wait_for_everyone()
-    if not is_main:
-        return
+        todo = [r for r in train if r["id"] not in skips]
+        progress = tqdm(total=len(todo), initial=sum(r["id"] in settled for r in todo), desc="consensus",
+                        disable=not is_main)
+        failed = Counter()
+        # Each instance is written as soon as its consensus is settled, so an interrupted run loses none.
+        for record, consensus, error in consensuses(args, accelerator, todo, settled, prompts, generator):
+            if error:  # written nowhere: the same command asks it again
+                failed[error] += 1
+            else:
+                outputs.add(record["id"], settle(record, consensus, args))
+            progress.update(1)
+        progress.close()
+        accelerator.wait_for_everyone()
+        if not is_main:
+            return
 
-    written, skipped = outputs.finish()
-    report(args, train, written, skipped, shortened, failed, generator, accelerator.num_processes)
+        written, skipped = outputs.finish()
+        report(args, train, written, skipped, shortened, failed, generator, accelerator.num_processes)
 
 
 def load_train(args):
@@ -576,7 +578,7 @@ def run_settings(args, train, template):
     return settings
 
 
-def claim_output(args, train, template, accelerator):
+def claim_output(run, args, train, template, accelerator):
     """Lock the output and tie it to this run's settings (main process), before any model work."""
     out = records.output_file(args.out)
     if args.consensus != "vote" and args.model:
@@ -589,7 +591,7 @@ def claim_output(args, train, template, accelerator):
     settings = run_settings(args, train, template)
 
     def claim():
-        output = journal.Output(out, "consensus.py")
+        output = run.output(out)
         output.tie({"run": settings}, f"rerun with those settings to resume, or use another --out (or delete {out}, "
                                       f"{journal.skipped_path(out)} and {output.manifest} to start over)")
 
@@ -709,13 +711,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (RecordError, chat_client.ServerError) as e:
-        records.fail(str(e))
-    finally:
-        records.release_locks()
+    synthesize(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -28,9 +28,9 @@ from common import chat_client
 from common import journal
 from common import reports
 from common.answers import CHANGE_FINDINGS, FINDINGS, normalize, parse_answer, score, task_of
-from common.records import (SPLITS, RecordError, check_output_paths, content_key, disk_full_reported, fail,
-                            lazy_import, load_instances, on_main_process, release_locks, write_json_atomic,
-                            write_text_atomic)
+from common.records import (SPLITS, RecordError, check_output_paths, content_key, disk_full_reported, lazy_import,
+                            load_instances, on_main_process, write_json_atomic, write_text_atomic)
+from common.run import Run
 
 # Loaded on first use, so that --help and a wrong flag answer at once (torch alone takes seconds).
 torch = lazy_import("torch")
@@ -111,19 +111,17 @@ def model_rows(path, models, instances, keys):
     return rows
 
 
-def answer_missing(accelerator, models, served, instances, done, out, args):
+def answer_missing(run, accelerator, models, served, instances, done, out, args):
     """(answers generated, Counter of failed requests): each model answers the instances it has not
-    answered yet (done: {(model, id)}), appended to predictions.jsonl on the main process."""
+    answered yet (done: {(model, id)}), appended to predictions.jsonl on the main process. A bad
+    prompt is found by every process (each checks the same prompts), so all stop together."""
     generated, failed = 0, Counter()
-    appender = journal.Journal(out / "predictions.jsonl").open() if accelerator.is_main_process and models else None
-    try:
-        for name, path in models:
-            if name in served:
-                generated += ask_missing(name, served[name], instances, done, appender, failed, args)
-            else:
-                generated += generate_missing(accelerator, name, path, instances, done, appender, args)
-    except RecordError as e:  # every process checks the same prompts, so all stop together
-        stop(accelerator, str(e))
+    appender = run.journal(out / "predictions.jsonl").open() if accelerator.is_main_process and models else None
+    for name, path in models:
+        if name in served:
+            generated += ask_missing(name, served[name], instances, done, appender, failed, args)
+        else:
+            generated += generate_missing(accelerator, name, path, instances, done, appender, args)
     if appender:
         appender.close()
     accelerator.wait_for_everyone()
@@ -323,14 +321,13 @@ def connect(models, urls, args):
 
 def evaluate(args):
     import transformers  # here, not at the top: --help and a wrong flag answer before torch is loaded
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     transformers.utils.logging.disable_progress_bar()
-    accelerator = Accelerator()
-    set_seed(args.seed)
-    out = Path(args.out)
-    try:
+    with Run("evaluate", args, journaled=True, bad_input=(chat_client.ServerError,)) as run:
+        accelerator = run.accelerate()
+        set_seed(args.seed)
+        out = Path(args.out)
         instances, unlabelled = load_eval_instances(args.data, args.split, check_images=not args.sources_only)
         sources = source_names(instances)
         if args.sources_only and not sources:
@@ -340,43 +337,38 @@ def evaluate(args):
         models, served = ([], {}) if args.sources_only else check_models(args, instances, sources, accelerator)
         check_output_paths(files=[out / name for name in OUTPUT_FILES], folders=[out], inputs={"--data": args.data},
                            model_dirs={f"--models {name}": path for name, path in models})
-    except (RecordError, chat_client.ServerError) as e:
-        stop(accelerator, str(e))
-    keys = {r["id"]: content_key(r) for r in instances}
+        keys = {r["id"]: content_key(r) for r in instances}
 
-    # What an earlier run answered is not asked again (the same weights and settings: models.json).
-    done = resume(out, models, keys, served, args, accelerator)
-    reused = sum((n, r["id"]) in done for n, _ in models for r in instances)
-    generated, failed = answer_missing(accelerator, models, served, instances, done, out, args)
+        # What an earlier run answered is not asked again (the same weights and settings: models.json).
+        done = resume(run, out, models, keys, served, args, accelerator)
+        reused = sum((n, r["id"]) in done for n, _ in models for r in instances)
+        generated, failed = answer_missing(run, accelerator, models, served, instances, done, out, args)
 
-    # Scored from the files, so a resumed run scores exactly what an uninterrupted one would.
-    if accelerator.is_main_process:
-        rows = [{"name": s, "kind": "source", **score_row(instances, source_texts(instances, s))} for s in sources]
-        rows += model_rows(out / "predictions.jsonl", models, instances, keys)
-        try:
+        # Scored from the files, so a resumed run scores exactly what an uninterrupted one would.
+        if accelerator.is_main_process:
+            rows = [{"name": s, "kind": "source", **score_row(instances, source_texts(instances, s))} for s in sources]
+            rows += model_rows(out / "predictions.jsonl", models, instances, keys)
             tasks = write_outputs(out, rows, instances, unlabelled, args)
-        except RecordError as e:  # a full disk: the predictions are kept, the same command writes the rest
-            fail(str(e))
-        print(summary(rows, tasks, unlabelled, len(sources), len(models), generated, reused, args))
+            print(summary(rows, tasks, unlabelled, len(sources), len(models), generated, reused, args))
+            if failed:
+                print(f"{sum(failed.values())} answers failed (run the same command again to ask them again; "
+                      "their rows count them as missing):")
+                for reason, n in failed.most_common():
+                    print(f"  {n} failed: {reason}")
+        accelerator.end_training()
         if failed:
-            print(f"{sum(failed.values())} answers failed (run the same command again to ask them again; "
-                  "their rows count them as missing):")
-            for reason, n in failed.most_common():
-                print(f"  {n} failed: {reason}")
-    accelerator.end_training()
-    if failed:
-        raise SystemExit(3)
+            raise SystemExit(3)
 
 
 # ---------------------------------------------------------------------------------------------
 # The predictions journal: what is already answered, under which weights and settings, in which order
 
 
-def resume(out, models, keys, served, args, accelerator):
+def resume(run, out, models, keys, served, args, accelerator):
     """{(model, id)} already in predictions.jsonl, after locking the output and checking models.json.
     The main process alone touches the output files; the others learn from it what is done."""
     def claim():
-        journal.Output(out, "evaluate.py", folder=True)
+        run.output(out, folder=True)
         if not models:
             return set()
         existing = read_predictions(out / "predictions.jsonl", keys)
@@ -503,13 +495,6 @@ def summary(rows, tasks, unlabelled, n_sources, n_models, generated, reused, arg
     return line + f"; outputs in {args.out}"
 
 
-def stop(accelerator, message):
-    """Exit 2 on bad input; every process exits, the main one says why (once, not once per process)."""
-    if accelerator.is_main_process:
-        fail(message)
-    raise SystemExit(2)
-
-
 # ---------------------------------------------------------------------------------------------
 # The command line
 
@@ -560,10 +545,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    try:
-        evaluate(parse_args(argv))
-    finally:
-        release_locks()
+    evaluate(parse_args(argv))
 
 
 if __name__ == "__main__":

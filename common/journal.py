@@ -1,9 +1,11 @@
 """The outputs of the journaled stages (collect, consensus, evaluate): one writer at a time, tied
 to what decides them, appended one finished record at a time, resumed by skipping what is there.
+A stage gets them from its Run (common/run.py), which closes the journals and releases the lock
+when the run ends:
 
-    output = journal.Output(out, "consensus.py")      # the lock: a second writer is refused
+    output = run.output(out)                           # the lock: a second writer is refused
     output.tie({"run": settings}, advice)              # <out>.run.json: other settings are refused
-    lines = journal.Journal(out).open()                # a torn last line (a kill mid-write) is cut
+    lines = run.journal(out).open()                    # a torn last line (a kill mid-write) is cut
     lines.append(record)                               # one line per finished record, flushed
     lines.rewrite(rows)                                # the final file, atomically, in input order
 
@@ -11,9 +13,6 @@ A rerun of the same command reads what the journal holds (`complete`, `lines`) a
 rest. What each fault does to these files is listed in docs/RELIABILITY.md.
 """
 
-import os
-import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 from common import records
@@ -42,8 +41,10 @@ class Journal:
     """A JSONL file appended one finished record at a time (records.JsonlAppender: a crash or a
     full disk loses at most the line being written), read back on resume."""
 
-    def __init__(self, path):
+    def __init__(self, path, kept=None):
         self.path = Path(path)
+        self.kept = kept  # what a stop says the journal keeps ("finished answers"); see Run.journal
+        self.opened = False  # opened to append (closed since or not)
         self._appender = None
 
     def complete(self):
@@ -56,6 +57,7 @@ class Journal:
 
     def open(self):
         self._appender = records.JsonlAppender(self.path)
+        self.opened = True
         return self
 
     def append(self, record):
@@ -74,28 +76,6 @@ class Journal:
 def first_per_id(rows, order):
     """rows with an id's first one kept, sorted by order ({id: position})."""
     return sorted({r["id"]: r for r in reversed(rows)}.values(), key=lambda r: order[r["id"]])
-
-
-@contextmanager
-def stops_at_once(journal, kept):
-    """Ctrl-C ends the process at once with exit 130, a full disk with exit 2 (a normal exit would
-    wait for requests still in flight); what the journal holds is kept for the same command to
-    resume. kept: what the message says is kept there ("finished answers")."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        journal.close()
-        print(f"\ninterrupted: {kept} are kept in {journal.path}; run the same command again to continue",
-              file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(130)
-    except records.DiskFull as e:
-        journal.close()
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(2)
-    finally:
-        journal.close()
 
 
 def skipped_path(out):

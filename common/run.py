@@ -1,12 +1,21 @@
-"""A stage run's lifecycle, in one object: `with Run(stage, args) as run:`.
+"""A stage run's lifecycle, in one object: `with Run(stage, args) as run:` around the stage's body.
 
-Run claims and locks the output folder, keeps the run's settings (resume refuses other ones),
-resumes from the last checkpoint, says "nothing to do" for a finished run, turns SIGTERM / Ctrl-C
-into a checkpoint and exit 75, stops before a non-finite loss reaches the weights, writes the
-checkpoints, metrics.jsonl, the final Hugging Face folder and, last, the summary. Its exit codes:
-2 for bad input or settings (the message, no traceback), 1 for a non-finite loss, 75 after a
-signal's checkpoint. The training loop itself stays in the stage; training.py builds what it
-runs (accelerator, optimizer, schedule, batches, LoRA). docs/RELIABILITY.md tells the guarantees.
+For every stage Run ends the run the same way: bad input or settings (a RecordError, a full disk
+included) print the message and exit 2, with no traceback; the output locks are released.
+
+A training stage (bootstrap, apo): Run claims and locks the output folder, keeps the run's settings
+(resume refuses other ones), resumes from the last checkpoint, says "nothing to do" for a finished
+run, turns SIGTERM / Ctrl-C into a checkpoint and exit 75, stops before a non-finite loss reaches
+the weights (exit 1), writes the checkpoints, metrics.jsonl, the final Hugging Face folder and,
+last, the summary. The training loop itself stays in the stage; training.py builds what it runs
+(accelerator, optimizer, schedule, batches, LoRA).
+
+A journaled stage (collect, consensus, evaluate: `Run(stage, args, journaled=True)`): Run hands
+out its outputs, built by journal.py: the output locked and tied to its settings (`run.output`),
+its journals (`run.journal`, `run.settled`), which it closes when the run ends. Ctrl-C and a full
+disk while a journal is appended as requests come back stop the run at once (exit 130 and 2).
+
+docs/RELIABILITY.md tells the guarantees.
 """
 
 import json
@@ -18,14 +27,15 @@ import sys
 import time
 from pathlib import Path
 
-from common.records import (OutputLock, RecordError, check_output_paths, disk_full_reported, fail, lazy_import,
-                            on_main_process, release_locks, settings_mismatch, write_json_atomic)
+from common import journal
+from common.records import (DiskFull, OutputLock, RecordError, check_output_paths, disk_full_reported, fail,
+                            lazy_import, on_main_process, release_locks, settings_mismatch, write_json_atomic)
 
 torch = lazy_import("torch")  # loaded on first use: the stages' --help answers before torch is loaded
 
 
 class Run:
-    """A training stage's run. Enter it around the whole stage (data reading included):
+    """A stage's run. Enter it around the whole stage (data reading included). A training stage:
 
         with Run("apo", args) as run:
             accelerator = run.start(vision, text_only_rows)
@@ -38,25 +48,46 @@ class Run:
             run.save(module, processor, lora)
             run.summary(examples=n)
 
-    project: the trackers' default project (default: the stage's name).
+    A journaled stage:
+
+        with Run("collect", args, journaled=True) as run:
+            output = run.output(out)                       # locked; output.tie(...) writes <out>.run.json
+            parts = run.journal(path, kept="finished answers")
+            ... parts.open().append(record) ...
+
+    project: the trackers' default project (default: the stage's name). journaled: the stage
+    resumes from journals, not checkpoints: Run installs no signal handling, so Ctrl-C is Python's
+    KeyboardInterrupt. bad_input: exceptions besides RecordError that end the run as bad input
+    does (the message, exit 2).
     """
 
-    def __init__(self, stage, args, project=None):
+    def __init__(self, stage, args, project=None, journaled=False, bad_input=()):
         self.stage, self.args, self.project = stage, args, project or stage
+        self.journaled, self.bad_input = journaled, (RecordError, ResumeMismatch, *bad_input)
         self.out = Path(args.out)
-        self.accelerator = self.config = self.metrics = self.total = None
+        self.accelerator = self.config = self.metrics = self.total = self.signals = None
         self.start_step = 0
+        self.journals = []
+        self.says_errors = True  # False on the processes that leave the message to the main one
 
     def __enter__(self):
-        self.signals = SignalStop()
+        if not self.journaled:
+            self.signals = SignalStop()
         return self
 
     def __exit__(self, kind, error, traceback):
         """Bad input or settings end the run with the message and exit 2, a non-finite loss with
         exit 1 (its message names the intact checkpoint), a signal's stop with STOPPED_EXIT after
-        its checkpoint; the signal handlers and the output locks are released in every case."""
+        its checkpoint, Ctrl-C or a full disk during a journal's requests at once (stop_at_once);
+        the journals are closed, the signal handlers and the output locks released in every case."""
         try:
-            if isinstance(error, (RecordError, ResumeMismatch)):
+            for lines in self.journals:
+                lines.close()
+            if isinstance(error, (KeyboardInterrupt, DiskFull)):
+                self.stop_at_once(error)
+            if isinstance(error, self.bad_input):
+                if not self.says_errors:
+                    raise SystemExit(2)
                 fail(str(error))
             if isinstance(error, NonFiniteLoss):
                 print(f"error: {error}", file=sys.stderr)
@@ -64,9 +95,61 @@ class Run:
             if isinstance(error, Stopped):
                 raise SystemExit(STOPPED_EXIT) from None
         finally:
-            self.signals.restore()
+            if self.signals is not None:
+                self.signals.restore()
             release_locks()
         return False
+
+    # -----------------------------------------------------------------------------------------
+    # A journaled stage
+
+    def output(self, out, folder=False):
+        """The stage's output (a file, or a folder), locked against a second writer until the run
+        ends; .tie(...) records what decides it in <out>.run.json (journal.Output)."""
+        return journal.Output(out, f"{self.stage}.py", folder=folder)
+
+    def journal(self, path, kept=None):
+        """A JSONL journal (journal.Journal) that the run closes. kept, what it keeps ("finished
+        answers"): once the journal is opened, Ctrl-C and a full disk stop the run at once, and
+        Ctrl-C's message names it (stop_at_once)."""
+        lines = journal.Journal(path, kept)
+        self.journals.append(lines)
+        return lines
+
+    def settled(self, out, instances, kind):
+        """The written and skipped instances of a stage that settles each once (journal.Settled),
+        its two journals closed by the run."""
+        settled = journal.Settled(out, instances, kind)
+        self.journals += [settled.written, settled.skipped]
+        return settled
+
+    def accelerate(self):
+        """The Accelerator of a journaled stage whose processes all read the same input (evaluate):
+        bad input then ends every process, and only the main one says why."""
+        from accelerate import Accelerator
+
+        self.accelerator = Accelerator()
+        self.says_errors = self.accelerator.is_main_process
+        return self.accelerator
+
+    def stop_at_once(self, error):
+        """Ctrl-C ends the process at once with exit 130, a full disk with exit 2, once a journal
+        given `kept` has been opened: a normal exit would wait for the requests still in flight.
+        What the journal holds is kept for the same command to resume. Without one this returns."""
+        kept = [lines for lines in self.journals if lines.kept and lines.opened]
+        if not kept:
+            return
+        if isinstance(error, KeyboardInterrupt):
+            for lines in kept:
+                print(f"\ninterrupted: {lines.kept} are kept in {lines.path}; run the same command again to "
+                      "continue", file=sys.stderr, flush=True)
+        else:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130 if isinstance(error, KeyboardInterrupt) else 2)
+
+    # -----------------------------------------------------------------------------------------
+    # A training stage
 
     def start(self, vision, text_only_rows):
         """The Accelerator of the run, the output folder checked and locked, the seeds set.

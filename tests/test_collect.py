@@ -433,6 +433,56 @@ def test_ctrl_c_stops_at_once_and_the_same_command_continues(tmp_path):
     assert resumed.returncode == 0 and f"{30 - done} answered this run, {done} resumed" in resumed.stdout
 
 
+# A journaled stage's body in a few lines: the output locked, a journal opened with a record in
+# it, a request in flight (a thread that would hold a normal exit for a minute), then the fault.
+JOURNALED_RUN = """
+import argparse, os, signal, sys, threading, time
+from common import records
+from common.run import Run
+
+out, fault = sys.argv[1], sys.argv[2]
+with Run("collect", argparse.Namespace(out=out), journaled=True) as run:
+    run.output(out)
+    parts = run.journal(out + ".parts.jsonl", kept="finished answers")
+    if fault != "before-open":
+        parts.open().append({"id": "a", "text": "Answer: Edema"})
+        threading.Thread(target=time.sleep, args=(60,)).start()
+    if fault == "full-disk":
+        raise records.DiskFull(parts.path, "the same command resumes after them")
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(60)
+"""
+
+
+def test_a_journaled_run_stops_at_once_on_ctrl_c_and_a_full_disk_once_its_journal_is_open(tmp_path):
+    """Run's own stop, without a stage around it: Ctrl-C exits 130 naming the journal and a full disk
+    exits 2 with its message, both without waiting for the work in flight; before the journal is
+    opened Ctrl-C is Python's KeyboardInterrupt (the run installs no signal handling)."""
+    def journaled_run(fault):
+        out = tmp_path / fault / "t.jsonl"
+        out.parent.mkdir()
+        proc = subprocess.Popen([sys.executable, "-c", JOURNALED_RUN, str(out), fault], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=as_foreground_job)
+        try:
+            _, stderr = proc.communicate(timeout=30)  # well before the thread's minute is up
+        finally:
+            proc.kill()
+        return proc.returncode, stderr, journal_of(out)
+
+    code, err, journal = journaled_run("ctrl-c")
+    assert code == 130 and "Traceback" not in err, err
+    assert err == (f"\ninterrupted: finished answers are kept in {journal}; run the same command again to "
+                   "continue\n")
+    assert journal.read_text() == '{"id": "a", "text": "Answer: Edema"}\n'
+    code, err, journal = journaled_run("full-disk")
+    assert code == 2 and err == (f"error: {journal}: the disk is full (No space left on device) while writing this; "
+                                 "nothing half-written was kept. Free some space and run again: the same command "
+                                 "resumes after them\n")
+    code, err, journal = journaled_run("before-open")
+    assert code == -signal.SIGINT and "KeyboardInterrupt" in err and not journal.exists()
+
+
 def test_stalled_requests_time_out_count_as_failures_and_are_retried_next_run(tmp_path, chat_server):
     stalled = {"on": True}
 
