@@ -1,7 +1,7 @@
 """A stage run's lifecycle, in one object: `with Run(stage, args) as run:` around the stage's body.
 
-For every stage Run ends the run the same way: bad input or settings (a RecordError, a full disk
-included) print the message and exit 2, with no traceback; the output locks are released.
+Every stage: bad input or settings (a RecordError, a full disk included) end the run with the
+message and exit 2, no traceback; the output locks are released however the run ends.
 
 A training stage (bootstrap, apo): Run claims and locks the output folder, keeps the run's settings
 (resume refuses other ones), resumes from the last checkpoint, says "nothing to do" for a finished
@@ -10,10 +10,10 @@ the weights (exit 1), writes the checkpoints, metrics.jsonl, the final Hugging F
 last, the summary. The training loop itself stays in the stage; training.py builds what it runs
 (accelerator, optimizer, schedule, batches, LoRA).
 
-A journaled stage (collect, consensus, evaluate: `Run(stage, args, journaled=True)`): Run hands
-out its outputs, built by journal.py: the output locked and tied to its settings (`run.output`),
-its journals (`run.journal`, `run.settled`), which it closes when the run ends. Ctrl-C and a full
-disk while a journal is appended as requests come back stop the run at once (exit 130 and 2).
+A journaled stage (collect, consensus, evaluate; `journaled=True`): Run hands out its outputs,
+built by journal.py (the output locked and tied to its settings, the journals), and closes the
+journals when the run ends. Once a journal given `kept` is open, Ctrl-C exits 130 and a full disk
+exits 2 at once: the requests in flight are not waited for.
 
 docs/RELIABILITY.md tells the guarantees.
 """
@@ -51,8 +51,9 @@ class Run:
     A journaled stage:
 
         with Run("collect", args, journaled=True) as run:
-            output = run.output(out)                       # locked; output.tie(...) writes <out>.run.json
+            output = run.output(out)               # locked; output.tie(...) writes <out>.run.json
             parts = run.journal(path, kept="finished answers")
+            done = parts.complete()                # what an earlier run journaled
             ... parts.open().append(record) ...
 
     project: the trackers' default project (default: the stage's name). journaled: the stage
