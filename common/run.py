@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import journal
+from common.journal import Journal, Output, Settled
 from common.records import (DiskFull, OutputLock, RecordError, check_output_paths, disk_full_reported, fail,
                             lazy_import, on_main_process, release_locks, settings_mismatch, write_json_atomic)
 
@@ -79,8 +79,8 @@ class Run:
     def __exit__(self, kind, error, traceback):
         """Bad input or settings end the run with the message and exit 2, a non-finite loss with
         exit 1 (its message names the intact checkpoint), a signal's stop with STOPPED_EXIT after
-        its checkpoint, Ctrl-C or a full disk during a journal's requests at once (stop_at_once);
-        the journals are closed, the signal handlers and the output locks released in every case."""
+        its checkpoint; Ctrl-C and a full disk may end it at once (stop_at_once). The journals are
+        closed, the signal handlers and the output locks released in every case."""
         try:
             for lines in self.journals:
                 lines.close()
@@ -107,20 +107,20 @@ class Run:
     def output(self, out, folder=False):
         """The stage's output (a file, or a folder), locked against a second writer until the run
         ends; .tie(...) records what decides it in <out>.run.json (journal.Output)."""
-        return journal.Output(out, f"{self.stage}.py", folder=folder)
+        return Output(out, f"{self.stage}.py", folder=folder)
 
     def journal(self, path, kept=None):
         """A JSONL journal (journal.Journal) that the run closes. kept, what it keeps ("finished
         answers"): once the journal is opened, Ctrl-C and a full disk stop the run at once, and
         Ctrl-C's message names it (stop_at_once)."""
-        lines = journal.Journal(path, kept)
+        lines = Journal(path, kept)
         self.journals.append(lines)
         return lines
 
     def settled(self, out, instances, kind):
         """The written and skipped instances of a stage that settles each once (journal.Settled),
         its two journals closed by the run."""
-        settled = journal.Settled(out, instances, kind)
+        settled = Settled(out, instances, kind)
         self.journals += [settled.written, settled.skipped]
         return settled
 
