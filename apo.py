@@ -179,9 +179,9 @@ def training_data(run, args):
     # Another run's folder is refused here, not after the reference pass.
     if run.finished(run_config(args, accelerator), say=not args.reference_only) and not args.reference_only:
         return None, None
+    processor = modeling.load_processor(args.model)
     micro_global = 1 if args.reference_only else args.batch_size * accelerator.num_processes
-    return preferences.usable_preferences(modeling.load_processor(args.model), examples, args.data, args, accelerator,
-                                          micro_global), eval_records
+    return preferences.usable_preferences(processor, examples, args.data, args, accelerator, micro_global), eval_records
 
 
 def log_step(run, progress, done, total, metrics, lr, grad_norm, args, per_epoch):

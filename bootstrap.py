@@ -104,8 +104,8 @@ def training_data(run, args):
     accelerator = run.start(vision, text_only_rows=any(not ex.record.get("images") for ex in examples))
     if run.finished(run_config(args, accelerator)):  # another run's folder is refused now, not after loading
         return None, None, None
-    data = trajectories.usable_examples(load_processor(args.model), examples, args, accelerator,
-                                        args.batch_size * accelerator.num_processes)
+    processor = load_processor(args.model)
+    data = trajectories.usable_examples(processor, examples, args, accelerator, args.batch_size * accelerator.num_processes)
     return data, counts, held_out
 
 
