@@ -16,16 +16,16 @@ trained, where the official recipe trains LoRA adapters (--lora-rank 8).
 """
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-from common import training
-from common.preferences import build_examples, responses_of
-from common.records import RecordError, fail, file_hash, lazy_import
+from tqdm.auto import tqdm
+
+from common import preferences, training
+from common.preferences import build_examples
+from common.records import file_hash, lazy_import
 from common.reference import REFERENCE_FILE, compute_reference, reference_logps
 from common.run import Run, run_folder
-from common.trl_format import read_preferences
 
 # Loaded on first use, so that --help and a wrong flag answer at once (torch alone takes seconds).
 torch = lazy_import("torch")
@@ -113,133 +113,38 @@ def step_metrics(sums, seconds=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: preferences.jsonl read whole, each instance's negatives chosen (common/preferences.py), encoded
-
-
-def read_data(args):
-    """The training instances (negatives chosen), the held-out records and whether the model reads
-    images; a bad line, or an image for a text model, ends the run before any model is loaded."""
-    records = read_preferences(args.data)  # preferences.jsonl or TRL's preference format
-    eval_records = read_preferences(args.eval_data) if args.eval_data else None
-    examples = build_examples(records, args.max_negatives, Path(args.data))
-    try:
-        vision = modeling.is_vision_model(args.model)  # a folder's config.json, or a hub id's config
-    except (OSError, ValueError) as e:
-        raise RecordError(args.model, None, None, f"not a model folder or hub id: cannot read its config ({e})") from None
-    if not vision:
-        for r in records:
-            if r.get("images"):
-                raise RecordError(args.data, r["_line"], "images", f"{args.model} is a text model and cannot read images")
-    if args.share_prompt and vision:
-        fail("--share-prompt is for text models (a VLM's image positions are computed from its own rows)")
-    return examples, eval_records, vision
-
-
-def usable_examples(processor, examples, path, args, accelerator, micro_global=None):
-    """The instances that fit, with their lengths; the skipped prompts; responses cut. With
-    micro_global (the training data) the skipped prompts are reported and a micro-batch required.
-
-    Each process encodes a share and the results are gathered, so images are processed once in
-    all rather than once per GPU. A prompt that leaves no room under --max-length is skipped.
-    """
-    from accelerate.utils import gather_object
-
-    path, rows = Path(path), []  # (example index, length or None, responses cut or skip message)
-    for i in range(accelerator.process_index, len(examples), accelerator.num_processes):
-        try:
-            enc = modeling.encode(processor, examples[i].record, responses_of(examples[i]), args.max_length, path)
-        except modeling.PromptTooLong as e:
-            rows.append((i, None, f"{path}:{examples[i].record['_line']}: {e}"))
-            continue
-        rows.append((i, forward_length(enc, args.share_prompt), enc.truncated))
-    rows = gather_object(rows) if accelerator.num_processes > 1 else rows
-    kept, skipped, truncated = [], [], 0
-    for i, length, extra in sorted(rows, key=lambda row: row[0]):
-        if length is None:
-            skipped.append(extra)
-        else:
-            examples[i].length = length
-            kept.append(examples[i])
-            truncated += extra
-    for line in skipped if micro_global and accelerator.is_main_process else []:
-        print(f"skipped {line}", file=sys.stderr)
-    if not kept:
-        raise RecordError(path, None, None, f"no usable preference ({len(skipped)} prompts longer than --max-length)")
-    if micro_global and len(kept) < micro_global:
-        raise RecordError(path, None, None, f"{len(kept)} usable preferences, fewer than one micro-batch "
-                                            f"over all processes ({micro_global})")
-    return kept, skipped, truncated
-
-
-def forward_length(encoded, share_prompt):
-    """Tokens an instance puts through the model: the cost that groups batches of similar length."""
-    responses = sum(len(r) for r in encoded.responses)
-    return len(encoded.prompt_ids) * (1 if share_prompt else len(encoded.responses)) + responses
-
-
-def encode_examples(processor, examples, args, data_path):
-    # Encoded again when used (cheap next to a forward), so the whole data set's ids and image
-    # tensors never sit in memory at once.
-    return [modeling.encode(processor, ex.record, responses_of(ex), args.max_length, data_path) for ex in examples]
-
-
-def make_batch(encoded_items, pad_id, share_prompt):
-    """Model inputs for the items plus the layout: how many negatives each item has."""
-    if share_prompt:
-        inputs = shared_prompt.pack_shared_prompt(encoded_items, pad_id)
-    else:
-        inputs = modeling.collate(encoded_items, pad_id)
-    num_negatives = torch.tensor([len(e.responses) - 1 for e in encoded_items])
-    # Tokens as the usual implementation sees them (the prompt once per response), so tokens/s
-    # compares directly with and without --share-prompt.
-    tokens = sum(len(e.prompt_ids) + len(r) for e in encoded_items for r in e.responses)
-    return {"inputs": inputs, "num_negatives": num_negatives, "tokens": tokens}
-
-
-# ---------------------------------------------------------------------------------------------
 # The stage
 
 
 def train(args):
-    from tqdm.auto import tqdm
-
     with Run("apo", args) as run:
-        examples, eval_records, vision = read_data(args)
-        accelerator = run.start(vision, text_only_rows=any(not ex.record.get("images") for ex in examples))
-        # Another run's folder is refused here, not after the reference pass.
-        if run.finished(run_config(args, accelerator), say=not args.reference_only) and not args.reference_only:
+        data, eval_records = training_data(run, args)  # read and measured before any model is loaded
+        if data is None:  # OUT already holds this run, finished
             return
-        processor = modeling.load_processor(args.model)
-        micro_global = args.batch_size * accelerator.num_processes
-        examples, skipped, truncated = usable_examples(processor, examples, args.data, args, accelerator,
-                                                       1 if args.reference_only else micro_global)
+        accelerator, examples = run.accelerator, data.examples
+        micro_global = args.batch_size * accelerator.num_processes  # instances per micro-batch, all processes together
         total = 0 if args.reference_only else training.total_steps(len(examples), micro_global, args, accelerator.print)
         # Dropout off: at step 0 the policy must compute exactly the reference's log-probs (rewards 0).
         model, lora = training.load_trainable_model(args, accelerator, dropout=False)
         module, optimizer, scheduler = training.prepare_training(accelerator, logps_module(model, args), args, total)
-        # Reference log-probs (and the held-out data's) from the initial weights: before a checkpoint loads.
+        # The frozen reference: the initial weights' log-probs (cached), taken before a checkpoint loads.
         reference, reference_state = reference_logps(accelerator, model, examples, run.config, args.out,
-                                                     reference_forward(accelerator, module, processor, args, args.data),
-                                                     args.batch_size)
-        counts = f"{len(skipped)} skipped: prompt too long; {truncated} responses truncated"
+                                                     reference_forward(accelerator, module, data), args.batch_size)
         if args.reference_only:
-            return accelerator.print(f"apo: reference log-probs {reference_state} for {len(examples)} preferences "
-                                     f"({counts}) -> {run_folder(args.out) / REFERENCE_FILE}")
-        held_out = held_out_preferences(accelerator, module, processor, eval_records, args)
+            return accelerator.print(f"apo: reference log-probs {reference_state} for {data.described()} -> "
+                                     f"{run_folder(args.out) / REFERENCE_FILE}")
+        held_out = held_out_preferences(accelerator, module, data.processor, eval_records, args)
         start = run.resume(module, total)
-        accelerator.print(f"apo: {len(examples)} preferences, " + training.describe_steps(accelerator, args, total, start),
-                          flush=True)
+        accelerator.print(f"apo: {len(examples)} preferences, "
+                          + training.describe_steps(accelerator, args, total, start), flush=True)
         micro_batch = training.MicroBatches([ex.length for ex in examples], micro_global, args.seed)
-        pad_id = modeling.tokenizer_of(processor).pad_token_id
 
-        last = None
-        progress = tqdm(total=total, initial=start, desc="apo", disable=not accelerator.is_local_main_process)
+        last, progress = None, tqdm(total=total, initial=start, desc="apo", disable=not accelerator.is_local_main_process)
         for step in range(start, total):
             began, totals = time.perf_counter(), None
             for k in range(args.grad_accum):
                 rows = training.shard(micro_batch(step * args.grad_accum + k), accelerator)
-                batch = make_batch(encode_examples(processor, [examples[i] for i in rows], args, args.data), pad_id,
-                                   args.share_prompt)
+                batch = data.batch([examples[i] for i in rows])
                 with accelerator.accumulate(module):
                     losses, sums = apo_step_loss(module, batch, (reference["chosen"][rows], reference["rejected"][rows]),
                                                  accelerator.device, args.beta, args.nll_weight, args.loss,
@@ -253,64 +158,76 @@ def train(args):
                         run.check_finite(totals["loss"], step + 1)
                         lr, grad_norm = training.optimizer_step(accelerator, module, optimizer, scheduler, args, step + 1)
             done, last = step + 1, step_metrics(totals, time.perf_counter() - began)
-            progress.update(1)
-            progress.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracies']:.2f}")
-            if done % args.log_every == 0 or done == total:
-                run.log(done, dict(last, learning_rate=lr, grad_norm=None if grad_norm is None else float(grad_norm),
-                                   epoch=done * args.grad_accum / micro_batch.per_epoch))
+            log_step(run, progress, done, total, last, lr, grad_norm, args, micro_batch.per_epoch)
             if training.eval_due(args, done, total):
-                run.log_eval(done, evaluate_preferences(accelerator, module, processor, held_out, args, pad_id))
+                run.log_eval(done, evaluate_preferences(accelerator, module, held_out, args))
             run.end_of_step(done)
         progress.close()
 
-        run.save(module, processor, lora)
-        run.summary(preferences=len(examples), prompt_too_long=len(skipped), truncated=truncated,
+        run.save(module, data.processor, lora)
+        run.summary(preferences=len(examples), prompt_too_long=len(data.skipped), truncated=data.truncated,
                     reference_logps=reference_state)
-        result = (f"last step loss {last['loss']:.4f}, reward accuracy {last['rewards/accuracies']:.2f}, "
-                  f"margin {last['rewards/margins']:.4f}" if last else "nothing left to train")
-        accelerator.print(f"apo: {total} steps on {len(examples)} preferences ({counts}), reference log-probs "
-                          f"{reference_state}; {result}; model in {args.out}")
+        accelerator.print(f"apo: {total} steps on {data.described()}, reference log-probs {reference_state}; "
+                          f"{outcome(last)}; model in {args.out}")
 
 
-def reference_forward(accelerator, module, processor, args, data_path):
+def training_data(run, args):
+    """The training preferences that fit (preferences.PreferenceData) and the held-out records, with
+    the run started; (None, None) when OUT already holds this run, finished."""
+    examples, eval_records, vision = preferences.read_data(args)
+    accelerator = run.start(vision, text_only_rows=any(not ex.record.get("images") for ex in examples))
+    # Another run's folder is refused here, not after the reference pass.
+    if run.finished(run_config(args, accelerator), say=not args.reference_only) and not args.reference_only:
+        return None, None
+    processor = modeling.load_processor(args.model)
+    micro_global = 1 if args.reference_only else args.batch_size * accelerator.num_processes
+    return preferences.usable_preferences(processor, examples, args.data, args, accelerator, micro_global), eval_records
+
+
+def log_step(run, progress, done, total, metrics, lr, grad_norm, args, per_epoch):
+    """The step on the progress bar and, every --log-every steps and at the last, in the metrics."""
+    progress.update(1)
+    progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
+    if done % args.log_every == 0 or done == total:
+        run.log(done, dict(metrics, learning_rate=lr, grad_norm=None if grad_norm is None else float(grad_norm),
+                           epoch=done * args.grad_accum / per_epoch))
+
+
+def outcome(last):
+    """The last step's figures for the closing line."""
+    if last is None:
+        return "nothing left to train"
+    return (f"last step loss {last['loss']:.4f}, reward accuracy {last['rewards/accuracies']:.2f}, "
+            f"margin {last['rewards/margins']:.4f}")
+
+
+def reference_forward(accelerator, module, data):
     """compute_reference's forward: examples -> their summed log-probs (chosen, rejected, mask)."""
-    pad_id = modeling.tokenizer_of(processor).pad_token_id
-
-    def forward(examples):
-        batch = make_batch(encode_examples(processor, examples, args, data_path), pad_id, args.share_prompt)
-        return concatenated_forward(module, batch, accelerator.device)[:3]
-
-    return forward
+    return lambda examples: concatenated_forward(module, data.batch(examples), accelerator.device)[:3]
 
 
 def held_out_preferences(accelerator, module, processor, records, args):
-    """--eval-data's usable examples and their reference log-probs (the initial weights'), or None."""
+    """--eval-data's usable preferences and their reference log-probs (the initial weights'), or None."""
     if records is None:
         return None
     path = Path(args.eval_data)
-    examples, _, _ = usable_examples(processor, build_examples(records, args.max_negatives, path), path, args, accelerator)
-    reference = compute_reference(accelerator, examples, args.batch_size,
-                                  reference_forward(accelerator, module, processor, args, path), "held-out reference")
-    return examples, reference, path
+    data = preferences.usable_preferences(processor, build_examples(records, args.max_negatives, path), path, args,
+                                          accelerator)
+    return data, compute_reference(accelerator, data.examples, args.batch_size,
+                                   reference_forward(accelerator, module, data), "held-out reference")
 
 
 @training.no_grad
-def evaluate_preferences(accelerator, module, processor, held_out, args, pad_id):
+def evaluate_preferences(accelerator, module, held_out, args):
     """TRL's eval metrics on the held-out preferences: loss, reward accuracy and margin (against the
     hardest negative), rewards and log-probs. Each process takes a share of the batches; every
-    process runs the same number of forwards (FSDP's are collective), repeats counting nothing."""
-    examples, reference, path = held_out
-    batches = [list(range(i, min(i + args.batch_size, len(examples)))) for i in range(0, len(examples), args.batch_size)]
-    real = len(batches)
-    batches += batches[-1:] * (-len(batches) % accelerator.num_processes)
-    totals = None
-    for i in range(accelerator.process_index, len(batches), accelerator.num_processes):
-        rows = batches[i]
-        batch = make_batch(encode_examples(processor, [examples[j] for j in rows], args, path), pad_id,
-                           args.share_prompt)
-        _, sums = apo_step_loss(module, batch, (reference["chosen"][rows], reference["rejected"][rows]),
+    process runs the same number of forwards (training.held_out_batches)."""
+    (data, reference), totals = held_out, None
+    for rows, counted in training.held_out_batches(len(data.examples), args.batch_size, accelerator):
+        _, sums = apo_step_loss(module, data.batch([data.examples[j] for j in rows]),
+                                (reference["chosen"][rows], reference["rejected"][rows]),
                                 accelerator.device, args.beta, args.nll_weight, args.loss)
-        sums = {k: v * (i < real) for k, v in sums.items()}
+        sums = {k: v * counted for k, v in sums.items()}
         totals = sums if totals is None else {k: totals[k] + sums[k] for k in sums}
     return step_metrics(accelerator.reduce(totals, reduction="sum"))
 

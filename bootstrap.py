@@ -16,19 +16,14 @@ room is skipped and counted).
 """
 
 import argparse
-import sys
 import time
-from collections import Counter, defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from common import training
-from common.answers import parse_answer
+from common import training, trajectories
 from common.records import RecordError, file_hash, lazy_import
 from common.run import Run
-from common.trl_format import read_instances
 
 # Loaded on first use, so that --help and a wrong flag answer at once (torch alone takes seconds).
 torch = lazy_import("torch")
@@ -50,131 +45,24 @@ def sft_step_loss(module, batch, device):
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: one example per (train instance, trajectory)
-
-
-@dataclass
-class Example:
-    record: dict  # the instance
-    text: str  # the source's full answer, the training target
-    source: str
-    length: int = 0  # prompt + response tokens, for length-grouped batches
-    response_tokens: int = 0  # tokens the loss is averaged over
-
-
-def collect_examples(records, drop_unanswered):
-    """The (instance, trajectory) pairs of split train, and what was left out, counted."""
-    examples = []
-    counts = Counter(dict.fromkeys(["train_instances", "test_instances", "instances_without_trajectories",
-                                    "empty_trajectories", "unanswered"], 0))
-    for record in records:
-        if record["split"] != "train":
-            counts["test_instances"] += 1
-            continue
-        counts["train_instances"] += 1
-        if not record.get("trajectories"):
-            counts["instances_without_trajectories"] += 1
-            continue
-        for t in record["trajectories"]:
-            if not t["text"].strip():
-                counts["empty_trajectories"] += 1
-                continue
-            if parse_answer(t["text"]) is None:
-                counts["unanswered"] += 1
-                if drop_unanswered:
-                    continue
-            examples.append(Example(record, t["text"], t["source"]))
-    return examples, counts
-
-
-def measure_examples(processor, examples, args, data_path, accelerator):
-    """The examples that fit, with their lengths; the skipped instances ((message, prompt tokens),
-    one per instance); responses cut.
-
-    Each process encodes a share of the instances (the prompt and images once for all of an
-    instance's trajectories) and the results are gathered, so images are processed once in all
-    rather than once per GPU. A prompt that leaves no room under --max-length is skipped.
-    """
-    from accelerate.utils import gather_object
-
-    by_instance = defaultdict(list)
-    for i, ex in enumerate(examples):
-        by_instance[ex.record["_line"]].append(i)
-    mine = sorted(by_instance)[accelerator.process_index :: accelerator.num_processes]
-    rows = []  # (example index, length, response tokens, responses cut or skip message)
-    for line in tqdm(mine, desc="tokenizing", disable=not accelerator.is_local_main_process):
-        idx = by_instance[line]
-        try:
-            enc = modeling.encode(processor, examples[idx[0]].record, [examples[i].text for i in idx], args.max_length,
-                         data_path)
-        except modeling.PromptTooLong as e:  # one message an instance, on its first example
-            rows += [(i, None, None, (f"{data_path}:{line}: {e}", e.prompt_tokens) if k == 0 else None)
-                     for k, i in enumerate(idx)]
-            continue
-        rows += [(i, len(enc.prompt_ids) + len(ids), len(ids), enc.truncated if k == 0 else 0)
-                 for k, (i, ids) in enumerate(zip(idx, enc.responses))]
-    if accelerator.num_processes > 1:
-        rows = gather_object(rows)
-    kept, skipped, truncated = [], [], 0
-    for i, length, response_tokens, extra in sorted(rows, key=lambda row: row[0]):
-        if length is None:
-            if extra is not None:
-                skipped.append(extra)
-        else:
-            examples[i].length, examples[i].response_tokens = length, response_tokens
-            kept.append(examples[i])
-            truncated += extra
-    return kept, skipped, truncated
-
-
-def too_few_examples(usable, micro_global, too_long, skipped, args):
-    """Why a run cannot take one micro-batch, with the flag that changes it."""
-    message = f"{usable} usable training examples, fewer than one micro-batch over all processes ({micro_global})"
-    if skipped:
-        longest = max(tokens for _, tokens in skipped)
-        message += (f": {too_long} examples of {len(skipped)} instances skipped, their prompt leaves no room for a "
-                    f"response under --max-length {args.max_length} (longest prompt {longest} tokens); "
-                    f"raise --max-length above {longest}")
-    else:
-        message += f"; lower --batch-size ({args.batch_size}) or add training data"
-    return message
-
-
-def encode_examples(processor, examples, args, data_path):
-    # Encoded again when used (cheap next to a forward), so the whole data set's ids and image
-    # tensors never sit in memory at once.
-    return [modeling.encode(processor, ex.record, [ex.text], args.max_length, data_path) for ex in examples]
-
-
-def make_batch(encoded_items, pad_id):
-    """Right-padded rows of these examples: labels are the response tokens, -100 elsewhere."""
-    return modeling.collate(encoded_items, pad_id)
-
-
-# ---------------------------------------------------------------------------------------------
 # The stage
 
 
 def train(args):
     with Run("bootstrap", args, project="apo-bootstrap") as run:
-        # Data first: a bad line ends the run before any model is loaded.
-        examples, counts, held_out, vision = read_data(args)
-        accelerator = run.start(vision, text_only_rows=any(not ex.record.get("images") for ex in examples))
-        if run.finished(run_config(args, accelerator)):  # another run's folder is refused now, not after loading
+        data, counts, held_out = training_data(run, args)  # read and measured before any model is loaded
+        if data is None:  # OUT already holds this run, finished
             return
-        processor = load_processor(args.model)
-        micro_global = args.batch_size * accelerator.num_processes
-        examples, skipped, truncated, too_long = usable_examples(processor, examples, args, accelerator, micro_global)
+        accelerator, examples = run.accelerator, data.examples
+        micro_global = args.batch_size * accelerator.num_processes  # examples per micro-batch, all processes together
         total = training.total_steps(len(examples), micro_global, args, accelerator.print)
         model, lora = training.load_trainable_model(args, accelerator)
         module, optimizer, scheduler = training.prepare_training(accelerator, modeling.ResponseLogps(model), args, total)
-        held_out = usable_held_out(processor, held_out, args, accelerator)
+        held_out = trajectories.usable_held_out(data.processor, held_out, args, accelerator)
         start = run.resume(module, total)
         accelerator.print(f"bootstrap: {len(examples)} examples from {counts['train_instances']} train instances, "
                           + training.describe_steps(accelerator, args, total, start, unit=" examples"), flush=True)
-        lengths = [ex.length for ex in examples]
-        micro_batch = training.MicroBatches(lengths, micro_global, args.seed)
-        pad_id = modeling.tokenizer_of(processor).pad_token_id
+        micro_batch = training.MicroBatches([ex.length for ex in examples], micro_global, args.seed)
 
         progress = tqdm(total=total, initial=start, desc="bootstrap", disable=not accelerator.is_local_main_process)
         for step in range(start, total):
@@ -187,7 +75,7 @@ def train(args):
             scale = accelerator.num_processes * args.grad_accum / step_tokens  # undo DDP's and accelerate's averaging
             nll_sum = torch.zeros((), device=accelerator.device)
             for rows in mine:
-                batch = make_batch(encode_examples(processor, [examples[i] for i in rows], args, args.data), pad_id)
+                batch = data.batch([examples[i] for i in rows])
                 with accelerator.accumulate(module):
                     nll = sft_step_loss(module, batch, accelerator.device)
                     accelerator.backward(nll * scale)
@@ -197,43 +85,28 @@ def train(args):
                         run.check_finite(loss, step + 1, {examples[i].record["id"] for b in micro for i in b})
                         lr, grad_norm = training.optimizer_step(accelerator, module, optimizer, scheduler, args, step + 1)
             done = step + 1
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.4f}")
-            if done % args.log_every == 0 or done == total:
-                seen = done * args.grad_accum * micro_global
-                run.log(done, {
-                    "loss": loss.item(), "learning_rate": lr,
-                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                    "tokens_per_s": sum(lengths[i] for b in micro for i in b) / (time.perf_counter() - began),
-                    "examples_seen": seen, "epoch": seen / (micro_batch.per_epoch * micro_global),
-                })
+            log_step(run, progress, done, total, loss, lr, grad_norm, args, micro_batch, micro, began)
             if training.eval_due(args, done, total):
-                run.log_eval(done, {"loss": held_out_loss(accelerator, module, processor, held_out, args, pad_id)})
+                run.log_eval(done, {"loss": held_out_loss(accelerator, module, held_out, args)})
             run.end_of_step(done)
         progress.close()
 
-        run.save(module, processor, lora)
-        summary = run.summary(examples=len(examples), **counts, truncated=truncated, prompt_too_long=too_long)
-        unanswered = f"{counts['unanswered']} unanswered {'dropped' if args.drop_unanswered else 'kept'}"
-        accelerator.print(
-            f"bootstrap: {total} steps on {len(examples)} examples, loss {summary['first_loss']} -> "
-            f"{summary['final_loss']}; {unanswered}, {truncated} truncated, {too_long} skipped (prompt too long), "
-            f"{counts['empty_trajectories']} empty; model in {args.out}")
+        run.save(module, data.processor, lora)
+        summary = run.summary(examples=len(examples), **counts, truncated=data.truncated, prompt_too_long=data.too_long)
+        accelerator.print(f"bootstrap: {total} steps on {len(examples)} examples, loss {summary['first_loss']} -> "
+                          f"{summary['final_loss']}; {left_out(data, counts, args)}; model in {args.out}")
 
 
-def read_data(args):
-    """The training examples and what was left out (counted), the held-out examples (--eval-data),
-    and whether the model reads images."""
-    records = read_instances(args.data)  # trajectories.jsonl or TRL's SFT conversations
-    examples, counts = collect_examples(records, args.drop_unanswered)
-    held_out = held_out_examples(args.eval_data, args.drop_unanswered) if args.eval_data else None
-    if not examples:
-        raise RecordError(args.data, None, "trajectories", "no training examples (no trajectory of split train)")
-    try:
-        vision = modeling.is_vision_model(args.model)
-    except OSError as e:
-        raise RecordError(args.model, None, None, f"cannot read the model's config: {e}") from None
-    return examples, counts, held_out, vision
+def training_data(run, args):
+    """The training examples that fit (trajectories.TrajectoryData), what was left out (counted) and
+    the held-out examples, with the run started; (None, None, None) when OUT holds this run, finished."""
+    examples, counts, held_out, vision = trajectories.read_data(args)  # a bad line ends the run here
+    accelerator = run.start(vision, text_only_rows=any(not ex.record.get("images") for ex in examples))
+    if run.finished(run_config(args, accelerator)):  # another run's folder is refused now, not after loading
+        return None, None, None
+    processor = load_processor(args.model)
+    data = trajectories.usable_examples(processor, examples, args, accelerator, args.batch_size * accelerator.num_processes)
+    return data, counts, held_out
 
 
 def load_processor(model):
@@ -243,51 +116,34 @@ def load_processor(model):
         raise RecordError(model, None, None, f"cannot load the model's tokenizer/processor: {e}") from None
 
 
-def usable_examples(processor, examples, args, accelerator, micro_global):
-    """measure_examples on the training data: the skipped prompts reported, one micro-batch required;
-    also how many examples were skipped (the summary's unit, not instances)."""
-    measured = len(examples)
-    examples, skipped, truncated = measure_examples(processor, examples, args, args.data, accelerator)
-    too_long = measured - len(examples)
-    if accelerator.is_main_process:
-        for message, _ in skipped:
-            print(f"skipped {message}", file=sys.stderr)
-    if len(examples) < micro_global:
-        raise RecordError(args.data, None, None, too_few_examples(len(examples), micro_global, too_long, skipped, args))
-    return examples, skipped, truncated, too_long
+def log_step(run, progress, done, total, loss, lr, grad_norm, args, micro_batch, micro, began):
+    """The step on the progress bar and, every --log-every steps and at the last, in the metrics."""
+    progress.update(1)
+    progress.set_postfix(loss=f"{loss.item():.4f}")
+    if done % args.log_every == 0 or done == total:
+        seen = done * args.grad_accum * micro_batch.global_batch
+        run.log(done, {
+            "loss": loss.item(), "learning_rate": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens_per_s": sum(micro_batch.lengths[i] for b in micro for i in b) / (time.perf_counter() - began),
+            "examples_seen": seen, "epoch": seen / (micro_batch.per_epoch * micro_batch.global_batch),
+        })
 
 
-def usable_held_out(processor, examples, args, accelerator):
-    """--eval-data's examples that fit (None without --eval-data)."""
-    if examples is None:
-        return None
-    examples = measure_examples(processor, examples, args, args.eval_data, accelerator)[0]
-    if not examples:
-        raise RecordError(args.eval_data, None, None, "no usable held-out example (no trajectory of split train "
-                                                      "whose prompt fits --max-length)")
-    return examples
-
-
-def held_out_examples(path, drop_unanswered):
-    """--eval-data's examples: the trajectories of its val and test instances, or of all of them
-    when it has only train ones (a file held out as a whole, e.g. TRL's SFT messages)."""
-    records = read_instances(path)
-    held = [r for r in records if r["split"] != "train"] or records
-    return collect_examples([dict(r, split="train") for r in held], drop_unanswered)[0]
+def left_out(data, counts, args):
+    """What the closing line says was left out or cut."""
+    unanswered = f"{counts['unanswered']} unanswered {'dropped' if args.drop_unanswered else 'kept'}"
+    return (f"{unanswered}, {data.truncated} truncated, {data.too_long} skipped (prompt too long), "
+            f"{counts['empty_trajectories']} empty")
 
 
 @training.no_grad
-def held_out_loss(accelerator, module, processor, examples, args, pad_id):
+def held_out_loss(accelerator, module, held_out, args):
     """Mean NLL per response token of the held-out examples (the training loss's measure). Every
-    process runs the same number of forwards (FSDP's are collective); repeats count nothing."""
-    batches = [list(range(i, min(i + args.batch_size, len(examples)))) for i in range(0, len(examples), args.batch_size)]
-    real = len(batches)
-    batches += batches[-1:] * (-len(batches) % accelerator.num_processes)
+    process runs the same number of forwards (training.held_out_batches)."""
     nll = torch.zeros((), device=accelerator.device)
-    for i in range(accelerator.process_index, len(batches), accelerator.num_processes):
-        batch = make_batch(encode_examples(processor, [examples[j] for j in batches[i]], args, args.eval_data), pad_id)
-        nll += sft_step_loss(module, batch, accelerator.device) * (i < real)
-    tokens = sum(ex.response_tokens for ex in examples)
+    for rows, counted in training.held_out_batches(len(held_out.examples), args.batch_size, accelerator):
+        nll += sft_step_loss(module, held_out.batch([held_out.examples[j] for j in rows]), accelerator.device) * counted
+    tokens = sum(ex.response_tokens for ex in held_out.examples)
     return (accelerator.reduce(nll, reduction="sum") / tokens).item()
 
 

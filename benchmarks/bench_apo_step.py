@@ -8,7 +8,7 @@ Variants (--variants), each in its own process so that peaks and allocator cache
   of an instance (chosen + negatives) in one concatenated forward; every position's logits upcast
   to fp32, log_softmax, gather, sum (_get_batch_logps); the reference forwarded every step under
   no_grad; gradient checkpointing on. Written here, in this file.
-- apo, apo-ckpt: apo.py's own step, imported from apo.py: apo.make_batch with --share-prompt (the
+- apo, apo-ckpt: apo.py's own step, imported: preferences.make_batch with --share-prompt (the
   prompt encoded once for all 1 + K responses), shared_prompt.SharedPromptLogps (log-probs from hidden
   states in chunks, never the [rows, tokens, vocab] logits), reference log-probs computed once
   beforehand by a no-grad pass as apo.py caches them, apo.apo_step_loss. -ckpt: with gradient
@@ -61,7 +61,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import apo  # noqa: E402
-from common import shared_prompt  # noqa: E402
+from common import preferences, shared_prompt  # noqa: E402
 from common import training  # noqa: E402
 from apo_loss import apo_loss  # noqa: E402
 from common.modeling import IGNORE_INDEX, Encoded, ResponseLogps, collate  # noqa: E402
@@ -219,14 +219,15 @@ def apo_reference(module, items, share_prompt, device):
     """The cached reference of each instance, computed as common/reference.py's compute_reference does: (chosen [1], rejected [1, K])."""
     cache = []
     for item in items:
-        chosen, rejected, mask, _ = apo.concatenated_forward(module, apo.make_batch([item], PAD_ID, share_prompt), device)
+        batch = preferences.make_batch([item], PAD_ID, share_prompt)
+        chosen, rejected, mask, _ = apo.concatenated_forward(module, batch, device)
         cache.append((chosen.float().cpu(), torch.where(mask, rejected.float(), torch.zeros_like(rejected.float())).cpu()))
     return cache
 
 
 def apo_step_loss(module, items, reference, share_prompt, beta, device):
     """apo.py's micro-batch: make_batch, then apo_step_loss with the cached reference rows: [B]."""
-    batch = apo.make_batch(items, PAD_ID, share_prompt)
+    batch = preferences.make_batch(items, PAD_ID, share_prompt)
     ref = (torch.cat([c for c, _ in reference]), torch.cat([r for _, r in reference]))
     losses, _ = apo.apo_step_loss(module, batch, ref, device, beta, nll_weight=0.0)
     return losses

@@ -1,9 +1,22 @@
 """Preference instances as apo.py trains on them (scripts/export_preferences.py writes them in the
-same order): a prompt, its consensus as the positive, and the negatives it keeps."""
+same order): a prompt, its consensus as the positive, and the negatives it keeps; read from
+preferences.jsonl (or TRL's preference format), measured against --max-length, and batched.
 
+read_data checks the file (and the model's kind) before any model is loaded; usable_preferences
+keeps the instances that fit, as a PreferenceData whose batch() gives the model's inputs.
+"""
+
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
-from common.records import RecordError
+from common.records import RecordError, fail, lazy_import
+from common.trl_format import read_preferences
+
+# Loaded on first use: apo.py's --help and scripts/export_preferences.py need none of them.
+torch = lazy_import("torch")
+modeling = lazy_import("common.modeling")
+shared_prompt = lazy_import("common.shared_prompt")
 
 
 @dataclass
@@ -31,3 +44,105 @@ def select_negatives(record, max_negatives, data_path):
 
 def responses_of(example):
     return [example.record["chosen"]] + [example.record["rejected"][i] for i in example.negatives]
+
+
+# ---------------------------------------------------------------------------------------------
+# apo.py's data: preferences.jsonl read whole, each instance's negatives chosen, measured, batched
+
+
+def read_data(args):
+    """The training instances (negatives chosen), the held-out records and whether the model reads
+    images; a bad line, or an image for a text model, ends the run before any model is loaded."""
+    records = read_preferences(args.data)  # preferences.jsonl or TRL's preference format
+    eval_records = read_preferences(args.eval_data) if args.eval_data else None
+    examples = build_examples(records, args.max_negatives, Path(args.data))
+    try:
+        vision = modeling.is_vision_model(args.model)  # a folder's config.json, or a hub id's config
+    except (OSError, ValueError) as e:
+        raise RecordError(args.model, None, None, f"not a model folder or hub id: cannot read its config ({e})") from None
+    if not vision:
+        for r in records:
+            if r.get("images"):
+                raise RecordError(args.data, r["_line"], "images", f"{args.model} is a text model and cannot read images")
+    if args.share_prompt and vision:
+        fail("--share-prompt is for text models (a VLM's image positions are computed from its own rows)")
+    return examples, eval_records, vision
+
+
+@dataclass
+class PreferenceData:
+    """One file's instances that fit --max-length (their lengths set), what was left out, and how
+    they are put into the model: batch(examples) encodes them and lays out their rows."""
+    examples: list
+    skipped: list  # "file:line: why" of each prompt that leaves no room for a response
+    truncated: int  # responses cut at --max-length
+    processor: object
+    path: Path
+    max_length: int
+    share_prompt: bool
+
+    def described(self):
+        return (f"{len(self.examples)} preferences ({len(self.skipped)} skipped: prompt too long; "
+                f"{self.truncated} responses truncated)")
+
+    def batch(self, examples):
+        # Encoded again when used (cheap next to a forward), so the whole data set's ids and image
+        # tensors never sit in memory at once.
+        encoded = [modeling.encode(self.processor, ex.record, responses_of(ex), self.max_length, self.path)
+                   for ex in examples]
+        return make_batch(encoded, modeling.tokenizer_of(self.processor).pad_token_id, self.share_prompt)
+
+
+def usable_preferences(processor, examples, path, args, accelerator, micro_global=None):
+    """The instances that fit, as PreferenceData. With micro_global (the training data) the skipped
+    prompts are reported and a micro-batch required.
+
+    Each process encodes a share and the results are gathered, so images are processed once in
+    all rather than once per GPU. A prompt that leaves no room under --max-length is skipped.
+    """
+    from accelerate.utils import gather_object
+
+    path, rows = Path(path), []  # (example index, length or None, responses cut or skip message)
+    for i in range(accelerator.process_index, len(examples), accelerator.num_processes):
+        try:
+            enc = modeling.encode(processor, examples[i].record, responses_of(examples[i]), args.max_length, path)
+        except modeling.PromptTooLong as e:
+            rows.append((i, None, f"{path}:{examples[i].record['_line']}: {e}"))
+            continue
+        rows.append((i, forward_length(enc, args.share_prompt), enc.truncated))
+    rows = gather_object(rows) if accelerator.num_processes > 1 else rows
+    kept, skipped, truncated = [], [], 0
+    for i, length, extra in sorted(rows, key=lambda row: row[0]):
+        if length is None:
+            skipped.append(extra)
+        else:
+            examples[i].length = length
+            kept.append(examples[i])
+            truncated += extra
+    for line in skipped if micro_global and accelerator.is_main_process else []:
+        print(f"skipped {line}", file=sys.stderr)
+    if not kept:
+        raise RecordError(path, None, None, f"no usable preference ({len(skipped)} prompts longer than --max-length)")
+    if micro_global and len(kept) < micro_global:
+        raise RecordError(path, None, None, f"{len(kept)} usable preferences, fewer than one micro-batch "
+                                            f"over all processes ({micro_global})")
+    return PreferenceData(kept, skipped, truncated, processor, path, args.max_length, args.share_prompt)
+
+
+def forward_length(encoded, share_prompt):
+    """Tokens an instance puts through the model: the cost that groups batches of similar length."""
+    responses = sum(len(r) for r in encoded.responses)
+    return len(encoded.prompt_ids) * (1 if share_prompt else len(encoded.responses)) + responses
+
+
+def make_batch(encoded_items, pad_id, share_prompt):
+    """Model inputs for the items plus the layout: how many negatives each item has."""
+    if share_prompt:
+        inputs = shared_prompt.pack_shared_prompt(encoded_items, pad_id)
+    else:
+        inputs = modeling.collate(encoded_items, pad_id)
+    num_negatives = torch.tensor([len(e.responses) - 1 for e in encoded_items])
+    # Tokens as the usual implementation sees them (the prompt once per response), so tokens/s
+    # compares directly with and without --share-prompt.
+    tokens = sum(len(e.prompt_ids) + len(r) for e in encoded_items for r in e.responses)
+    return {"inputs": inputs, "num_negatives": num_negatives, "tokens": tokens}

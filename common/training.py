@@ -87,6 +87,16 @@ def eval_due(args, done, total):
     return bool(args.eval_data) and (done == total or (args.eval_every > 0 and done % args.eval_every == 0))
 
 
+def held_out_batches(n, batch_size, accelerator):
+    """This process's share of the held-out batches (rows 0..n-1 in order), each with whether it
+    counts: every process runs the same number of forwards (FSDP's are collective), so the list
+    is padded with repeats of the last batch, which count nothing."""
+    batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    real = len(batches)
+    batches += batches[-1:] * (-len(batches) % accelerator.num_processes)
+    return [(batches[i], i < real) for i in range(accelerator.process_index, len(batches), accelerator.num_processes)]
+
+
 def parse_with_config(parser, argv=None):
     """parser's arguments, with --config FILE.yaml read first: its keys are the flags (`lr: 1.0e-5`,
     `lora-rank: 8`, `share-prompt: true`), so the command line, read after it, overrides it."""

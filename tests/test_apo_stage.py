@@ -24,8 +24,8 @@ from common import shared_prompt
 from common import modeling
 import tiny_models
 from apo_loss import LOSSES, apo_loss
-from common.preferences import select_negatives
-from common.records import file_hash, load_preferences
+from common.preferences import build_examples, make_batch, responses_of, select_negatives
+from common.records import RecordError, file_hash, load_preferences
 from common.reference import REFERENCE_FILE, REFERENCE_VERSION
 from common.run import run_folder
 
@@ -155,8 +155,8 @@ def test_training_raises_margin_and_writes_a_loadable_model(tiny_text_model, dat
     AutoTokenizer.from_pretrained(out)
     initial = AutoModelForCausalLM.from_pretrained(tiny_text_model)
     processor = modeling.load_processor(tiny_text_model)
-    examples = apo.build_examples(load_preferences(data)[:4], None, data)
-    batch = apo.make_batch([modeling.encode(processor, ex.record, apo.responses_of(ex), 256) for ex in examples],
+    examples = build_examples(load_preferences(data)[:4], None, data)
+    batch = make_batch([modeling.encode(processor, ex.record, responses_of(ex), 256) for ex in examples],
                            modeling.tokenizer_of(processor).pad_token_id, share_prompt=False)
     with torch.no_grad():
         pc, pr, mask, _ = apo.concatenated_forward(modeling.ResponseLogps(final), batch, "cpu")
@@ -341,7 +341,7 @@ def test_max_negatives_keeps_the_most_drifted_first():
     assert select_negatives(record, 2, "p.jsonl") == [1, 3]
     assert select_negatives(record, None, "p.jsonl") == [1, 3, 0, 2]  # ties keep file order
     assert select_negatives({"rejected": ["a", "b", "c"], "_line": 1}, 2, "p.jsonl") == [0, 1]
-    with pytest.raises(apo.RecordError, match=r"p.jsonl:7: field 'drift'"):
+    with pytest.raises(RecordError, match=r"p.jsonl:7: field 'drift'"):
         select_negatives(dict(record, drift=["x", 1, 1, 1]), 2, "p.jsonl")
 
 
@@ -363,9 +363,9 @@ def test_readme_method_in_20_lines_is_what_apo_py_computes(tiny_text_model, data
     exec(compile(block, "README.md (the method in 20 lines)", "exec"), plain)
 
     processor = modeling.load_processor(tiny_text_model)
-    examples = [ex for ex in apo.build_examples(load_preferences(data)[:4], None, data) if len(ex.negatives) == 2]
+    examples = [ex for ex in build_examples(load_preferences(data)[:4], None, data) if len(ex.negatives) == 2]
     assert len(examples) == 2  # the README's view(-1, 1 + k) wants one K for the batch
-    batch = apo.make_batch([modeling.encode(processor, ex.record, apo.responses_of(ex), 256) for ex in examples],
+    batch = make_batch([modeling.encode(processor, ex.record, responses_of(ex), 256) for ex in examples],
                            modeling.tokenizer_of(processor).pad_token_id, share_prompt=False)
     policy = AutoModelForCausalLM.from_pretrained(straight[0])  # trained: rewards are not all 0
     reference = AutoModelForCausalLM.from_pretrained(tiny_text_model)
@@ -392,8 +392,8 @@ def test_length_normalize_divides_every_reward_by_its_response_tokens(tiny_text_
     from transformers import AutoModelForCausalLM
 
     processor = modeling.load_processor(tiny_text_model)
-    examples = apo.build_examples(load_preferences(data)[:3], None, data)
-    batch = apo.make_batch([modeling.encode(processor, ex.record, apo.responses_of(ex), 256) for ex in examples],
+    examples = build_examples(load_preferences(data)[:3], None, data)
+    batch = make_batch([modeling.encode(processor, ex.record, responses_of(ex), 256) for ex in examples],
                            modeling.tokenizer_of(processor).pad_token_id, share_prompt=False)
     policy = modeling.ResponseLogps(AutoModelForCausalLM.from_pretrained(straight[0]))
     with torch.no_grad():
@@ -416,8 +416,8 @@ def test_shared_prompt_equals_separate_forwards(tiny_text_model, tmp_path, atten
     """Log-probs AND gradients of the packed shared-prompt forward equal one row per response."""
     processor = modeling.load_processor(tiny_text_model)
     data = write_jsonl(tmp_path / "p.jsonl", PREFERENCES)
-    examples = apo.build_examples(load_preferences(data), None, data)
-    encoded = [modeling.encode(processor, ex.record, apo.responses_of(ex), 4096) for ex in examples]
+    examples = build_examples(load_preferences(data), None, data)
+    encoded = [modeling.encode(processor, ex.record, responses_of(ex), 4096) for ex in examples]
     pad_id = modeling.tokenizer_of(processor).pad_token_id
     model = modeling.load_model(tiny_text_model)
     model.set_attn_implementation(attention)
@@ -425,7 +425,7 @@ def test_shared_prompt_equals_separate_forwards(tiny_text_model, tmp_path, atten
     for share_prompt, module in ((False, modeling.ResponseLogps(model, chunk_size=7)),
                                  (True, shared_prompt.SharedPromptLogps(model, chunk_size=7))):
         model.zero_grad()
-        batch = apo.make_batch(encoded, pad_id, share_prompt)
+        batch = make_batch(encoded, pad_id, share_prompt)
         logps, counts = module(**batch["inputs"])
         # Uneven weights per row, so a row mixed up with another would show.
         (logps * torch.arange(1, len(logps) + 1)).sum().backward()
@@ -530,7 +530,7 @@ def test_preferences_that_reject_their_chosen_or_break_design_ranges_are_refused
     outside [0, 1] (DESIGN) and non-string source names."""
     first = next(p for p in PREFERENCES if p.get("drift") and p.get("rejected_sources"))
     data = write_jsonl(tmp_path / "preferences.jsonl", [change(first)])
-    with pytest.raises(apo.RecordError) as e:
+    with pytest.raises(RecordError) as e:
         load_preferences(data)
     assert str(e.value).startswith(f"{data}:1: field '{field}': {message}"), str(e.value)
 

@@ -22,8 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import apo  # noqa: E402
-from common import shared_prompt  # noqa: E402
+from common import preferences, shared_prompt  # noqa: E402
 import bench_apo_step as bench  # noqa: E402
 import bench_generation  # noqa: E402
 from common import training  # noqa: E402
@@ -166,13 +165,13 @@ def test_shared_prompt_pairs_are_what_apo_attention_mask_allows():
 
 def test_no_padding_waste():
     """The padding lever: a packed shared-prompt row holds no padding (its length is what
-    apo.forward_length counts and batches by), and training.batch_order makes batches of
+    preferences.forward_length counts and batches by), and training.batch_order makes batches of
     neighbouring lengths, so a batch pads only up to its own longest."""
     item = Encoded(list(range(1, 8)), [[5] * n for n in (3, 9, 1, 4)])  # prompt 7, responses of 3, 9, 1, 4 tokens
     packed = shared_prompt.pack_shared_prompt([item], bench.PAD_ID)
     assert packed["input_ids"].shape == (1, 7 + 17) and (packed["segments"] >= 0).all()
-    assert apo.forward_length(item, share_prompt=True) == 24
-    assert apo.forward_length(item, share_prompt=False) == 4 * 7 + 17
+    assert preferences.forward_length(item, share_prompt=True) == 24
+    assert preferences.forward_length(item, share_prompt=False) == 4 * 7 + 17
 
     lengths = torch.randint(10, 1000, (200,), generator=torch.Generator().manual_seed(0)).tolist()
     batches = training.batch_order(lengths, 8, seed=3, epoch=0)

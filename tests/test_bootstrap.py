@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig
 
 import bootstrap
-from common import training
+from common import training, trajectories
 import tiny_models
 from launch_for_tests import sigkill_at_line
 from common.modeling import IGNORE_INDEX, ResponseLogps, load_model, load_processor, tokenizer_of
@@ -102,14 +102,14 @@ def test_examples_are_train_pairs_with_refusals_counted(tmp_path):
     records[1]["trajectories"].append({"source": "blank", "text": "  \n"})
     records.append({"id": "bare", "split": "train", "prompt": "p", "trajectories": []})
 
-    kept, counts = bootstrap.collect_examples(records, drop_unanswered=False)
+    kept, counts = trajectories.collect_examples(records, drop_unanswered=False)
     assert len(kept) == 3 * 3 + 1  # every (train instance, trajectory) pair, the refusal included
     assert REFUSAL in [e.text for e in kept]
     assert all(e.record["split"] == "train" for e in kept)
     assert (counts["train_instances"], counts["test_instances"], counts["unanswered"],
             counts["empty_trajectories"], counts["instances_without_trajectories"]) == (4, 1, 1, 1, 1)
 
-    dropped, counts = bootstrap.collect_examples(records, drop_unanswered=True)
+    dropped, counts = trajectories.collect_examples(records, drop_unanswered=True)
     assert len(dropped) == 3 * 3 and REFUSAL not in [e.text for e in dropped]
     assert counts["unanswered"] == 1
 
@@ -117,11 +117,11 @@ def test_examples_are_train_pairs_with_refusals_counted(tmp_path):
 def test_loss_is_cross_entropy_on_response_tokens_only(tmp_path, tiny_text_model):
     data = write_data(tmp_path, n_train=2)
     records = load_instances(data)
-    examples, _ = bootstrap.collect_examples(records, drop_unanswered=False)
+    examples, _ = trajectories.collect_examples(records, drop_unanswered=False)
     processor = load_processor(tiny_text_model)
     tok = tokenizer_of(processor)
     rows = [0, 3]  # different lengths, so the shorter row is padded
-    batch = bootstrap.make_batch(bootstrap.encode_examples(processor, [examples[i] for i in rows], Namespace(max_length=512), data),
+    batch = trajectories.make_batch(trajectories.encode_examples(processor, [examples[i] for i in rows], 512, data),
                                  tok.pad_token_id)
 
     for r, i in enumerate(rows):
@@ -146,9 +146,9 @@ def test_vl_image_tokens_are_masked_and_freeze_vision_keeps_the_tower(tmp_path, 
     tiny_models.write_test_image(tmp_path / "xray.png")
     data = write_data(tmp_path, n_train=2, image="xray.png")
     records = load_instances(data)
-    examples, _ = bootstrap.collect_examples(records, drop_unanswered=False)
+    examples, _ = trajectories.collect_examples(records, drop_unanswered=False)
     processor = load_processor(tiny_vl_model)
-    batch = bootstrap.make_batch(bootstrap.encode_examples(processor, examples[:2], Namespace(max_length=512), data),
+    batch = trajectories.make_batch(trajectories.encode_examples(processor, examples[:2], 512, data),
                                  tokenizer_of(processor).pad_token_id)
     image_token = json.loads((Path(tiny_vl_model) / "config.json").read_text())["image_token_id"]
     is_image = batch["input_ids"] == image_token
@@ -579,7 +579,7 @@ def test_a_huge_prompt_is_skipped_by_its_characters_without_tokenizing_it(tmp_pa
 
     processor = load_processor(tiny_text_model)
     huge["_line"] = 6
-    kept, skipped, _ = bootstrap.measure_examples(processor, [bootstrap.Example(huge, SHORT[0], "s0")],
+    kept, skipped, _ = trajectories.measure_examples(processor, [trajectories.Example(huge, SHORT[0], "s0")],
                                                   Namespace(max_length=160), data, Accelerator(cpu=True))
     longest = max(map(len, tokenizer_of(processor).get_vocab()))
     chars = len(prompt_text(processor, huge))
