@@ -247,7 +247,7 @@ def test_vote_mode_exact_records_skips_and_summary(tmp_path, capsys, negatives):
 
 
 def test_vote_on_drift_simulator_beats_every_source(tmp_path):
-    simulator = pytest.importorskip("simulator")
+    simulator = pytest.importorskip("common.simulator")
     stream = simulator.make_instances(150, 0, seed=5)
     for i, rec in enumerate(stream):
         rec["trajectories"] = [{"source": f"sim:{name}", "text": simulator.simulate(p, rec, i / (len(stream) - 1), seed=5)}
