@@ -54,6 +54,7 @@ import numpy as np
 
 from common import answers
 from common import records
+from common.run import CHECKPOINTS, run_folder
 
 SOURCES = "sim:all"
 # One protocol for every model: greedy, a budget the sources' own answers fit in, and no
@@ -97,6 +98,11 @@ SIZES = {
 BOOT_LR, BETA = "1e-4", "0.1"
 MAX_LENGTH = "384"
 PREF_BATCH = 2  # instances per optimizer step in every preference-stage arm: the paper's batch size
+# A training stage checkpoints every SAVE_EVERY optimizer steps (about 2 to 8 min here), so an
+# interrupted study loses minutes, not a 40-minute bootstrap. A finished stage's checkpoints are
+# deleted: the study needs only the model folder, and one checkpoint of the 135M model with its
+# optimizer state is 1.6 GB (18 training runs at --size cpu-full).
+SAVE_EVERY = 25
 ARMS = ("bootstrap", "sft-consensus", "dpo-pairs", "apo", "positive-control")
 SEEDED = ARMS[1:]
 # (name, a, b): the primary contrast first; Holm's correction over all three
@@ -125,6 +131,12 @@ def run(cmd):
     if subprocess.run([str(c) for c in cmd]).returncode != 0:
         raise SystemExit("study: a stage failed; fix the cause and rerun the same command to resume")
     print(f"  ({time.time() - start:.0f} s)", flush=True)
+
+
+def train(script, out, *args):
+    """A training stage (bootstrap.py or apo.py) writing OUT, checkpointed; its checkpoints go once it is done."""
+    run([sys.executable, script, "--out", out, "--save-every", SAVE_EVERY, *args])
+    shutil.rmtree(run_folder(out) / CHECKPOINTS, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -726,8 +738,8 @@ def main(argv=None):
             run([py, "collect.py", "--sources", SOURCES, "--data", path, "--out", collected[split], *seed])
         carve_validation(collected["train"], collected["test"], data, size["n_val"])
     boot = out / "bootstrap"
-    run([py, "bootstrap.py", "--model", args.model, "--data", data, "--out", boot, "--lr", BOOT_LR,
-         "--grad-accum", "1", "--max-length", MAX_LENGTH, *size["boot"], *seed])
+    train("bootstrap.py", boot, "--model", args.model, "--data", data, "--lr", BOOT_LR,
+          "--grad-accum", "1", "--max-length", MAX_LENGTH, *size["boot"], *seed)
 
     # 3. One consensus (every negative kept), its SFT file, and the positive control's preferences.
     prefs = out / "preferences.jsonl"
@@ -745,8 +757,8 @@ def main(argv=None):
         recipe = RECIPES[name]
         folder = out / f"sweep-{name}"
         share_reference(out, prefs, folder)
-        run([py, "apo.py", "--model", boot, "--data", prefs, "--out", folder, "--nll-weight", recipe["nll"],
-             *recipe_args(recipe), *pref_common, "--epochs", "1", *steps, *seed])
+        train("apo.py", folder, "--model", boot, "--data", prefs, "--nll-weight", recipe["nll"],
+              *recipe_args(recipe), *pref_common, "--epochs", "1", *steps, *seed)
         sweep.append(dict(recipe, folder=str(folder)))
     run([py, "evaluate.py", "--models", f"bootstrap={boot}", *(f"{v['name']}={v['folder']}" for v in sweep),
          "--data", data, "--split", "val", "--out", out / "eval-val", *decode, *seed])
@@ -777,16 +789,16 @@ def main(argv=None):
         if s == args.seed:
             folders[name["apo"]] = Path(best["folder"])
         same = [*pref_common, "--max-steps", pref_steps, "--seed", s]
-        run([py, "bootstrap.py", "--model", boot, "--data", sft_data, "--out", folders[name["sft-consensus"]], *chosen,
-             "--batch-size", PREF_BATCH, "--grad-accum", "1", "--max-length", MAX_LENGTH, "--max-steps", pref_steps,
-             "--seed", s])
+        train("bootstrap.py", folders[name["sft-consensus"]], "--model", boot, "--data", sft_data, *chosen,
+              "--batch-size", PREF_BATCH, "--grad-accum", "1", "--max-length", MAX_LENGTH, "--max-steps", pref_steps,
+              "--seed", s)
         for arm, data_file, loss, nll in (("dpo-pairs", prefs, "dpo-pairs", 1.0), ("apo", prefs, "apo", best["nll"]),
                                           ("positive-control", label_prefs, "apo", best["nll"])):
             if arm == "apo" and s == args.seed:
                 continue  # the chosen sweep run: the same data, recipe, seed and steps
             share_reference(out, data_file, folders[name[arm]])
-            run([py, "apo.py", "--model", boot, "--data", data_file, "--out", folders[name[arm]], "--loss", loss,
-                 "--nll-weight", nll, *chosen, *same])
+            train("apo.py", folders[name[arm]], "--model", boot, "--data", data_file, "--loss", loss,
+                  "--nll-weight", nll, *chosen, *same)
 
     # 6. Test: every arm and seed on the same instances, one decoding protocol; then the report.
     run([py, "evaluate.py", "--models", *(f"{m}={path}" for m, path in folders.items()), "--data", data,

@@ -295,3 +295,18 @@ def test_run_folder_of_another_design_size_or_seed_is_refused(tmp_path):
     (old / "trajectories.jsonl").write_text("{}\n")  # a folder of the first design has no study.json
     with pytest.raises(SystemExit, match="earlier design"):
         study.check_run_folder(old, args)
+
+
+def test_a_training_stage_is_checkpointed_and_its_checkpoints_go_when_done(tiny_text_model, testbed, tmp_path,
+                                                                          monkeypatch, capfd):
+    """Every SAVE_EVERY steps a checkpoint (an interrupted study resumes from it); once the stage is
+    done only the model folder and the run's records stay."""
+    monkeypatch.setattr(study, "SAVE_EVERY", 1)
+    out = tmp_path / "boot"
+    study.train("bootstrap.py", out, "--model", tiny_text_model, "--data", testbed, "--max-steps", "3",
+                "--batch-size", "2")
+    printed = capfd.readouterr().out
+    assert [f"checkpoint: step {k} -> " in printed for k in (1, 2, 3)] == [True, True, True]
+    assert (out / "model.safetensors").is_file()
+    assert (study.run_folder(out) / "training_summary.json").is_file()
+    assert not (study.run_folder(out) / study.CHECKPOINTS).exists()
