@@ -17,14 +17,10 @@ trained, where the official recipe trains LoRA adapters (--lora-rank 8).
 
 import argparse
 import time
-from pathlib import Path
-
-from tqdm.auto import tqdm
 
 from common import preferences, training
-from common.preferences import build_examples
-from common.records import file_hash, lazy_import
-from common.reference import REFERENCE_FILE, compute_reference, reference_logps
+from common.records import lazy_import
+from common.reference import REFERENCE_FILE, reference_logps
 from common.run import Run, run_folder
 
 # Loaded on first use, so that --help and a wrong flag answer at once (torch alone takes seconds).
@@ -33,26 +29,29 @@ apo_loss = lazy_import("apo_loss")
 modeling = lazy_import("common.modeling")
 shared_prompt = lazy_import("common.shared_prompt")
 
+# What decides the trained weights besides the model, the data and the loop (training.run_config).
+SETTINGS = ("max_length", "max_negatives", "beta", "loss", "nll_weight", "share_prompt", "length_normalize")
 LOSS_NAMES = ("apo", "dpo-pairs")  # apo_loss.LOSSES, named here for --help (test_apo_stage checks they agree)
 
 
-def apo_step_loss(module, batch, reference, device, beta, nll_weight, loss="apo", length_normalize=False):
+def apo_step_loss(module, batch, reference, device, args):
     """Per-instance losses [B] of one micro-batch, and the sums its metrics are made of.
 
     reference: (chosen [B], rejected [B, K]) cached log-probs of the initial weights (summed).
-    length_normalize: rewards from per-token averages (--length-normalize), for both models.
+    args: --beta, --loss (apo_loss.LOSSES), --nll-weight, --length-normalize (rewards from
+    per-token averages, for both models).
     The sums (a dict of scalars) add up over micro-batches and processes; step_metrics divides.
     """
     chosen, rejected, mask, (chosen_tokens, rejected_tokens) = concatenated_forward(module, batch, device)
     ref_chosen, ref_rejected = (t.to(device) for t in reference)
     pc, pr, rc, rr = chosen, rejected, ref_chosen, ref_rejected[:, :rejected.shape[1]]
-    if length_normalize:
+    if args.length_normalize:
         pc, rc = apo_loss.per_token_logps(pc, chosen_tokens), apo_loss.per_token_logps(rc, chosen_tokens)
         pr, rr = apo_loss.per_token_logps(pr, rejected_tokens), apo_loss.per_token_logps(rr, rejected_tokens)
-    losses, chosen_rewards, rejected_rewards = apo_loss.LOSSES[loss](pc, pr, rc, rr, beta=beta, rejected_mask=mask)
+    losses, chosen_rewards, rejected_rewards = apo_loss.LOSSES[args.loss](pc, pr, rc, rr, beta=args.beta, rejected_mask=mask)
     nll = -chosen / chosen_tokens.clamp(min=1)
-    if nll_weight:
-        losses = losses + nll_weight * nll
+    if args.nll_weight:
+        losses = losses + args.nll_weight * nll
     # Accuracy and margin against the hardest negative: the positive must beat every one of them.
     hardest = rejected_rewards.masked_fill(~mask, float("-inf")).max(1).values
     sums = {
@@ -118,7 +117,7 @@ def step_metrics(sums, seconds=None):
 
 def train(args):
     with Run("apo", args) as run:
-        data, eval_records = training_data(run, args)  # read and measured before any model is loaded
+        data, eval_records = preferences.training_data(run, args, SETTINGS)  # read and measured before any model is loaded
         if data is None:  # OUT already holds this run, finished
             return
         accelerator, examples = run.accelerator, data.examples
@@ -128,93 +127,48 @@ def train(args):
         model, lora = training.load_trainable_model(args, accelerator, dropout=False)
         module, optimizer, scheduler = training.prepare_training(accelerator, logps_module(model, args), args, total)
         # The frozen reference: the initial weights' log-probs (cached), taken before a checkpoint loads.
+        forward = reference_forward(accelerator, module)
         reference, reference_state = reference_logps(accelerator, model, examples, run.config, args.out,
-                                                     reference_forward(accelerator, module, data), args.batch_size)
+                                                     forward(data), args.batch_size)
         if args.reference_only:
             return accelerator.print(f"apo: reference log-probs {reference_state} for {data.described()} -> "
                                      f"{run_folder(args.out) / REFERENCE_FILE}")
-        held_out = held_out_preferences(accelerator, module, data.processor, eval_records, args)
-        start = run.resume(module, total)
-        accelerator.print(f"apo: {len(examples)} preferences, "
-                          + training.describe_steps(accelerator, args, total, start), flush=True)
+        held_out = preferences.held_out(accelerator, data.processor, eval_records, args, forward)
+        run.resume(module, total, f"{len(examples)} preferences")
         micro_batch = training.MicroBatches([ex.length for ex in examples], micro_global, args.seed)
 
-        last, progress = None, tqdm(total=total, initial=start, desc="apo", disable=not accelerator.is_local_main_process)
-        for step in range(start, total):
-            began, totals = time.perf_counter(), None
+        for step in run.steps():
+            began, totals = time.perf_counter(), {}
             for k in range(args.grad_accum):
                 rows = training.shard(micro_batch(step * args.grad_accum + k), accelerator)
                 batch = data.batch([examples[i] for i in rows])
                 with accelerator.accumulate(module):
-                    losses, sums = apo_step_loss(module, batch, (reference["chosen"][rows], reference["rejected"][rows]),
-                                                 accelerator.device, args.beta, args.nll_weight, args.loss,
-                                                 args.length_normalize)
+                    ref = (reference["chosen"][rows], reference["rejected"][rows])
+                    losses, sums = apo_step_loss(module, batch, ref, accelerator.device, args)
                     # The mean over this process's instances; accelerate divides by grad_accum and DDP
                     # averages over processes, so the step's gradient is the global batch mean.
                     accelerator.backward(losses.mean())
-                    totals = sums if totals is None else {name: totals[name] + sums[name] for name in sums}
+                    totals = {name: totals[name] + sums[name] for name in sums} if totals else sums
                     if accelerator.sync_gradients:
                         totals = accelerator.reduce(totals, reduction="sum")
                         run.check_finite(totals["loss"], step + 1)
                         lr, grad_norm = training.optimizer_step(accelerator, module, optimizer, scheduler, args, step + 1)
-            done, last = step + 1, step_metrics(totals, time.perf_counter() - began)
-            log_step(run, progress, done, total, last, lr, grad_norm, args, micro_batch.per_epoch)
+            done = step + 1
+            run.log(done, dict(step_metrics(totals, time.perf_counter() - began), learning_rate=lr, grad_norm=grad_norm,
+                               epoch=done * args.grad_accum / micro_batch.per_epoch), shown=("loss", "rewards/accuracies"))
             if training.eval_due(args, done, total):
                 run.log_eval(done, evaluate_preferences(accelerator, module, held_out, args))
-            run.end_of_step(done)
-        progress.close()
 
         run.save(module, data.processor, lora)
-        run.summary(preferences=len(examples), prompt_too_long=len(data.skipped), truncated=data.truncated,
-                    reference_logps=reference_state)
-        accelerator.print(f"apo: {total} steps on {data.described()}, reference log-probs {reference_state}; "
-                          f"{outcome(last)}; model in {args.out}")
+        summary = run.summary(preferences=len(examples), prompt_too_long=len(data.skipped), truncated=data.truncated,
+                              reference_logps=reference_state)
+        accelerator.print(f"apo: {total} steps on {data.described()}, reference log-probs {reference_state}; loss "
+                          f"{summary['first_loss']} -> {summary['final_loss']}; model in {args.out}")
 
 
-def training_data(run, args):
-    """The training preferences that fit (preferences.PreferenceData) and the held-out records, with
-    the run started; (None, None) when OUT already holds this run, finished."""
-    examples, eval_records, vision = preferences.read_data(args)
-    accelerator = run.start(vision, text_only_rows=any(not ex.record.get("images") for ex in examples))
-    # Another run's folder is refused here, not after the reference pass.
-    if run.finished(run_config(args, accelerator), say=not args.reference_only) and not args.reference_only:
-        return None, None
-    processor = modeling.load_processor(args.model)
-    micro_global = 1 if args.reference_only else args.batch_size * accelerator.num_processes
-    return preferences.usable_preferences(processor, examples, args.data, args, accelerator, micro_global), eval_records
-
-
-def log_step(run, progress, done, total, metrics, lr, grad_norm, args, per_epoch):
-    """The step on the progress bar and, every --log-every steps and at the last, in the metrics."""
-    progress.update(1)
-    progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
-    if done % args.log_every == 0 or done == total:
-        run.log(done, dict(metrics, learning_rate=lr, grad_norm=None if grad_norm is None else float(grad_norm),
-                           epoch=done * args.grad_accum / per_epoch))
-
-
-def outcome(last):
-    """The last step's figures for the closing line."""
-    if last is None:
-        return "nothing left to train"
-    return (f"last step loss {last['loss']:.4f}, reward accuracy {last['rewards/accuracies']:.2f}, "
-            f"margin {last['rewards/margins']:.4f}")
-
-
-def reference_forward(accelerator, module, data):
-    """compute_reference's forward: examples -> their summed log-probs (chosen, rejected, mask)."""
-    return lambda examples: concatenated_forward(module, data.batch(examples), accelerator.device)[:3]
-
-
-def held_out_preferences(accelerator, module, processor, records, args):
-    """--eval-data's usable preferences and their reference log-probs (the initial weights'), or None."""
-    if records is None:
-        return None
-    path = Path(args.eval_data)
-    data = preferences.usable_preferences(processor, build_examples(records, args.max_negatives, path), path, args,
-                                          accelerator)
-    return data, compute_reference(accelerator, data.examples, args.batch_size,
-                                   reference_forward(accelerator, module, data), "held-out reference")
+def reference_forward(accelerator, module):
+    """data -> compute_reference's forward for it: examples -> their summed log-probs (chosen, rejected, mask)."""
+    return lambda data: lambda examples: concatenated_forward(module, data.batch(examples), accelerator.device)[:3]
 
 
 @training.no_grad
@@ -224,9 +178,8 @@ def evaluate_preferences(accelerator, module, held_out, args):
     process runs the same number of forwards (training.held_out_batches)."""
     (data, reference), totals = held_out, None
     for rows, counted in training.held_out_batches(len(data.examples), args.batch_size, accelerator):
-        _, sums = apo_step_loss(module, data.batch([data.examples[j] for j in rows]),
-                                (reference["chosen"][rows], reference["rejected"][rows]),
-                                accelerator.device, args.beta, args.nll_weight, args.loss)
+        ref = (reference["chosen"][rows], reference["rejected"][rows])
+        _, sums = apo_step_loss(module, data.batch([data.examples[j] for j in rows]), ref, accelerator.device, args)
         sums = {k: v * counted for k, v in sums.items()}
         totals = sums if totals is None else {k: totals[k] + sums[k] for k in sums}
     return step_metrics(accelerator.reduce(totals, reduction="sum"))
@@ -239,19 +192,6 @@ def logps_module(model, args):
         shared_prompt.check_attention(model, args.model)
         return shared_prompt.SharedPromptLogps(model, args.chunk_size)
     return modeling.ResponseLogps(model, args.chunk_size)
-
-
-def run_config(args, accelerator):
-    """The settings that decide the trained weights; a checkpoint resumes only under the same ones."""
-    model = Path(args.model)
-    return {
-        "model": str(model.resolve()) if model.exists() else args.model,
-        "model_fingerprint": modeling.model_fingerprint(args.model),
-        "data_sha256": file_hash(args.data), "max_length": args.max_length, "max_negatives": args.max_negatives,
-        "beta": args.beta, "loss": args.loss, "nll_weight": args.nll_weight, "share_prompt": args.share_prompt,
-        "length_normalize": args.length_normalize,
-        **training.loop_config(args, accelerator),
-    }
 
 
 EPILOG = """losses (--loss):

@@ -17,17 +17,17 @@ room is skipped and counted).
 
 import argparse
 import time
-from pathlib import Path
-
-from tqdm.auto import tqdm
 
 from common import training, trajectories
-from common.records import RecordError, file_hash, lazy_import
+from common.records import lazy_import
 from common.run import Run
 
 # Loaded on first use, so that --help and a wrong flag answer at once (torch alone takes seconds).
 torch = lazy_import("torch")
 modeling = lazy_import("common.modeling")
+
+# What decides the trained weights besides the model, the data and the loop (training.run_config).
+SETTINGS = ("drop_unanswered", "max_length")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -50,7 +50,7 @@ def sft_step_loss(module, batch, device):
 
 def train(args):
     with Run("bootstrap", args, project="apo-bootstrap") as run:
-        data, counts, held_out = training_data(run, args)  # read and measured before any model is loaded
+        data, counts, held_out = trajectories.training_data(run, args, SETTINGS)  # read and measured before any model is loaded
         if data is None:  # OUT already holds this run, finished
             return
         accelerator, examples = run.accelerator, data.examples
@@ -59,13 +59,11 @@ def train(args):
         model, lora = training.load_trainable_model(args, accelerator)
         module, optimizer, scheduler = training.prepare_training(accelerator, modeling.ResponseLogps(model), args, total)
         held_out = trajectories.usable_held_out(data.processor, held_out, args, accelerator)
-        start = run.resume(module, total)
-        accelerator.print(f"bootstrap: {len(examples)} examples from {counts['train_instances']} train instances, "
-                          + training.describe_steps(accelerator, args, total, start, unit=" examples"), flush=True)
+        run.resume(module, total, f"{len(examples)} examples from {counts['train_instances']} train instances",
+                   unit=" examples")
         micro_batch = training.MicroBatches([ex.length for ex in examples], micro_global, args.seed)
 
-        progress = tqdm(total=total, initial=start, desc="bootstrap", disable=not accelerator.is_local_main_process)
-        for step in range(start, total):
+        for step in run.steps():
             began = time.perf_counter()
             micro = [micro_batch(step * args.grad_accum + k) for k in range(args.grad_accum)]
             mine = [training.shard(b, accelerator) for b in micro]
@@ -84,49 +82,19 @@ def train(args):
                         loss = accelerator.reduce(nll_sum, reduction="sum") / step_tokens
                         run.check_finite(loss, step + 1, {examples[i].record["id"] for b in micro for i in b})
                         lr, grad_norm = training.optimizer_step(accelerator, module, optimizer, scheduler, args, step + 1)
-            done = step + 1
-            log_step(run, progress, done, total, loss, lr, grad_norm, args, micro_batch, micro, began)
+            done, seen = step + 1, (step + 1) * args.grad_accum * micro_batch.global_batch
+            run.log(done, {
+                "loss": loss.item(), "learning_rate": lr, "grad_norm": grad_norm,
+                "tokens_per_s": sum(micro_batch.lengths[i] for b in micro for i in b) / (time.perf_counter() - began),
+                "examples_seen": seen, "epoch": seen / (micro_batch.per_epoch * micro_batch.global_batch),
+            })
             if training.eval_due(args, done, total):
                 run.log_eval(done, {"loss": held_out_loss(accelerator, module, held_out, args)})
-            run.end_of_step(done)
-        progress.close()
 
         run.save(module, data.processor, lora)
         summary = run.summary(examples=len(examples), **counts, truncated=data.truncated, prompt_too_long=data.too_long)
         accelerator.print(f"bootstrap: {total} steps on {len(examples)} examples, loss {summary['first_loss']} -> "
                           f"{summary['final_loss']}; {left_out(data, counts, args)}; model in {args.out}")
-
-
-def training_data(run, args):
-    """The training examples that fit (trajectories.TrajectoryData), what was left out (counted) and
-    the held-out examples, with the run started; (None, None, None) when OUT holds this run, finished."""
-    examples, counts, held_out, vision = trajectories.read_data(args)  # a bad line ends the run here
-    accelerator = run.start(vision, text_only_rows=any(not ex.record.get("images") for ex in examples))
-    if run.finished(run_config(args, accelerator)):  # another run's folder is refused now, not after loading
-        return None, None, None
-    processor = load_processor(args.model)
-    data = trajectories.usable_examples(processor, examples, args, accelerator, args.batch_size * accelerator.num_processes)
-    return data, counts, held_out
-
-
-def load_processor(model):
-    try:
-        return modeling.load_processor(model)
-    except OSError as e:  # a broken or missing tokenizer is a RecordError from load_processor itself
-        raise RecordError(model, None, None, f"cannot load the model's tokenizer/processor: {e}") from None
-
-
-def log_step(run, progress, done, total, loss, lr, grad_norm, args, micro_batch, micro, began):
-    """The step on the progress bar and, every --log-every steps and at the last, in the metrics."""
-    progress.update(1)
-    progress.set_postfix(loss=f"{loss.item():.4f}")
-    if done % args.log_every == 0 or done == total:
-        seen = done * args.grad_accum * micro_batch.global_batch
-        run.log(done, {
-            "loss": loss.item(), "learning_rate": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "tokens_per_s": sum(micro_batch.lengths[i] for b in micro for i in b) / (time.perf_counter() - began),
-            "examples_seen": seen, "epoch": seen / (micro_batch.per_epoch * micro_batch.global_batch),
-        })
 
 
 def left_out(data, counts, args):
@@ -145,17 +113,6 @@ def held_out_loss(accelerator, module, held_out, args):
         nll += sft_step_loss(module, held_out.batch([held_out.examples[j] for j in rows]), accelerator.device) * counted
     tokens = sum(ex.response_tokens for ex in held_out.examples)
     return (accelerator.reduce(nll, reduction="sum") / tokens).item()
-
-
-def run_config(args, accelerator):
-    """The settings that decide the trained weights; a checkpoint resumes only under the same ones."""
-    model = Path(args.model)
-    return {
-        "model": str(model.resolve()) if model.exists() else args.model,
-        "model_fingerprint": modeling.model_fingerprint(args.model), "data_sha256": file_hash(args.data),
-        "drop_unanswered": args.drop_unanswered, "max_length": args.max_length,
-        **training.loop_config(args, accelerator),
-    }
 
 
 def parse_args(argv=None):

@@ -50,6 +50,35 @@ def responses_of(example):
 # apo.py's data: preferences.jsonl read whole, each instance's negatives chosen, measured, batched
 
 
+def training_data(run, args, settings):
+    """The training preferences that fit (PreferenceData) and the held-out records, with the run
+    started (settings: the stage's, for training.run_config); (None, None) when OUT already holds
+    this run, finished. The file is read and checked before any model is loaded."""
+    from common import training
+
+    examples, eval_records, vision = read_data(args)
+    accelerator = run.start(vision, text_only_rows=any(not ex.record.get("images") for ex in examples))
+    # Another run's folder is refused here, not after the reference pass.
+    config = training.run_config(args, accelerator, settings)
+    if run.finished(config, say=not args.reference_only) and not args.reference_only:
+        return None, None
+    processor = modeling.load_processor(args.model)
+    micro_global = 1 if args.reference_only else args.batch_size * accelerator.num_processes
+    return usable_preferences(processor, examples, args.data, args, accelerator, micro_global), eval_records
+
+
+def held_out(accelerator, processor, records, args, forward):
+    """--eval-data's usable preferences and their reference log-probs (the initial weights'), or
+    None. forward(data): compute_reference's forward over that data."""
+    if records is None:
+        return None
+    from common.reference import compute_reference
+
+    path = Path(args.eval_data)
+    data = usable_preferences(processor, build_examples(records, args.max_negatives, path), path, args, accelerator)
+    return data, compute_reference(accelerator, data.examples, args.batch_size, forward(data), "held-out reference")
+
+
 def read_data(args):
     """The training instances (negatives chosen), the held-out records and whether the model reads
     images; a bad line, or an image for a text model, ends the run before any model is loaded."""

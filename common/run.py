@@ -41,10 +41,9 @@ class Run:
             accelerator = run.start(vision, text_only_rows)
             if run.finished(config):
                 return
-            start = run.resume(module, total)
-            for step in range(start, total):
+            run.resume(module, total, what=f"{n} examples")
+            for step in run.steps():               # a progress bar; checkpoints and signal stops after each
                 ... run.check_finite(loss, step + 1) ... run.log(step + 1, metrics)
-                run.end_of_step(step + 1)
             run.save(module, processor, lora)
             run.summary(examples=n)
 
@@ -66,7 +65,7 @@ class Run:
         self.stage, self.args, self.project = stage, args, project or stage
         self.journaled, self.bad_input = journaled, (RecordError, ResumeMismatch, *bad_input)
         self.out = Path(args.out)
-        self.accelerator = self.config = self.metrics = self.total = self.signals = None
+        self.accelerator = self.config = self.metrics = self.total = self.signals = self.progress = None
         self.start_step = 0
         self.journals = []
         self.says_errors = True  # False on the processes that leave the message to the main one
@@ -183,9 +182,12 @@ class Run:
                                    f"({done['steps']} steps, final loss {done['final_loss']})")
         return done is not None
 
-    def resume(self, module, total):
+    def resume(self, module, total, what, unit=""):
         """The step to start from: the last checkpoint's (loaded), or 0 (with --init-from, that
-        checkpoint's weights). Opens the metrics and trackers and arms the signals for the loop."""
+        checkpoint's weights). Opens the metrics and trackers, arms the signals for the loop and
+        says what it trains: "<stage>: <what>, <total> steps of <global batch><unit> (...)"."""
+        from common.training import describe_steps
+
         accelerator, args, out, config = self.accelerator, self.args, self.out, self.config
         state = resume_from_checkpoint(accelerator, out, config) or {}
         start = state.get("step", 0)
@@ -208,6 +210,7 @@ class Run:
         init_weights(accelerator, module, config, start)
         self.start_step, self.total = start, total
         self.signals.armed = True
+        accelerator.print(f"{self.stage}: {what}, " + describe_steps(accelerator, args, total, start, unit), flush=True)
         return start
 
     def check_finite(self, loss, step, instances=()):
@@ -226,9 +229,27 @@ class Run:
             message += f" Instances in this step: {', '.join(ids[:10])}" + (" …" if len(ids) > 10 else "")
         raise NonFiniteLoss(message)
 
-    def log(self, step, values):
-        """A training step's metrics: metrics.jsonl and the trackers' train/."""
-        self.metrics.log(step, values)
+    def steps(self):
+        """The loop's optimizer steps, from the resumed one to the last, on a progress bar. After
+        each step's body: end_of_step (a checkpoint when due, a signal's stop)."""
+        from tqdm.auto import tqdm
+
+        self.progress = tqdm(total=self.total, initial=self.start_step, desc=self.stage,
+                             disable=not self.accelerator.is_local_main_process)
+        try:
+            for step in range(self.start_step, self.total):
+                yield step
+                self.progress.update(1)
+                self.end_of_step(step + 1)
+        finally:
+            self.progress.close()
+
+    def log(self, step, values, shown=("loss",)):
+        """A training step's metrics: `shown` on the progress bar; every --log-every steps and at the
+        last, metrics.jsonl and the trackers' train/."""
+        self.progress.set_postfix({name: f"{values[name]:.4f}" for name in shown})
+        if step % self.args.log_every == 0 or step == self.total:
+            self.metrics.log(step, values)
 
     def log_eval(self, step, values):
         """The held-out metrics at a step: eval_<name> in metrics.jsonl, eval/<name> in the trackers."""

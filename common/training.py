@@ -17,7 +17,7 @@ import re
 import sys
 from pathlib import Path
 
-from common.records import RecordError, fail, lazy_import
+from common.records import RecordError, fail, file_hash, lazy_import
 from common.run import ADAPTER, CHECKPOINT_STATE, NonFiniteLoss, ResumeMismatch, checkpoint_state_file, run_folder
 
 torch = lazy_import("torch")  # loaded on first use: the stages' --help answers before torch is loaded
@@ -152,6 +152,20 @@ def config_flags(parser, path):
 # What both stages build, in the order they build it: config, model, optimizer and schedule, step
 
 
+def run_config(args, accelerator, settings):
+    """The settings that decide a run's trained weights, so a checkpoint resumes only under the same
+    ones: the model and its fingerprint, the data's hash, the stage's own `settings` (names of args)
+    and the loop's."""
+    from common.modeling import model_fingerprint
+
+    model = Path(args.model)
+    return {
+        "model": str(model.resolve()) if model.exists() else args.model,
+        "model_fingerprint": model_fingerprint(args.model), "data_sha256": file_hash(args.data),
+        **{name: getattr(args, name) for name in settings}, **loop_config(args, accelerator),
+    }
+
+
 def loop_config(args, accelerator):
     """The loop settings of a run's resume config (training_args and LoRA), common to both stages."""
     return {
@@ -241,7 +255,8 @@ def describe_steps(accelerator, args, total, start, unit=""):
 
 
 def optimizer_step(accelerator, module, optimizer, scheduler, args, step):
-    """Clip, update, advance the schedule: (the lr used, the gradient norm before clipping).
+    """Clip, update, advance the schedule: (the lr used, the gradient norm before clipping, a float
+    or None when --max-grad-norm is 0).
 
     A non-finite gradient with a finite loss stops the run before the update. Under fp16 the
     gradient scaler owns that case: it skips the update and lowers its scale.
@@ -254,7 +269,7 @@ def optimizer_step(accelerator, module, optimizer, scheduler, args, step):
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return lr, grad_norm
+    return lr, None if grad_norm is None else float(grad_norm)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -51,6 +51,22 @@ def collect_examples(records, drop_unanswered):
     return examples, counts
 
 
+def training_data(run, args, settings):
+    """The training examples that fit (TrajectoryData), what was left out (counted) and the held-out
+    examples, with the run started (settings: the stage's, for training.run_config); (None, None,
+    None) when OUT already holds this run, finished. The file is read and checked before any model
+    is loaded."""
+    from common import training
+
+    examples, counts, held_out, vision = read_data(args)  # a bad line ends the run here
+    accelerator = run.start(vision, text_only_rows=any(not ex.record.get("images") for ex in examples))
+    if run.finished(training.run_config(args, accelerator, settings)):  # another run's folder is refused now
+        return None, None, None
+    processor = modeling.load_processor(args.model)
+    data = usable_examples(processor, examples, args, accelerator, args.batch_size * accelerator.num_processes)
+    return data, counts, held_out
+
+
 def read_data(args):
     """The training examples and what was left out (counted), the held-out examples (--eval-data),
     and whether the model reads images."""

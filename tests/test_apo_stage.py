@@ -55,6 +55,12 @@ TRAIN = ["--max-length", "256", "--grad-accum", "2", "--max-steps", "6", "--lr",
          "--warmup", "0", "--save-every", "3"]
 
 
+def loss_settings(**changed):
+    """apo_step_loss's settings as apo.py's parse_args gives them: the defaults, with changes."""
+    return apo.parse_args(["--model", "m", "--data", "d", "--out", "o",
+                           *(f"--{k.replace('_', '-')}" for k, v in changed.items() if v is True)])
+
+
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -380,7 +386,7 @@ def test_readme_method_in_20_lines_is_what_apo_py_computes(tiny_text_model, data
     with torch.no_grad():
         ref_chosen, ref_rejected, _, _ = apo.concatenated_forward(modeling.ResponseLogps(reference), batch, "cpu")
     losses, _ = apo.apo_step_loss(modeling.ResponseLogps(policy, chunk_size=5), batch, (ref_chosen, ref_rejected),
-                                  "cpu", beta=0.1, nll_weight=0.0)
+                                  "cpu", loss_settings())
     losses.mean().backward()
     assert abs(readme_loss.item() - losses.mean().item()) < 1e-5 and readme_loss.item() != pytest.approx(math.log(3))
     for name, param in policy.named_parameters():
@@ -400,8 +406,8 @@ def test_length_normalize_divides_every_reward_by_its_response_tokens(tiny_text_
         reference = apo.concatenated_forward(modeling.ResponseLogps(AutoModelForCausalLM.from_pretrained(tiny_text_model)),
                                              batch, "cpu")[:2]
         pc, pr, mask, (tc, tr) = apo.concatenated_forward(policy, batch, "cpu")
-        summed, s_sums = apo.apo_step_loss(policy, batch, reference, "cpu", 0.1, 0.0)
-        averaged, a_sums = apo.apo_step_loss(policy, batch, reference, "cpu", 0.1, 0.0, length_normalize=True)
+        summed, s_sums = apo.apo_step_loss(policy, batch, reference, "cpu", loss_settings())
+        averaged, a_sums = apo.apo_step_loss(policy, batch, reference, "cpu", loss_settings(length_normalize=True))
     chosen_r = 0.1 * (pc - reference[0]) / tc
     rejected_r = 0.1 * (pr - reference[1]) / tr
     expected, _, _ = apo_loss(chosen_r / 0.1, rejected_r / 0.1, torch.zeros_like(chosen_r),

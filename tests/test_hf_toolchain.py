@@ -150,6 +150,18 @@ def test_evaluation_during_training_measures_the_held_out_data(apo_on_trl):
         assert evaluated[f"eval_{name}"] == pytest.approx(trained[name], abs=1e-4), name
 
 
+def test_evaluation_scores_as_training_does_with_length_normalize(model, exported, tmp_path, capsys):
+    """--length-normalize: the held-out preferences are scored as the loss scores them (per-token
+    averages, not sums), so evaluated after step 1 they give step 2's training figures, as above."""
+    out = tmp_path / "apo"
+    apo_here(capsys, "--model", model, "--data", exported[1], "--out", out, *STEPS, "--length-normalize",
+             "--eval-data", exported[1], "--eval-every", "1")
+    evaluated, trained = metric_lines(out)[1:3]
+    for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert evaluated[f"eval_{name}"] == pytest.approx(trained[name], abs=1e-6), name
+    assert trained["rewards/margins"] != 0.0  # step 1 moved the policy: the rewards measure something
+
+
 def test_bootstrap_on_sft_messages_evaluates_the_held_out_loss(tiny_text_model, tmp_path, capsys):
     """bootstrap.py on TRL's SFT messages, the file also its held-out data, one batch of all 4:
     the held-out loss after step 1 is the training loss of step 2 (mean NLL per response token)."""
