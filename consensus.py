@@ -528,7 +528,7 @@ def synthesize(args):
             prompts, shortened = build_prompts(train, skips, template, generator, args, is_main)
 
         # Resume: what an earlier run wrote or skipped is settled and not generated again.
-        outputs = run.settled(args.out, train, "train instance")
+        outputs = run.settled(args.out, train, "train instance", kept="finished preferences")
         settled = outputs.resume(accelerator, skips)
 
         todo = [r for r in train if r["id"] not in skips]
@@ -651,7 +651,8 @@ EPILOG = """\
 
 Skipped train instances are listed with their reason in <out>.skipped.jsonl: no trajectories,
 prompt too long, no answer to vote on, no negatives. Exit status: 0 done; 2 bad input, or nothing
-written; 3 some server requests failed (the same command asks them again).
+written; 3 some server requests failed (the same command asks them again); 130 interrupted (Ctrl-C:
+at once, the preferences written so far kept for the same command to continue).
 """
 
 

@@ -116,7 +116,7 @@ def answer_missing(run, accelerator, models, served, instances, done, out, args)
     answered yet (done: {(model, id)}), appended to predictions.jsonl on the main process. A bad
     prompt is found by every process (each checks the same prompts), so all stop together."""
     generated, failed = 0, Counter()
-    appender = run.journal(out / "predictions.jsonl").open() if accelerator.is_main_process and models else None
+    appender = run.journal(out / "predictions.jsonl", kept="finished predictions").open() if accelerator.is_main_process and models else None
     for name, path in models:
         if name in served:
             generated += ask_missing(name, served[name], instances, done, appender, failed, args)
@@ -512,7 +512,8 @@ Only the labelled instances of --split are scored; unlabelled ones are counted. 
 (14 findings) get accuracy, precision, recall and F1 per finding, change tasks (MS-CXR-T)
 accuracy per finding, both the macro average. A served model (DIR@URL, or --server)
 must serve DIR; a request that still fails is asked again by the next run (exit 3 until none
-fails). The same command after an interruption skips the (model, instance) pairs already answered.
+fails). The same command after an interruption (Ctrl-C: exit 130 at once) skips the (model,
+instance) pairs already answered.
 """
 
 

@@ -65,7 +65,7 @@ from common import preferences, shared_prompt  # noqa: E402
 from common import training  # noqa: E402
 from apo_loss import apo_loss  # noqa: E402
 from common.modeling import IGNORE_INDEX, Encoded, ResponseLogps, collate  # noqa: E402
-from common.records import fail, write_json_atomic  # noqa: E402
+from common.records import check_writable, fail, write_json_atomic  # noqa: E402
 
 # The usual step with gradient checkpointing, measured on an H200 with torch 2.11 (issue 9).
 ANCHOR_DEVICE = "H200, torch 2.11"
@@ -229,7 +229,8 @@ def apo_step_loss(module, items, reference, share_prompt, beta, device):
     """apo.py's micro-batch: make_batch, then apo_step_loss with the cached reference rows: [B]."""
     batch = preferences.make_batch(items, PAD_ID, share_prompt)
     ref = (torch.cat([c for c, _ in reference]), torch.cat([r for _, r in reference]))
-    losses, _ = apo.apo_step_loss(module, batch, ref, device, beta, nll_weight=0.0)
+    settings = SimpleNamespace(beta=beta, loss="apo", nll_weight=0.0, length_normalize=False)  # apo.py's defaults
+    losses, _ = apo.apo_step_loss(module, batch, ref, device, settings)
     return losses
 
 
@@ -585,16 +586,6 @@ def headline(args, table, verdict):
     return "; ".join(parts) or "no variant to compare"
 
 
-def check_writable(path):
-    folder = Path(path).resolve().parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        fail(f"--json: cannot create {folder}: {e.strerror}")
-    if not os.access(folder, os.W_OK):
-        fail(f"--json: {folder} is not writable")
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -604,7 +595,7 @@ def main(argv=None):
     if not args.tiny and not torch.cuda.is_available():
         fail("no CUDA device: run this on a GPU, or with --tiny for the CPU smoke run")
     if args.json:  # now, not after minutes of measuring
-        check_writable(args.json)
+        check_writable(args.json, "--json")
     children, failed = run_children(args)
     if not children:
         print("error: every variant failed", file=sys.stderr)

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))  # tiny models, servers
 from common import modeling  # noqa: E402
 import tiny_models  # noqa: E402
-from common.records import RecordError, fail, write_json_atomic  # noqa: E402
+from common.records import RecordError, check_writable, fail, write_json_atomic  # noqa: E402
 from common.simulator import make_instances  # noqa: E402
 
 TARGET_SPEEDUP = 10.0
@@ -99,7 +99,7 @@ def run(args):
     if args.model and not (Path(args.model) / "config.json").is_file():
         raise RecordError(args.model, None, None, "not a model folder (no config.json)")
     if args.json:  # now, not after minutes of measuring
-        check_writable(args.json)
+        check_writable(args.json, "--json")
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
@@ -146,16 +146,6 @@ def run(args):
     print(f"bench_generation: batched is {result['speedup']:.1f}x one at a time for {args.prompts} prompts "
           f"(target >= {TARGET_SPEEDUP:.0f}x: {result['verdict']}{', a CPU smoke run' if args.tiny else ''})"
           + (f" -> {args.json}" if args.json else ""))
-
-
-def check_writable(path):
-    folder = Path(path).resolve().parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        fail(f"--json: cannot create {folder}: {e.strerror}")
-    if not os.access(folder, os.W_OK):
-        fail(f"--json: {folder} is not writable")
 
 
 def main(argv=None):

@@ -89,8 +89,8 @@ class Settled:
     with its reason in <stem>.skipped.jsonl. The main process journals them as they are settled;
     every process reads back, on resume, which instances are settled already."""
 
-    def __init__(self, out, instances, kind):
-        self.written, self.skipped = Journal(out), Journal(skipped_path(out))
+    def __init__(self, out, instances, kind, kept=None):
+        self.written, self.skipped = Journal(out, kept), Journal(skipped_path(out))
         self.order = {r["id"]: i for i, r in enumerate(instances)}
         self.kind = kind  # what the instances are, for the message naming a stray line
 

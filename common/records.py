@@ -265,36 +265,34 @@ def check_instance(obj, path, lineno, check_images=True):
 
 def load_instances(path, require_trajectories=False, check_images=True):
     """Instances or trajectories.jsonl, validated whole before anything else runs."""
-    records, seen = [], {}
-    for lineno, obj in read_jsonl(path):
+    def check(obj, lineno):
         check_instance(obj, path, lineno, check_images)
         trajectories = obj.get("trajectories")
         if trajectories is None and require_trajectories:
             raise RecordError(path, lineno, "trajectories", "missing")
         if trajectories is not None:
-            if not isinstance(trajectories, list):
-                raise RecordError(path, lineno, "trajectories", "must be a list of {source, text}")
-            first = {}  # source -> index of its trajectory
-            for i, t in enumerate(trajectories):
-                if not isinstance(t, dict) or not isinstance(t.get("source"), str) or not isinstance(t.get("text"), str):
-                    raise RecordError(path, lineno, f"trajectories[{i}]", "must be {\"source\": str, \"text\": str}")
-                if t["source"] in first:  # a second answer from one source would count twice in the vote
-                    raise RecordError(path, lineno, f"trajectories[{i}].source",
-                                      f"duplicate source {t['source']!r} (also trajectories[{first[t['source']]}]); "
-                                      "each source answers an instance once")
-                first[t["source"]] = i
-        _check_unique(seen, obj, path, lineno)
-        obj["_line"] = lineno
-        records.append(obj)
-    if not records:
-        raise RecordError(path, None, None, "no records")
-    return records
+            _check_trajectories(trajectories, path, lineno)
+
+    return _validated_records(path, check)
+
+
+def _check_trajectories(trajectories, path, lineno):
+    if not isinstance(trajectories, list):
+        raise RecordError(path, lineno, "trajectories", "must be a list of {source, text}")
+    first = {}  # source -> index of its trajectory
+    for i, t in enumerate(trajectories):
+        if not isinstance(t, dict) or not isinstance(t.get("source"), str) or not isinstance(t.get("text"), str):
+            raise RecordError(path, lineno, f"trajectories[{i}]", "must be {\"source\": str, \"text\": str}")
+        if t["source"] in first:  # a second answer from one source would count twice in the vote
+            raise RecordError(path, lineno, f"trajectories[{i}].source",
+                              f"duplicate source {t['source']!r} (also trajectories[{first[t['source']]}]); "
+                              "each source answers an instance once")
+        first[t["source"]] = i
 
 
 def load_preferences(path, check_images=True):
     """preferences.jsonl for apo.py: every record has a chosen and at least one rejected."""
-    records, seen = [], {}
-    for lineno, obj in read_jsonl(path):
+    def check(obj, lineno):
         _validate_common(obj, path, lineno, check_images)
         _require_str(obj, "chosen", path, lineno)
         rejected = obj.get("rejected")
@@ -309,6 +307,16 @@ def load_preferences(path, check_images=True):
             if value is not None and (not isinstance(value, list) or len(value) != len(rejected)):
                 raise RecordError(path, lineno, field, f"must be a list as long as 'rejected' ({len(rejected)})")
         _check_negatives(obj, path, lineno)
+
+    return _validated_records(path, check)
+
+
+def _validated_records(path, check):
+    """Every line of the file passed through check(obj, lineno), ids unique, each record marked
+    with its line number (_line) for later messages; an empty file is refused."""
+    records, seen = [], {}
+    for lineno, obj in read_jsonl(path):
+        check(obj, lineno)
         _check_unique(seen, obj, path, lineno)
         obj["_line"] = lineno
         records.append(obj)
@@ -584,6 +592,17 @@ def check_output_paths(files=(), folders=(), inputs=None, model_dirs=None):
 def is_root(path):
     resolved = Path(path).resolve()
     return resolved == resolved.parent
+
+
+def check_writable(path, flag):
+    """Refuse now, not after minutes of work, an output file whose folder cannot be made or written."""
+    folder = Path(path).resolve().parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"{flag}: cannot create {folder}: {e.strerror}")
+    if not os.access(folder, os.W_OK):
+        fail(f"{flag}: {folder} is not writable")
 
 
 def output_file(out):

@@ -116,10 +116,10 @@ class Run:
         self.journals.append(lines)
         return lines
 
-    def settled(self, out, instances, kind):
+    def settled(self, out, instances, kind, kept=None):
         """The written and skipped instances of a stage that settles each once (journal.Settled),
-        its two journals closed by the run."""
-        settled = Settled(out, instances, kind)
+        its two journals closed by the run; kept, what OUT keeps, as for journal()."""
+        settled = Settled(out, instances, kind, kept)
         self.journals += [settled.written, settled.skipped]
         return settled
 

@@ -3,6 +3,7 @@ in-process model (same outputs), a server killed and restarted mid-run, and smal
 that stall, answer 5xx or serve another model."""
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -299,3 +300,60 @@ def test_outside_images_are_sent_to_a_server_only_with_the_flag_the_message_name
     assert sent == [chat_client.image_data_url(tmp_path / "phi.png")]
     assert consensus.parse_args(["--data", str(data), "--out", str(tmp_path / "p.jsonl"), "--server", server.url,
                                  "--allow-outside-images"]).allow_outside_images  # consensus --server takes it too
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C with requests in flight
+
+
+def start_stage(stage, *args):
+    """A stage as a terminal's foreground job runs it, SIGINT at its default (test_collect.as_foreground_job)."""
+    return subprocess.Popen([sys.executable, f"{stage}.py", *map(str, args)], cwd=REPO, env=server_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+@pytest.mark.parametrize("stage", ["consensus", "evaluate"])
+def test_ctrl_c_with_requests_in_flight_stops_at_once_and_the_same_command_continues(stage, tmp_path, chat_server,
+                                                                                     tiny_text_model):
+    """As collect.py's: Ctrl-C exits 130 at once, naming what is kept, though two requests are still
+    in flight for 45 s (a normal exit waits for them); the same command then asks only the rest."""
+    slow = {"on": True}
+
+    def behave(prompt, n, body):
+        late = slow["on"] and not ("Question 0:" in prompt or "Question 1:" in prompt)
+        return 200, completion("Reasoning.\nAnswer: Pleural Effusion"), {}, 45.0 if late else 0
+
+    server = chat_server(behave, models=[{"id": tiny_text_model, "root": tiny_text_model}])
+    n = 6
+    if stage == "consensus":
+        data, out = write_jsonl(tmp_path / "d.jsonl", instances(n)), tmp_path / "p.jsonl"
+        args, written = ["--model", tiny_text_model, "--out", out], out
+    else:
+        data, out = write_jsonl(tmp_path / "d.jsonl", instances(n, "test")), tmp_path / "e"
+        args, written = ["--models", f"m={tiny_text_model}", "--out", out], out / "predictions.jsonl"
+    args += ["--server", server.url, "--data", data, "--concurrency", 2, "--timeout", 120]
+    proc = start_stage(stage, *args)
+    try:
+        deadline = time.monotonic() + 240
+        while not (written.exists() and len(read_jsonl(written)) >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        while len(server.requests) < 4:  # the next two are in flight
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)  # well before the requests in flight are answered
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and f"interrupted: finished {'preferences' if stage == 'consensus' else 'predictions'} " \
+                                      f"are kept in {written}" in stderr, stderr
+    assert "Traceback" not in stderr
+    assert sorted(r["id"] for r in read_jsonl(written)) == ["q0", "q1"]
+    slow["on"] = False
+    asked = len(server.requests)
+    resumed = subprocess.run([sys.executable, f"{stage}.py", *map(str, args)], cwd=REPO, env=server_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["id"] for r in read_jsonl(written)] == [f"q{i}" for i in range(n)]
+    assert len(server.requests) - asked == n - 2  # nothing kept was asked again
