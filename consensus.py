@@ -188,7 +188,7 @@ def choose(record, consensus, mode, min_agreement):
         return vote_choice(record, "vote")
     consensus_text, ended = consensus
     answer = answers.parse_answer(consensus_text)
-    defect = consensus_defect(consensus_text, ended)
+    defect = consensus_defect(consensus_text, ended, record)
     if defect is not None:  # not in the paper: APO would teach the model to write it
         return vote_choice(record, "vote:" + defect)
     if mode == "model+vote" and majority_support(answer, record["_answers"]) < min_agreement:
@@ -233,12 +233,40 @@ def most_repeats(text):
     return max(counts.values(), default=0)
 
 
-def consensus_defect(text, ended):
-    """Why a model consensus cannot be the positive ("cut", "no-answer", "echo", "repeats",
-    "answers", "answer-not-last"), or None when it is clean."""
+# A consensus that calls a finding on a text-only instance must show where in the report it read
+# it: a run of this many words it shares with the prompt ("blunting of the costophrenic angle").
+# One shared word is too easy (the finding names are in the question itself), a whole shared
+# sentence too strict (a source that quotes a sign rarely quotes its whole sentence).
+EVIDENCE_NGRAM = 3
+
+
+def word_ngrams(text, n=EVIDENCE_NGRAM):
+    """The text's runs of n words (lowercase alphabetic runs: case, digits and punctuation aside)."""
+    words = re.findall(r"[a-z]+", text.lower())
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def quotes_the_prompt(reasoning, prompt):
+    """Whether the reasoning shares a run of EVIDENCE_NGRAM words with the prompt."""
+    return not word_ngrams(reasoning).isdisjoint(word_ngrams(prompt))
+
+
+def calls_a_finding(answer):
+    """Whether a parsed answer claims something the report must show: a present finding other than
+    No Finding; in a change answer every class, "stable" included (it too compares two studies)."""
+    if answers.task_of(answer) == "change":
+        return bool(answer)
+    return any(present for finding, present in answer.items() if finding != answers.NO_FINDING)
+
+
+def consensus_defect(text, ended, record):
+    """Why a model consensus of the instance `record` (its prompt and images) cannot be the positive
+    ("cut", "no-answer", "echo", "repeats", "answers", "answer-not-last", "ungrounded"), or None
+    when it is clean."""
     if not ended:
         return "cut"
-    if answers.parse_answer(text) is None:
+    answer = answers.parse_answer(text)
+    if answer is None:
         return "no-answer"
     if LABEL_ECHO_RE.search(text):
         return "echo"
@@ -249,6 +277,10 @@ def consensus_defect(text, ended):
         return "answers"
     if answers.answer_line_start(lines[-1]) is None:
         return "answer-not-last"
+    reasoning, _ = split_answer(text)
+    # with images the evidence is in the image, which no text can be checked against
+    if calls_a_finding(answer) and not record["images"] and not quotes_the_prompt(reasoning, record["prompt"]):
+        return "ungrounded"
     return None
 
 
@@ -638,9 +670,10 @@ def report(args, train, written, skipped, shortened, failed, generator, processe
 EPILOG = """\
 --consensus (docs/consensus.md has the whole rule):
   model       the paper: the model's consensus is the chosen trajectory, when it is clean (it ended
-              on its own, has one parseable Answer line, as its last line, echoes no response label
-              and repeats no sentence more than three times); else the vote's chosen, counted in
-              consensus_by as vote:<reason>
+              on its own, has one parseable Answer line, as its last line, echoes no response label,
+              repeats no sentence more than three times and, where it calls a finding on a
+              text-only instance, shares a run of three words with the prompt); else the vote's
+              chosen, counted in consensus_by as vote:<reason>
   vote        (an addition) no model: the source trajectory closest to the per-finding majority vote
   model+vote  (an addition) the model's consensus where the sources back each of its calls by at
               least --min-agreement, else the vote's chosen (vote:disagreed)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from common import answers
+import collect
 import consensus
 from common import records
 import tiny_models
@@ -64,10 +65,22 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+# The scripted model's sign of edema, quoted from the report of every instance it answers (a consensus
+# that calls a finding on a text-only instance must quote its prompt). A carriage return ends its
+# reasoning line: the generation prompt ends with the newline token, and a scripted chain cannot
+# use one token twice.
+EDEMA_SIGN = "Kerley lines at the base"
+EDEMA_CONSENSUS = EDEMA_SIGN + ".\rAnswer: Edema"
+
+
+def edema_report(rec_id):
+    return f"Study {rec_id}: {EDEMA_SIGN}. What does the film show?"
+
+
 @pytest.fixture(scope="module")
 def edema_model(tmp_path_factory):
-    """A tiny Qwen2 whose greedy answer to every prompt is "Answer: Edema"."""
-    return str(tiny_models.build_scripted_model(tmp_path_factory.mktemp("scripted") / "edema", "Answer: Edema"))
+    """A tiny Qwen2 whose greedy answer to every prompt is EDEMA_CONSENSUS."""
+    return str(tiny_models.build_scripted_model(tmp_path_factory.mktemp("scripted") / "edema", EDEMA_CONSENSUS))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,6 +98,7 @@ def test_response_order_is_seeded_per_instance():
     assert [consensus.response_label(i) for i in (0, 1, 25, 26, 27)] == ["A", "B", "Z", "AA", "AB"]
 
 
+# the defects before "ungrounded", on an instance with an image (where the evidence is not in the text)
 @pytest.mark.parametrize("text, ended, defect", [
     ("Kerley lines and fluid.\nAnswer: Edema", True, None),
     ("Kerley lines and fluid.\n**Answer:** Edema\n\n", True, None),
@@ -102,7 +116,81 @@ def test_response_order_is_seeded_per_instance():
      True, "repeats"),  # list marks, case and spacing aside
 ])
 def test_consensus_defect(text, ended, defect):
-    assert consensus.consensus_defect(text, ended) == defect
+    assert consensus.consensus_defect(text, ended, {"prompt": "Study x: what does the film show?",
+                                                    "images": ["img/cxr.png"]}) == defect
+
+
+REPORT = ("PA and lateral chest radiographs. Indication: cough. Findings: There is blunting of the costophrenic "
+          "angle on the left. The heart size is enlarged. No lines or tubes are present.\n"
+          "Question: Which of these findings are present: Atelectasis, Cardiomegaly, Consolidation, Edema, "
+          "Enlarged Cardiomediastinum, Fracture, Lung Lesion, Lung Opacity, Pleural Effusion, Pneumonia, "
+          "Pneumothorax, Pleural Other, Support Devices, or No Finding?")
+# a kept model consensus of the confirmatory study: reasoning that names no sign, then findings
+FILLER = ("**Reasoning**\n- To be thorough, I re-checked the bones and the hila.\n"
+          "- To be thorough, I re-checked the mediastinum and the cardiac borders.\n\n")
+CALLS = "**Final answer:** Cardiomegaly, Edema, Lung Opacity, Pleural Effusion"
+CHANGE_REPORT = ("Single frontal view of the chest, compared with the prior study. Indication: dyspnea. Findings: "
+                 "A blunted costophrenic angle is unchanged in extent.\nQuestion: For Pleural Effusion, is each "
+                 "improving, stable or worsening compared with the prior study?")
+
+
+@pytest.mark.parametrize("text, prompt, images, defect", [
+    (FILLER + CALLS, REPORT, [], "ungrounded"),
+    ("**Reasoning**\n- There is blunting of the costophrenic angle.\n\n" + CALLS, REPORT, [], None),
+    ("Blunting of the Costophrenic angle!\nAnswer: Pleural Effusion", REPORT, [], None),  # case, punctuation aside
+    (FILLER + "**Final answer:** No Finding", REPORT, [], None),  # no finding needs no evidence
+    (FILLER + "**Final answer:** normal", REPORT, [], None),
+    (FILLER + CALLS, REPORT, ["img/cxr.png"], None),  # a VLM's evidence is in the image
+    # the finding names alone are in the question: one shared word is no evidence
+    ("Cardiomegaly and effusion.\nAnswer: Cardiomegaly, Pleural Effusion", REPORT, [], "ungrounded"),
+    ("Answer: Cardiomegaly", REPORT, [], "ungrounded"),
+    # a change class is a call too, "stable" included
+    (FILLER + "Answer: Pleural Effusion: stable", CHANGE_REPORT, [], "ungrounded"),
+    ("The blunted costophrenic angle is unchanged.\nAnswer: Pleural Effusion: stable", CHANGE_REPORT, [], None),
+    # a defect found before keeps its label
+    (FILLER + CALLS + "\nThat is all.", REPORT, [], "answer-not-last"),
+])
+def test_ungrounded_consensus(text, prompt, images, defect):
+    assert consensus.consensus_defect(text, True, {"prompt": prompt, "images": images}) == defect
+
+
+def test_an_ungrounded_consensus_falls_back_to_the_vote(tmp_path):
+    sources = ["There is blunting of the costophrenic angle.\nAnswer: Pleural Effusion",
+               "The heart size is enlarged, blunting of the costophrenic angle.\n"
+               "Answer: Cardiomegaly, Pleural Effusion",
+               "No lines or tubes are present.\nAnswer: No Finding"]
+    record = instance("u1", sources, prompt=REPORT, images=[])
+    consensus.prepare_instances([record], seed=0)
+    filler = FILLER + CALLS
+    for mode in ("model", "model+vote"):
+        assert consensus.choose(record, (filler, True), mode, 0.5) == (
+            sources[0], answers.parse_answer(sources[0]), 0, "vote:ungrounded")
+    args = consensus.parse_args(["--model", "unused", "--consensus", "model+vote", "--data", str(tmp_path / "d.jsonl"),
+                                 "--out", str(tmp_path / "p.jsonl")])
+    assert consensus.settle(record, (filler, True), args) == {
+        "id": "u1", "prompt": REPORT, "system": None, "images": [], "chosen": sources[0],
+        "rejected": sources[1:], "rejected_sources": list(SOURCES[1:]), "drift": [1 / 14, 2 / 14],
+        "labels": None, "consensus_by": "vote:ungrounded"}
+    grounded = "**Reasoning**\n- There is blunting of the costophrenic angle.\n\n**Final answer:** Pleural Effusion"
+    assert consensus.choose(record, (grounded, True), "model+vote", 0.5)[3] == "model"
+
+
+def test_the_concise_source_quotes_its_prompt(tmp_path):
+    """The evidence gate rejects little of what the best simulated source writes: of the concise
+    source's answers that call a finding on a sim:all stream (collect.py), at least 85% pass the
+    whole gate. Not all: the concise source keeps at most two sentences of reasoning, so a call whose
+    evidence sentence came later has none left, and its rare over-calls ("A fracture cannot be
+    entirely excluded.") quote nothing. 85% leaves room below the 0.89 to 0.94 of simulator seeds
+    0 to 5 at this size (the confirmatory study's 128 train instances: 63 of 67)."""
+    out = tmp_path / "collected.jsonl"
+    collect.main(["--sources", "sim:all", "--n-train", "300", "--n-test", "1", "--out", str(out), "--seed", "0"])
+    clean = []
+    for record in records.load_instances(out, require_trajectories=True):
+        for traj in record["trajectories"]:
+            answer = answers.parse_answer(traj["text"])
+            if traj["source"] == "concise" and answer is not None and consensus.calls_a_finding(answer):
+                clean.append(consensus.consensus_defect(traj["text"], True, record) is None)
+    assert len(clean) > 100 and sum(clean) / len(clean) >= 0.85, (sum(clean), len(clean))
 
 
 def test_no_simulated_source_repeats_a_sentence_four_times():
@@ -332,11 +420,13 @@ def test_model_and_model_vote_with_a_scripted_model(tmp_path, edema_model):
     rows = [
         # backed: Edema 2/3, Atelectasis absent 2/3, No Finding 0 2/3 -> support 2/3 >= 0.5, kept
         instance("k1", ["Kerley lines.\nAnswer: Edema", "Edema and collapse.\nAnswer: Edema, Atelectasis",
-                        "Clear.\nAnswer: No Finding"]),
+                        "Clear.\nAnswer: No Finding"], prompt=edema_report("k1")),
         # overruled: 2 of 3 say Cardiomegaly, the model says absent -> support 1/3: the vote's pick
         instance("k2", ["Big heart.\nAnswer: Cardiomegaly", "Wide heart.\nAnswer: Cardiomegaly",
-                        "Wet lungs.\nAnswer: Edema"]),
-        instance("k3", ["I cannot help.", "Ask a doctor.", "No comment."]),  # nothing to check against
+                        "Wet lungs.\nAnswer: Edema"], prompt=edema_report("k2")),
+        instance("k3", ["I cannot help.", "Ask a doctor.", "No comment."],  # nothing to check against
+                 prompt=edema_report("k3")),
+        # the report does not name the model's sign: its consensus is ungrounded
         instance("k4", ["Wet.\nAnswer: Edema", "Fluid.\nAnswer: Edema", "Lines.\nAnswer: Edema"]),
     ]
     data = write_jsonl(tmp_path / "traj.jsonl", rows)
@@ -344,10 +434,10 @@ def test_model_and_model_vote_with_a_scripted_model(tmp_path, edema_model):
 
     out = tmp_path / "mv.jsonl"
     run("--model", edema_model, "--consensus", "model+vote", "--negatives", "drifting", "--data", data,
-        "--out", out, "--max-new-tokens", 16, "--batch-size", 3, "--summary", tmp_path / "mv.json")
+        "--out", out, "--max-new-tokens", 32, "--batch-size", 3, "--summary", tmp_path / "mv.json")
     k2 = first_in_order("k2", {0, 1})
     assert read_jsonl(out) == [
-        {"id": "k1", "prompt": rows[0]["prompt"], "system": None, "images": [], "chosen": "Answer: Edema",
+        {"id": "k1", "prompt": rows[0]["prompt"], "system": None, "images": [], "chosen": EDEMA_CONSENSUS,
          "rejected": texts["k1"][1:], "rejected_sources": list(SOURCES[1:]), "drift": [1 / 14, 2 / 14],
          "labels": None, "consensus_by": "model"},
         {"id": "k2", "prompt": rows[1]["prompt"], "system": None, "images": [], "chosen": texts["k2"][k2],
@@ -361,19 +451,21 @@ def test_model_and_model_vote_with_a_scripted_model(tmp_path, edema_model):
     assert read_jsonl(tmp_path / "mv.skipped.jsonl") == [{"id": "k3", "reason": "no answer to vote on"},
                                                        {"id": "k4", "reason": "no negatives"}]
 
-    # the paper's mode keeps every consensus that has an Answer line, and rejects every source
+    # the paper's mode keeps every clean consensus, and rejects every source
     out = tmp_path / "m.jsonl"
-    run("--model", edema_model, "--consensus", "model", "--data", data, "--out", out, "--max-new-tokens", 16,
+    run("--model", edema_model, "--consensus", "model", "--data", data, "--out", out, "--max-new-tokens", 32,
         "--summary", tmp_path / "m.json")
     prefs = read_jsonl(out)
+    k4 = first_in_order("k4", {0, 1, 2})
     assert [(p["id"], p["chosen"], p["consensus_by"]) for p in prefs] == [
-        (k, "Answer: Edema", "model") for k in ("k1", "k2", "k3", "k4")]
-    assert [p["drift"] for p in prefs] == [[0.0, 1 / 14, 2 / 14], [2 / 14, 2 / 14, 0.0], [1.0] * 3, [0.0] * 3]
-    assert all(p["rejected"] == texts[p["id"]] for p in prefs)
-    assert json.loads((tmp_path / "m.json").read_text())["consensus_by"] == {"model": 4}
+        *((k, EDEMA_CONSENSUS, "model") for k in ("k1", "k2", "k3")), ("k4", texts["k4"][k4], "vote:ungrounded")]
+    assert [p["drift"] for p in prefs] == [[0.0, 1 / 14, 2 / 14], [2 / 14, 2 / 14, 0.0], [1.0] * 3, [0.0] * 2]
+    assert [p["rejected"] for p in prefs] == [texts["k1"], texts["k2"], texts["k3"],
+                                              [t for i, t in enumerate(texts["k4"]) if i != k4]]
+    assert json.loads((tmp_path / "m.json").read_text())["consensus_by"] == {"model": 3, "vote:ungrounded": 1}
     assert not (tmp_path / "m.skipped.jsonl").exists()
 
-    # a consensus cut by the token budget ("Answer:" without its finding) is never the positive
+    # a consensus cut by the token budget is never the positive
     out = tmp_path / "cut.jsonl"
     run("--model", edema_model, "--consensus", "model", "--data", data, "--out", out, "--max-new-tokens", 2,
         "--summary", tmp_path / "cut.json")
@@ -484,8 +576,8 @@ def test_prompt_file_replaces_the_prompt(tmp_path, edema_model):
 
 def many_instances(n):
     choices = ("Pleural Effusion", "Edema", "Cardiomegaly", "No Finding")
-    return [instance(f"r{i:02d}", [f"Region {i * 3 + k} first.\nAnswer: {choices[(i + k * k) % 4]}" for k in range(3)])
-            for i in range(n)]
+    return [instance(f"r{i:02d}", [f"Region {i * 3 + k} first.\nAnswer: {choices[(i + k * k) % 4]}" for k in range(3)],
+                     prompt=edema_report(f"r{i:02d}")) for i in range(n)]
 
 
 def test_sigkill_then_the_same_command_resumes(tmp_path, tiny_text_model, one_thread):
@@ -517,7 +609,7 @@ def test_sigkill_then_the_same_command_resumes(tmp_path, tiny_text_model, one_th
 
 def test_two_processes_split_and_gather_each_instance_once(tmp_path, edema_model):
     data = write_jsonl(tmp_path / "traj.jsonl", many_instances(5))
-    args = ["--model", edema_model, "--data", str(data), "--max-new-tokens", "8", "--batch-size", "2"]
+    args = ["--model", edema_model, "--data", str(data), "--max-new-tokens", "32", "--batch-size", "2"]
     run(*args, "--out", tmp_path / "one" / "prefs.jsonl")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "consensus.py", *args,
            "--out", str(tmp_path / "two" / "prefs.jsonl"), "--summary", str(tmp_path / "two" / "s.json")]

@@ -158,7 +158,7 @@ def test_stall_and_5xx_are_retried_counted_and_asked_again_next_run(tmp_path, ca
             return 200, completion("late\nAnswer: Edema"), {}, 6.0  # past --timeout
         if not healed["on"] and ("Question 2:" in prompt or "Question 3" in prompt):
             return 503, {"error": {"message": "overloaded"}}, {}, 0
-        return 200, completion("Reasoning.\nAnswer: Pleural Effusion"), {}, 0
+        return 200, completion("Is the angle blunted? It is.\nAnswer: Pleural Effusion"), {}, 0  # quotes the prompt
 
     server = chat_server(behave, models=[{"id": "boot", "root": tiny_text_model, "max_model_len": 2048}])
     rows = instances(5)
@@ -194,7 +194,7 @@ def test_stall_and_5xx_are_retried_counted_and_asked_again_next_run(tmp_path, ca
     assert asked_again == {0: 0, 1: 1, 2: 1, 3: 1, 4: 0}
     prefs = read_jsonl(out)
     assert [p["id"] for p in prefs] == [f"q{i}" for i in range(5)]
-    assert {p["chosen"] for p in prefs} == {"Reasoning.\nAnswer: Pleural Effusion"}
+    assert {p["chosen"] for p in prefs} == {"Is the angle blunted? It is.\nAnswer: Pleural Effusion"}
     assert {p["consensus_by"] for p in prefs} == {"model"}
 
 
@@ -255,7 +255,8 @@ def test_server_urls_with_credentials_are_refused_and_lone_surrogates_in_answers
                                                                                    tiny_text_model):
     """consensus/evaluate --server: user:password@ used to be written into the summary and
     models.json and sent as Basic auth; a lone surrogate in an answer crashed the write on every run."""
-    server = chat_server(lambda prompt, n, body: (200, completion("Fluid \ud83d cut.\nAnswer: Pleural Effusion"), {}, 0),
+    reply = "Is the angle blunted? Fluid \ud83d cut.\nAnswer: Pleural Effusion"  # quotes its prompt
+    server = chat_server(lambda prompt, n, body: (200, completion(reply), {}, 0),
                          models=[{"id": tiny_text_model, "root": tiny_text_model, "max_model_len": 2048}])
     password = "hunter2-password-0042"
     secret_url = server.url.replace("http://", f"http://bob:{password}@")
@@ -272,7 +273,7 @@ def test_server_urls_with_credentials_are_refused_and_lone_surrogates_in_answers
             "--max-new-tokens", 16]
     code, _, err = run_main(consensus, capsys, *args)
     assert code == 0 and err.count("1 lone surrogate(s)") == 2, err
-    assert {p["chosen"] for p in read_jsonl(tmp_path / "p.jsonl")} == {"Fluid \ufffd cut.\nAnswer: Pleural Effusion"}
+    assert {p["chosen"] for p in read_jsonl(tmp_path / "p.jsonl")} == {"Is the angle blunted? Fluid \ufffd cut.\nAnswer: Pleural Effusion"}
     eval_args = ["--models", f"m={tiny_text_model}", "--server", server.url, "--data", test_data, "--out", tmp_path / "e"]
     code, out, err = run_main(evaluate, capsys, *eval_args)
     assert code == 0 and "2 answers generated" in out, err
