@@ -160,10 +160,8 @@ def train(args):
                 run.log_eval(done, evaluate_preferences(accelerator, module, held_out, args))
 
         run.save(module, data.processor, lora)
-        summary = run.summary(preferences=len(examples), prompt_too_long=len(data.skipped), truncated=data.truncated,
-                              reference_logps=reference_state)
-        accelerator.print(f"apo: {total} steps on {data.described()}, reference log-probs {reference_state}; loss "
-                          f"{summary['first_loss']} -> {summary['final_loss']}; model in {args.out}")
+        run.summary(f"{data.described()}, reference log-probs {reference_state}", preferences=len(examples),
+                    prompt_too_long=len(data.skipped), truncated=data.truncated, reference_logps=reference_state)
 
 
 def reference_forward(accelerator, module):

@@ -92,9 +92,8 @@ def train(args):
                 run.log_eval(done, {"loss": held_out_loss(accelerator, module, held_out, args)})
 
         run.save(module, data.processor, lora)
-        summary = run.summary(examples=len(examples), **counts, truncated=data.truncated, prompt_too_long=data.too_long)
-        accelerator.print(f"bootstrap: {total} steps on {len(examples)} examples, loss {summary['first_loss']} -> "
-                          f"{summary['final_loss']}; {left_out(data, counts, args)}; model in {args.out}")
+        run.summary(f"{len(examples)} examples ({left_out(data, counts, args)})", examples=len(examples), **counts,
+                    truncated=data.truncated, prompt_too_long=data.too_long)
 
 
 def left_out(data, counts, args):

@@ -45,7 +45,7 @@ class Run:
             for step in run.steps():               # a progress bar; checkpoints and signal stops after each
                 ... run.check_finite(loss, step + 1) ... run.log(step + 1, metrics)
             run.save(module, processor, lora)
-            run.summary(examples=n)
+            run.summary(f"{n} examples", examples=n)
 
     A journaled stage:
 
@@ -277,12 +277,15 @@ class Run:
                             keep=self.args.keep_checkpoints)
         save_hf_folder(self.accelerator, module, processor, self.out, lora=lora)
 
-    def summary(self, **fields):
+    def summary(self, what, **fields):
         """training_summary.json, written last (its presence means "finished"): the settings, the
-        steps, fields, the first and final loss and the run's history; then the trackers end."""
+        steps, fields, the first and final loss and the run's history; then the trackers end and
+        the closing line says "<stage>: <total> steps on <what>; loss <first> -> <final>; model in <out>"."""
         summary = write_summary(self.accelerator, self.out, {"config": self.config, "steps": self.total, **fields},
                                 stage=self.stage)
         self.accelerator.end_training()
+        self.accelerator.print(f"{self.stage}: {self.total} steps on {what}; loss {summary['first_loss']} -> "
+                               f"{summary['final_loss']}; model in {self.out}")
         return summary
 
 
