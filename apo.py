@@ -127,18 +127,18 @@ def train(args):
         model, lora = training.load_trainable_model(args, accelerator, dropout=False)
         module, optimizer, scheduler = training.prepare_training(accelerator, logps_module(model, args), args, total)
         # The frozen reference: the initial weights' log-probs (cached), taken before a checkpoint loads.
-        forward = reference_forward(accelerator, module)
         reference, reference_state = reference_logps(accelerator, model, examples, run.config, args.out,
-                                                     forward(data), args.batch_size)
+                                                     reference_forward(accelerator, module, data), args.batch_size)
         if args.reference_only:
             return accelerator.print(f"apo: reference log-probs {reference_state} for {data.described()} -> "
                                      f"{run_folder(args.out) / REFERENCE_FILE}")
-        held_out = preferences.held_out(accelerator, data.processor, eval_records, args, forward)
+        held_out = preferences.held_out(accelerator, data.processor, eval_records, args,
+                                        lambda held: reference_forward(accelerator, module, held))
         run.resume(module, total, f"{len(examples)} preferences")
         micro_batch = training.MicroBatches([ex.length for ex in examples], micro_global, args.seed)
 
         for step in run.steps():
-            began, totals = time.perf_counter(), {}
+            began, totals = time.perf_counter(), None
             for k in range(args.grad_accum):
                 rows = training.shard(micro_batch(step * args.grad_accum + k), accelerator)
                 batch = data.batch([examples[i] for i in rows])
@@ -148,7 +148,7 @@ def train(args):
                     # The mean over this process's instances; accelerate divides by grad_accum and DDP
                     # averages over processes, so the step's gradient is the global batch mean.
                     accelerator.backward(losses.mean())
-                    totals = {name: totals[name] + sums[name] for name in sums} if totals else sums
+                    totals = sums if totals is None else {name: totals[name] + sums[name] for name in sums}
                     if accelerator.sync_gradients:
                         totals = accelerator.reduce(totals, reduction="sum")
                         run.check_finite(totals["loss"], step + 1)
@@ -164,9 +164,9 @@ def train(args):
                     prompt_too_long=len(data.skipped), truncated=data.truncated, reference_logps=reference_state)
 
 
-def reference_forward(accelerator, module):
-    """data -> compute_reference's forward for it: examples -> their summed log-probs (chosen, rejected, mask)."""
-    return lambda data: lambda examples: concatenated_forward(module, data.batch(examples), accelerator.device)[:3]
+def reference_forward(accelerator, module, data):
+    """compute_reference's forward: examples -> their summed log-probs (chosen, rejected, mask)."""
+    return lambda examples: concatenated_forward(module, data.batch(examples), accelerator.device)[:3]
 
 
 @training.no_grad

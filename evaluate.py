@@ -116,7 +116,8 @@ def answer_missing(run, accelerator, models, served, instances, done, out, args)
     answered yet (done: {(model, id)}), appended to predictions.jsonl on the main process. A bad
     prompt is found by every process (each checks the same prompts), so all stop together."""
     generated, failed = 0, Counter()
-    appender = run.journal(out / "predictions.jsonl", kept="finished predictions").open() if accelerator.is_main_process and models else None
+    appender = (run.journal(out / "predictions.jsonl", kept="finished predictions").open()
+                if accelerator.is_main_process and models else None)
     for name, path in models:
         if name in served:
             generated += ask_missing(name, served[name], instances, done, appender, failed, args)
