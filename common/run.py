@@ -179,7 +179,7 @@ class Run:
         done = finished_run(self.out, config)
         if done is not None and say:
             self.accelerator.print(f"{self.stage}: nothing to do, {self.out} already holds the finished model "
-                                   f"({done['steps']} steps, final loss {done['final_loss']})")
+                                   f"({done['steps']} steps, final loss {loss_text(done['final_loss'])})")
         return done is not None
 
     def resume(self, module, total, what, unit=""):
@@ -284,8 +284,8 @@ class Run:
         summary = write_summary(self.accelerator, self.out, {"config": self.config, "steps": self.total, **fields},
                                 stage=self.stage)
         self.accelerator.end_training()
-        self.accelerator.print(f"{self.stage}: {self.total} steps on {what}; loss {summary['first_loss']} -> "
-                               f"{summary['final_loss']}; model in {self.out}")
+        first, final = loss_text(summary["first_loss"]), loss_text(summary["final_loss"])
+        self.accelerator.print(f"{self.stage}: {self.total} steps on {what}; loss {first} -> {final}; model in {self.out}")
         return summary
 
 
@@ -692,6 +692,11 @@ def save_adapter(accelerator, lora, folder):
     accelerator.wait_for_everyone()
 
 
+def loss_text(loss):
+    """A loss as the closing lines print it: four decimals, "none" when no step was logged."""
+    return "none" if loss is None else f"{loss:.4f}"
+
+
 def write_summary(accelerator, out_dir, summary, stage=None):
     """training_summary.json, written last: its presence means "finished". first_loss and
     final_loss come from metrics.jsonl, so a resumed run reports its whole curve. With stage, the
@@ -730,6 +735,7 @@ def write_model_card(out_dir, stage, summary):
                          if k not in ("model", "model_fingerprint", "data_sha256") and v is not None)
     metrics = "\n".join(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |"
                         for k, v in {**train, **held_out}.items())
+    first, final = loss_text(summary.get("first_loss")), loss_text(summary.get("final_loss"))
     card = f"""---
 base_model: {json.dumps(config["model"])}
 library_name: transformers
@@ -744,7 +750,7 @@ tags: [apo, {"sft" if stage == "bootstrap" else "preference-optimization"}]
 
 - Base model: `{config["model"]}`
 - Training data: sha256 `{config["data_sha256"]}`
-- Steps: {summary.get("steps")}; first loss {summary.get("first_loss")}, final loss {summary.get("final_loss")}
+- Steps: {summary.get("steps")}; first loss {first}, final loss {final}
 
 ## Settings
 

@@ -281,6 +281,8 @@ def test_dpo_pairs_loss_starts_at_log2_and_learns(tiny_text_model, data, straigh
     rows = metrics(out)
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["rewards/margins"] > 0
+    # The closing line's losses are metrics.jsonl's first and last, to four decimals.
+    assert f"; loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f}; model in {out}" in proc.stdout, proc.stdout
     # Another objective, other weights: the two runs are not the same training.
     a, b = load_file(str(straight[0] / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert any(not torch.equal(a[k], b[k]) for k in a)
