@@ -5,6 +5,7 @@ what it reports is computed right.
 """
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -310,3 +311,19 @@ def test_a_training_stage_is_checkpointed_and_its_checkpoints_go_when_done(tiny_
     assert (out / "model.safetensors").is_file()
     assert (study.run_folder(out) / "training_summary.json").is_file()
     assert not (study.run_folder(out) / study.CHECKPOINTS).exists()
+    [line] = (tmp_path / study.STAGE_TIMES).read_text().splitlines()  # the stage's wall time, in the study folder
+    timed = json.loads(line)
+    assert (timed["stage"], timed["finished"]) == (f"bootstrap.py {out}", True) and timed["seconds"] > 0
+    assert study.compute_hours(tmp_path) == (timed["seconds"] / 3600, 0)
+
+
+def test_a_failed_stage_keeps_its_time_and_stops_the_study(tmp_path):
+    """A stopped stage's time counts in what the study cost; the next stage does not start."""
+    missing = tmp_path / "missing.jsonl"
+    with pytest.raises(SystemExit, match="rerun the same command to resume"):
+        study.run([sys.executable, "collect.py", "--sources", study.SOURCES, "--data", missing,
+                   "--out", tmp_path / "collected.jsonl"], tmp_path)
+    [timed] = [json.loads(line) for line in (tmp_path / study.STAGE_TIMES).read_text().splitlines()]
+    assert (timed["stage"], timed["finished"]) == (f"collect.py {tmp_path / 'collected.jsonl'}", False)
+    hours, stopped = study.compute_hours(tmp_path)
+    assert (hours, stopped) == (timed["seconds"] / 3600, 1)
