@@ -30,8 +30,8 @@ Steps (each a stage script, printed before it runs; rerun the same command to re
  2. bootstrap.py on train. 3. consensus.py (model+vote, every negative kept); the label-built
     preferences of the positive control.
  4. Recipe sweep: apo.py for each recipe of the size's grid, scored on val (best macro accuracy,
-    ties: fewer unparsed, then grid order). The chosen learning rate, LoRA setting and step count
-    are shared by every preference-stage arm.
+    ties: fewer unparsed, then grid order; --size cpu runs one recipe fixed in advance). The chosen
+    learning rate, LoRA setting and step count are shared by every preference-stage arm.
  5. The arms, for each training seed. 6. evaluate.py on test for every arm and seed, then the
     report: endpoints, paired intervals over instances and seeds, Holm's correction, the verdict,
     each arm's movement from the reference, rewards on held-out preferences, output statistics.
@@ -78,15 +78,18 @@ RECIPES = {
     "full-2e-6-nll1": dict(name="full-2e-6-nll1", lr="2e-6", lora=None, nll=1.0),
     "full-2e-5": dict(name="full-2e-5", lr="2e-5", lora=None, nll=0.0),
 }
-CPU_GRID = ["official-lora", "official-lora-nll1", "full-2e-6", "full-2e-5"]
+# --size cpu runs one recipe, fixed in advance: the grid's typical DPO full fine-tune rate. Its four
+# recipes did not fit the 90 minutes: measured on two idle cores, each sweep run takes 9 to 13 min
+# and each swept model's 100 val answers 5 to 10 more (docs/study.md, "Sizes").
+CPU_GRID = ["full-2e-6"]
 FULL_GRID = list(RECIPES)
 
 SIZES = {
     "smoke": dict(n_train=8, n_val=4, n_test=4, boot=["--max-steps", "2", "--batch-size", "4"],
                   pref_steps=2, new_tokens=24, consensus_tokens=24, grid=["official-lora", "full-2e-5"],
                   windows=2, train_seeds=2, fixed=4, heldout=4),
-    # cpu: sized from the first design's measured stage times (README) so that the 100 val
-    # instances the recipe needs fit in 90 min on two idle cores (docs/study.md: about 80 min)
+    # cpu: sized to fit 90 min on two idle cores with the 100 val instances the movement is read on
+    # (docs/study.md, "Sizes": the measured stage times)
     "cpu": dict(n_train=32, n_val=100, n_test=40, boot=["--epochs", "2", "--batch-size", "4"],
                 pref_steps=None, new_tokens=DECODING["max_new_tokens"], consensus_tokens=256, grid=CPU_GRID,
                 windows=4, train_seeds=1, fixed=40, heldout=16),
