@@ -105,7 +105,7 @@ SIZES = {
 BOOT_LR, BETA = "1e-4", "0.1"
 MAX_LENGTH = "384"
 PREF_BATCH = 2  # instances per optimizer step in every preference-stage arm: the paper's batch size
-# A training stage checkpoints every SAVE_EVERY optimizer steps (about 2 to 8 min here), so an
+# A training stage checkpoints every SAVE_EVERY optimizer steps (about 3 to 13 min here), so an
 # interrupted study loses minutes, not a 40-minute bootstrap. A finished stage's checkpoints are
 # deleted: the study needs only the model folder, and one checkpoint of the 135M model with its
 # optimizer state is 1.6 GB (18 training runs at --size cpu-full).
