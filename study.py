@@ -143,9 +143,9 @@ def run(cmd, folder):
         code = subprocess.run([str(c) for c in cmd]).returncode
     finally:
         seconds = time.time() - start
+        stage = f"{Path(cmd[1]).name} {cmd[cmd.index('--out') + 1]}"
         with open(Path(folder) / STAGE_TIMES, "a") as f:
-            f.write(json.dumps({"stage": f"{Path(cmd[1]).name} {cmd[cmd.index('--out') + 1]}", "seconds": round(seconds, 1),
-                                "finished": code == 0}) + "\n")
+            f.write(json.dumps({"stage": stage, "seconds": round(seconds, 1), "finished": code == 0}) + "\n")
     if code != 0:
         raise SystemExit("study: a stage failed; fix the cause and rerun the same command to resume")
     print(f"  ({seconds:.0f} s)", flush=True)
@@ -153,7 +153,9 @@ def run(cmd, folder):
 
 def compute_hours(folder):
     """Wall time of every stage run in FOLDER's study, stopped ones included, and how many were stopped."""
-    rows = [json.loads(line) for line in (Path(folder) / STAGE_TIMES).read_text().splitlines() if line.strip()]
+    text = (Path(folder) / STAGE_TIMES).read_text()
+    complete = text[: text.rfind("\n") + 1]  # a line cut short by a kill is one stage's time lost, not an error
+    rows = [json.loads(line) for line in complete.splitlines()]
     return sum(r["seconds"] for r in rows) / 3600, sum(not r["finished"] for r in rows)
 
 

@@ -317,6 +317,11 @@ def test_a_training_stage_is_checkpointed_and_its_checkpoints_go_when_done(tiny_
     assert study.compute_hours(tmp_path) == (timed["seconds"] / 3600, 0)
 
 
+def test_compute_hours_skips_a_line_cut_short_by_a_kill(tmp_path):
+    (tmp_path / study.STAGE_TIMES).write_text('{"stage": "a", "seconds": 5400.0, "finished": false}\n{"stage": "b", "sec')
+    assert study.compute_hours(tmp_path) == (1.5, 1)
+
+
 def test_a_failed_stage_keeps_its_time_and_stops_the_study(tmp_path):
     """A stopped stage's time counts in what the study cost; the next stage does not start."""
     missing = tmp_path / "missing.jsonl"
