@@ -143,8 +143,9 @@ def run(cmd, folder):
         code = subprocess.run([str(c) for c in cmd]).returncode
     finally:
         seconds = time.time() - start
-        stage = f"{Path(cmd[1]).name} {cmd[cmd.index('--out') + 1]}"
-        with open(Path(folder) / STAGE_TIMES, "a") as f:
+        stage, ledger = f"{Path(cmd[1]).name} {cmd[cmd.index('--out') + 1]}", Path(folder) / STAGE_TIMES
+        records.repair_torn_tail(ledger)  # a line cut short by a kill must not swallow this one
+        with open(ledger, "a") as f:
             f.write(json.dumps({"stage": stage, "seconds": round(seconds, 1), "finished": code == 0}) + "\n")
     if code != 0:
         raise SystemExit("study: a stage failed; fix the cause and rerun the same command to resume")
@@ -153,9 +154,7 @@ def run(cmd, folder):
 
 def compute_hours(folder):
     """Wall time of every stage run in FOLDER's study, stopped ones included, and how many were stopped."""
-    text = (Path(folder) / STAGE_TIMES).read_text()
-    complete = text[: text.rfind("\n") + 1]  # a line cut short by a kill is one stage's time lost, not an error
-    rows = [json.loads(line) for line in complete.splitlines()]
+    rows = records.repair_torn_tail(Path(folder) / STAGE_TIMES)  # a line cut short by a kill: that stage's time lost
     return sum(r["seconds"] for r in rows) / 3600, sum(not r["finished"] for r in rows)
 
 

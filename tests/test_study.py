@@ -320,6 +320,12 @@ def test_a_training_stage_is_checkpointed_and_its_checkpoints_go_when_done(tiny_
 def test_compute_hours_skips_a_line_cut_short_by_a_kill(tmp_path):
     (tmp_path / study.STAGE_TIMES).write_text('{"stage": "a", "seconds": 5400.0, "finished": false}\n{"stage": "b", "sec')
     assert study.compute_hours(tmp_path) == (1.5, 1)
+    (tmp_path / study.STAGE_TIMES).write_text('{"stage": "a", "seconds": 5400.0, "finished": false}\n{"stage": "b", "sec')
+    with pytest.raises(SystemExit):  # the next stage run's line is appended whole after the torn one is cut
+        study.run([sys.executable, "collect.py", "--data", tmp_path / "missing.jsonl", "--out", tmp_path / "c.jsonl"],
+                  tmp_path)
+    hours, stopped = study.compute_hours(tmp_path)
+    assert stopped == 2 and hours > 1.5
 
 
 def test_a_failed_stage_keeps_its_time_and_stops_the_study(tmp_path):
