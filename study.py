@@ -88,11 +88,12 @@ SIZES = {
     "smoke": dict(n_train=8, n_val=4, n_test=4, boot=["--max-steps", "2", "--batch-size", "4"],
                   pref_steps=2, new_tokens=24, consensus_tokens=24, grid=["official-lora", "full-2e-5"],
                   windows=2, train_seeds=2, fixed=4, heldout=4),
-    # cpu: sized to fit 90 min on two idle cores with the 100 val instances the movement is read on
-    # (docs/study.md, "Sizes": the measured stage times)
+    # cpu: sized to fit 90 min on two idle cores (docs/study.md, "Sizes": the measured stage times);
+    # movement on 20 fixed val answers and rewards on 8 held-out preferences: the report's own
+    # log-probs (about 1 s a sequence) took 15 of its minutes at 40 and 16
     "cpu": dict(n_train=32, n_val=100, n_test=40, boot=["--epochs", "2", "--batch-size", "4"],
                 pref_steps=None, new_tokens=DECODING["max_new_tokens"], consensus_tokens=256, grid=CPU_GRID,
-                windows=4, train_seeds=1, fixed=40, heldout=16),
+                windows=4, train_seeds=1, fixed=20, heldout=8),
     "cpu-full": dict(n_train=128, n_val=100, n_test=200, boot=["--epochs", "2", "--batch-size", "4"],
                      pref_steps=None, new_tokens=DECODING["max_new_tokens"], consensus_tokens=256, grid=FULL_GRID,
                      windows=5, train_seeds=3, fixed=100, heldout=50),
@@ -263,6 +264,11 @@ def label_preferences(data, dst, seed):
                       "drift": [e for _, e in wrong], "consensus_by": "labels (positive control)"})
     records.write_jsonl_atomic(dst, prefs)
     return len(prefs)
+
+
+def write_rows(dst, rows):
+    records.write_jsonl_atomic(dst, rows)
+    return dst
 
 
 def validation_as_train(data, dst):
@@ -648,6 +654,23 @@ def plot_models(table, path, plt):
     plt.close(fig)
 
 
+def sweep_row(v):
+    """One recipe's line in report.md; a recipe that chose nothing has no val answers (see to_choose)."""
+    t = v["training"]
+    val = ("| (not generated: one recipe, nothing to choose) | |" if v["val_macro_accuracy"] is None else
+           f"| {v['val_macro_accuracy']:.3f} | {v['val_unparsed']}/{v['val_n']} |")
+    return (f"| {v['name']} | {v['lr']} | {v['lora'] or ''} | {v['nll']} {val} {v['movement']:+.4f} | "
+            f"{t.get('rewards/accuracies', float('nan')):.2f} | {t.get('rewards/margins', float('nan')):.3f} |")
+
+
+def to_choose(sweep):
+    """The sweep runs whose val answers are generated: all of them when the grid offers a choice, none
+    when it holds one recipe fixed in advance (--size cpu), whose val score would choose nothing (its
+    100 val answers took 6 of --size cpu's 90 minutes; the bootstrap then answers only the val
+    instances its movement is read on)."""
+    return sweep if len(sweep) > 1 else []
+
+
 def markdown(report):
     r = report
     lines = [f"# Does APO work? (study.py --size {r['size']}, simulator seed {r['seed']}, training seeds "
@@ -689,11 +712,7 @@ def markdown(report):
     lines += ["", "Recipe sweep (apo.py on val):", "",
               "| recipe | lr | LoRA | nll | val macro acc | unparsed | movement | train reward acc | margin |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for v in r["sweep"]:
-        t = v["training"]
-        lines.append(f"| {v['name']} | {v['lr']} | {v['lora'] or ''} | {v['nll']} | {v['val_macro_accuracy']:.3f} | "
-                     f"{v['val_unparsed']}/{v['val_n']} | {v['movement']:+.4f} | "
-                     f"{t.get('rewards/accuracies', float('nan')):.2f} | {t.get('rewards/margins', float('nan')):.3f} |")
+    lines += [sweep_row(v) for v in r["sweep"]]
     lines += ["", "Arms on held-out preferences (vote consensus on val) and their movement from the reference "
               "(mean per-token log-ratio on the bootstrap's val answers), mean over seeds:", "",
               "| arm | movement | reward accuracy | reward by negative source |", "|---|---:|---:|---|"]
@@ -789,23 +808,32 @@ def main(argv=None):
         train("apo.py", folder, "--model", boot, "--data", prefs, "--nll-weight", recipe["nll"],
               *recipe_args(recipe), *pref_common, "--epochs", "1", *steps, *seed)
         sweep.append(dict(recipe, folder=str(folder)))
-    run([py, "evaluate.py", "--models", f"bootstrap={boot}", *(f"{v['name']}={v['folder']}" for v in sweep),
-         "--data", data, "--split", "val", "--out", out / "eval-val", *decode, *seed], out)
+    # Movement is measured on the bootstrap's own answers to these val instances: fixed outputs, the
+    # same for every arm. Without a choice to make, only they are answered.
     val_instances, _ = load_rows(data, "val")
-    val_preds = model_predictions(out / "eval-val", ["bootstrap"] + [v["name"] for v in sweep], val_instances)
-    val_labels = [r["labels"] for r in val_instances]
-    # movement is measured on the bootstrap's own val answers: fixed outputs, the same for every arm
-    fixed = [(r, t) for r, (_, _, t) in zip(val_instances, val_preds["bootstrap"])]
-    fixed = evenly(fixed, size["fixed"])
+    fixed_rows, choices = evenly(val_instances, size["fixed"]), to_choose(sweep)
+    answered = val_instances if choices else fixed_rows
+    val_data = data if choices else write_rows(out / "val-fixed.jsonl", fixed_rows)
+    run([py, "evaluate.py", "--models", f"bootstrap={boot}", *(f"{v['name']}={v['folder']}" for v in choices),
+         "--data", val_data, "--split", "val", "--out", out / "eval-val", *decode, *seed], out)
+    val_preds = model_predictions(out / "eval-val", ["bootstrap"] + [v["name"] for v in choices], answered)
+    val_labels = [r["labels"] for r in answered]
+    fixed = [(r, t) for r, (_, _, t) in zip(fixed_rows, model_predictions(out / "eval-val", ["bootstrap"],
+                                                                           fixed_rows)["bootstrap"])]
     cache = out / "logps-cache.json"
     ref_fixed, fixed_counts = cached_logps(cache, boot, fixed, MAX_LENGTH)
     for v in sweep:
-        scored = answers.score([a for a, _, _ in val_preds[v["name"]]], val_labels)
-        v.update(val_macro_accuracy=scored["macro"]["accuracy"], val_unparsed=scored["unparsed"],
-                 val_n=len(val_labels), training=training_tail(v["folder"]),
+        v.update(val_macro_accuracy=None, val_unparsed=None, val_n=len(val_labels), training=training_tail(v["folder"]),
                  movement=movement(cached_logps(cache, v["folder"], fixed, MAX_LENGTH)[0], ref_fixed, fixed_counts))
-    best = max(sweep, key=lambda v: (v["val_macro_accuracy"], -v["val_unparsed"]))  # ties: grid order
-    print(f"\nstudy: chosen on val: {best['name']} (val macro accuracy {best['val_macro_accuracy']:.3f})")
+    for v in choices:
+        scored = answers.score([a for a, _, _ in val_preds[v["name"]]], val_labels)
+        v.update(val_macro_accuracy=scored["macro"]["accuracy"], val_unparsed=scored["unparsed"])
+    if choices:
+        best = max(choices, key=lambda v: (v["val_macro_accuracy"], -v["val_unparsed"]))  # ties: grid order
+        print(f"\nstudy: chosen on val: {best['name']} (val macro accuracy {best['val_macro_accuracy']:.3f})")
+    else:
+        best = sweep[0]
+        print(f"\nstudy: the one recipe of --size {args.size}, fixed in advance: {best['name']}")
 
     # 5. The arms on the chosen recipe, for each training seed, with the same number of updates.
     pref_steps = best["training"]["steps"]

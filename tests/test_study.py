@@ -266,6 +266,35 @@ def test_movement_and_heldout_rewards_exact():
     assert len(study.preference_items([dict(p, chosen="c") for p in prefs])) == 5
 
 
+def test_a_lone_recipe_chooses_nothing_and_its_row_says_so():
+    """With one recipe (--size cpu) no val answers of it are generated; with several, all of them."""
+    one, two = [{"name": "a"}], [{"name": "a"}, {"name": "b"}]
+    assert study.to_choose(one) == [] and study.to_choose(two) == two
+    row = dict(name="full-2e-6", lr="2e-6", lora=None, nll=0.0, val_n=100, movement=-0.0006,
+               training={"rewards/accuracies": 0.2, "rewards/margins": -0.031})
+    lone = study.sweep_row(dict(row, val_macro_accuracy=None, val_unparsed=None))
+    scored = study.sweep_row(dict(row, val_macro_accuracy=0.632, val_unparsed=23))
+    assert lone == "| full-2e-6 | 2e-6 |  | 0.0 | (not generated: one recipe, nothing to choose) | | -0.0006 | 0.20 | -0.031 |"
+    assert scored == "| full-2e-6 | 2e-6 |  | 0.0 | 0.632 | 23/100 | -0.0006 | 0.20 | -0.031 |"
+    assert lone.count("|") == scored.count("|") == 10  # nine columns, as the table's header
+
+
+def test_the_fixed_val_rows_alone_are_a_val_split_evaluate_answers(tiny_text_model, testbed, tmp_path):
+    """--size cpu has the bootstrap answer only the val rows movement is read on: the file written
+    for it holds exactly those rows, in stream order, and evaluate.py answers those and no others."""
+    import evaluate
+
+    val, _ = study.load_rows(testbed, "val")
+    fixed = study.evenly(val, 3)
+    path = study.write_rows(tmp_path / "val-fixed.jsonl", fixed)
+    rows, _ = study.load_rows(path, "val")
+    assert [r["id"] for r in rows] == [r["id"] for r in fixed] == [val[i]["id"] for i in (0, 2, 4)]
+    evaluate.main(["--models", f"bootstrap={tiny_text_model}", "--data", str(path), "--split", "val",
+                   "--max-new-tokens", "4", "--out", str(tmp_path / "eval")])
+    texts = study.model_predictions(tmp_path / "eval", ["bootstrap"], fixed)["bootstrap"]
+    assert len(texts) == 3 and len(list(records.read_jsonl(tmp_path / "eval" / "predictions.jsonl"))) == 3
+
+
 def test_arm_logps_on_a_real_model(tiny_text_model, testbed, tmp_path):
     """The bootstrap against itself moves by exactly 0; the cache answers a second call."""
     rows = [r for _, r in records.read_jsonl(testbed) if r["split"] == "val"]
