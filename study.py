@@ -54,7 +54,7 @@ import numpy as np
 
 from common import answers
 from common import records
-from common.run import CHECKPOINTS, run_folder
+from common.run import CHECKPOINTS, STOPPED_EXIT, run_folder
 
 SOURCES = "sim:all"
 # One protocol for every model: greedy, a budget the sources' own answers fit in, and no
@@ -148,6 +148,9 @@ def run(cmd, folder):
         records.repair_torn_tail(ledger)  # a line cut short by a kill must not swallow this one
         with open(ledger, "a") as f:
             f.write(json.dumps({"stage": stage, "seconds": round(seconds, 1), "finished": code == 0}) + "\n")
+    if code == STOPPED_EXIT:  # stopped by a signal after a checkpoint: nothing to fix
+        print("study: stopped; rerun the same command to resume", file=sys.stderr, flush=True)
+        raise SystemExit(STOPPED_EXIT)
     if code != 0:
         raise SystemExit("study: a stage failed; fix the cause and rerun the same command to resume")
     print(f"  ({seconds:.0f} s)", flush=True)

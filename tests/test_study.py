@@ -357,6 +357,17 @@ def test_compute_hours_skips_a_line_cut_short_by_a_kill(tmp_path):
     assert stopped == 2 and hours > 1.5
 
 
+def test_a_stage_stopped_by_a_signal_stops_the_study_as_stopped_not_failed(tmp_path, capfd):
+    """A stage that checkpointed and exited STOPPED_EXIT (SIGTERM, Ctrl-C) is not a failure: the
+    study exits with the same status, says to rerun, and its time is kept as a stopped run."""
+    stage = [sys.executable, "-c", f"raise SystemExit({study.STOPPED_EXIT})", "--out", tmp_path / "x"]
+    with pytest.raises(SystemExit) as stopped:
+        study.run(stage, tmp_path)
+    assert stopped.value.code == study.STOPPED_EXIT == 75
+    assert "stopped; rerun the same command to resume" in capfd.readouterr().err
+    assert study.compute_hours(tmp_path)[1] == 1
+
+
 def test_a_failed_stage_keeps_its_time_and_stops_the_study(tmp_path):
     """A stopped stage's time counts in what the study cost; the next stage does not start."""
     missing = tmp_path / "missing.jsonl"
