@@ -269,11 +269,6 @@ def label_preferences(data, dst, seed):
     return len(prefs)
 
 
-def write_rows(dst, rows):
-    records.write_jsonl_atomic(dst, rows)
-    return dst
-
-
 def validation_as_train(data, dst):
     """The val instances relabelled "train", so consensus.py --consensus vote builds held-out
     preferences from them (no training stage ever reads this file)."""
@@ -816,13 +811,14 @@ def main(argv=None):
     val_instances, _ = load_rows(data, "val")
     fixed_rows, choices = evenly(val_instances, size["fixed"]), to_choose(sweep)
     answered = val_instances if choices else fixed_rows
-    val_data = data if choices else write_rows(out / "val-fixed.jsonl", fixed_rows)
+    val_data = data if choices else out / "val-fixed.jsonl"
+    if not choices:
+        records.write_jsonl_atomic(val_data, fixed_rows)
     run([py, "evaluate.py", "--models", f"bootstrap={boot}", *(f"{v['name']}={v['folder']}" for v in choices),
          "--data", val_data, "--split", "val", "--out", out / "eval-val", *decode, *seed], out)
     val_preds = model_predictions(out / "eval-val", ["bootstrap"] + [v["name"] for v in choices], answered)
     val_labels = [r["labels"] for r in answered]
-    fixed = [(r, t) for r, (_, _, t) in zip(fixed_rows, model_predictions(out / "eval-val", ["bootstrap"],
-                                                                           fixed_rows)["bootstrap"])]
+    fixed = evenly([(r, t) for r, (_, _, t) in zip(answered, val_preds["bootstrap"])], size["fixed"])
     cache = out / "logps-cache.json"
     ref_fixed, fixed_counts = cached_logps(cache, boot, fixed, MAX_LENGTH)
     for v in sweep:

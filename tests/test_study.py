@@ -286,7 +286,8 @@ def test_the_fixed_val_rows_alone_are_a_val_split_evaluate_answers(tiny_text_mod
 
     val, _ = study.load_rows(testbed, "val")
     fixed = study.evenly(val, 3)
-    path = study.write_rows(tmp_path / "val-fixed.jsonl", fixed)
+    path = tmp_path / "val-fixed.jsonl"
+    records.write_jsonl_atomic(path, fixed)
     rows, _ = study.load_rows(path, "val")
     assert [r["id"] for r in rows] == [r["id"] for r in fixed] == [val[i]["id"] for i in (0, 2, 4)]
     evaluate.main(["--models", f"bootstrap={tiny_text_model}", "--data", str(path), "--split", "val",
